@@ -1,0 +1,3 @@
+from par_demo.cli import main
+
+raise SystemExit(main())
