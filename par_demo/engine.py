@@ -1,0 +1,330 @@
+"""Pruned inference for a stock Hugging Face LLaVA: prefill and greedy decode under a `PruningPlan`.
+
+Nothing is masked. From layer K on, dropped visual tokens are gathered *out* of the hidden states, so every later
+layer works on a shorter sequence; skipped decoder layers are not called at all, in prefill and in every decode
+step, and hold no KV cache. Attention is always `scaled_dot_product_attention`; the only scores ever computed
+explicitly are the few rows FastV needs (the last position against all keys at layer K-1).
+
+The decoder loop is written out here (norm -> q/k/v -> RoPE -> cache -> SDPA -> o_proj -> MLP) using the model's
+own modules, so the reader sees every layer call, every gather and every position id. It supports Llama-style
+decoders (LLaVA-1.5's Vicuna, Mistral/Qwen2-like layers) and CLIP-style vision towers, batch size 1.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from par_demo.errors import UserError
+
+
+@dataclass
+class PruningPlan:
+    """What to prune for one query. The empty plan runs the full model."""
+
+    start_layer: int = 2  # K: visual tokens are dropped before layer K runs (layers < K see every token)
+    keep_visual: torch.Tensor | None = None  # indices into the visual tokens (row-major patches); None = keep all
+    keep_visual_count: int | None = None  # FastV rule: keep the top-k by layer K-1 attention (when keep_visual is None)
+    skip_layers: frozenset[int] = frozenset()  # decoder layers that are not run at all
+    token_scores: torch.Tensor | None = None  # per visual token, for display (router logits, attention, ...)
+    layer_scores: torch.Tensor | None = None  # per layer, for display
+
+    @property
+    def prunes_tokens(self) -> bool:
+        return self.keep_visual is not None or self.keep_visual_count is not None
+
+
+@dataclass
+class Query:
+    """A prepared input: embeddings with the projected image features already in place."""
+
+    input_ids: torch.Tensor  # (1, L)
+    inputs_embeds: torch.Tensor  # (1, L, D)
+    image_positions: torch.Tensor  # (n_visual,) positions of the image tokens in the sequence
+    image_features: torch.Tensor  # (n_visual, D) projected visual tokens
+
+    @property
+    def n_visual(self) -> int:
+        return self.image_positions.numel()
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def n_text(self) -> int:
+        return self.length - self.n_visual
+
+
+class KVCache:
+    """Per-layer key/value buffers, preallocated for prefill + decode. Skipped layers hold nothing."""
+
+    def __init__(self, n_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+        self.lengths = [0] * n_layers
+        self.capacity = 0  # extra slots reserved beyond the prefill length
+
+    def reserve(self, extra: int) -> None:
+        self.capacity = extra
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (1, n_kv_heads, n, head_dim) after what layer `layer` holds; return all its keys/values."""
+        n = k.shape[2]
+        start = self.lengths[layer]
+        if self.keys[layer] is None:
+            shape = (k.shape[0], k.shape[1], n + self.capacity, k.shape[3])
+            self.keys[layer] = k.new_empty(shape)
+            self.values[layer] = v.new_empty(shape)
+        elif start + n > self.keys[layer].shape[2]:  # out of reserved room: grow (rare: decode past the reservation)
+            grow = max(n, 64)
+            self.keys[layer] = torch.cat([self.keys[layer], k.new_empty(*k.shape[:2], grow, k.shape[3])], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], v.new_empty(*v.shape[:2], grow, v.shape[3])], dim=2)
+        self.keys[layer][:, :, start:start + n] = k
+        self.values[layer][:, :, start:start + n] = v
+        self.lengths[layer] = start + n
+        return self.keys[layer][:, :, :start + n], self.values[layer][:, :, :start + n]
+
+    def nbytes(self) -> int:
+        return sum(2 * k[:, :, :n].numel() * k.element_size() for k, n in zip(self.keys, self.lengths) if k is not None)
+
+
+@dataclass
+class Prefill:
+    logits: torch.Tensor  # (vocab,) next-token logits at the last position
+    cache: KVCache
+    kept_visual: torch.Tensor  # indices of the visual tokens that reached layers >= K
+    next_position: int  # RoPE position of the first generated token (= unpruned prompt length)
+    attention_to_image: torch.Tensor | None = None  # FastV scores (n_visual,), when computed
+    hidden_states: list[torch.Tensor] = field(default_factory=list)  # per-layer outputs, when asked for
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    plan: PruningPlan
+    kept_visual: torch.Tensor
+    prefill_s: float
+    total_s: float
+    kv_cache_bytes: int
+    attention_to_image: torch.Tensor | None = None
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(q, k, cos, sin):
+    """RoPE on (1, heads, n, head_dim) tensors; cos/sin are (1, n, head_dim) for the tokens' *original* positions."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Engine:
+    """Runs one LlavaForConditionalGeneration under pruning plans. Holds references to its parts, no copies."""
+
+    def __init__(self, model):
+        self.model = model
+        llava = model.model
+        self.vision = llava.vision_tower
+        self.projector = llava.multi_modal_projector
+        self.lm = llava.language_model
+        self.lm_head = model.lm_head
+        self.config = model.config
+        self.layers = list(self.lm.layers)
+        self.n_layers = len(self.layers)
+        self.image_token_id = self.config.image_token_id
+        self._check_supported()
+
+    # ----------------------------------------------------------------------------------------- checks
+    def _check_supported(self) -> None:
+        for layer in self.layers:
+            attn = getattr(layer, "self_attn", None)
+            parts = ("q_proj", "k_proj", "v_proj", "o_proj")
+            if attn is None or not all(hasattr(attn, p) for p in parts) or hasattr(attn, "q_norm"):
+                raise UserError(f"unsupported decoder layer {type(layer).__name__}: the engine runs Llama-style layers")
+        if not (hasattr(self.vision, "embeddings") and hasattr(self.vision, "encoder")):
+            raise UserError(f"unsupported vision tower {type(self.vision).__name__}: the engine runs CLIP-style towers")
+        if not isinstance(self.config.vision_feature_layer, int):
+            raise UserError("vision towers that concatenate several feature layers are not supported")
+
+    def validate_plan(self, plan: PruningPlan, query: Query) -> None:
+        if not 0 <= plan.start_layer <= self.n_layers:
+            raise UserError(f"pruning start layer must be in [0, {self.n_layers}], got {plan.start_layer}")
+        bad = [i for i in plan.skip_layers if not 0 <= i < self.n_layers]
+        if bad:
+            raise UserError(f"skip_layers out of range [0, {self.n_layers - 1}]: {sorted(bad)}")
+        if plan.keep_visual is not None:
+            idx = plan.keep_visual
+            if idx.numel() and (idx.min() < 0 or idx.max() >= query.n_visual or idx.unique().numel() != idx.numel()):
+                raise UserError(f"keep_visual must be distinct indices in [0, {query.n_visual - 1}]")
+        elif plan.keep_visual_count is not None:
+            if not 0 <= plan.keep_visual_count <= query.n_visual:
+                raise UserError(f"visual tokens kept must be in [0, {query.n_visual}], got {plan.keep_visual_count}")
+            if plan.start_layer == 0:
+                raise UserError("attention-ranked token pruning needs a start layer >= 1 (it ranks at layer K-1)")
+            if plan.start_layer - 1 in plan.skip_layers:
+                raise UserError(f"attention-ranked token pruning needs layer {plan.start_layer - 1} to run")
+
+    # ----------------------------------------------------------------------------------------- inputs
+    @torch.inference_mode()
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision tower up to the feature layer (later layers are never run) -> projector. (n_visual, D)."""
+        vt = self.vision
+        n_tower = len(vt.encoder.layers)
+        feature_layer = self.config.vision_feature_layer
+        # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i.
+        n_run = feature_layer if feature_layer >= 0 else n_tower + 1 + feature_layer
+        h = vt.embeddings(pixel_values.to(vt.embeddings.patch_embedding.weight.dtype))
+        if hasattr(vt, "pre_layrnorm"):
+            h = vt.pre_layrnorm(h)
+        for layer in vt.encoder.layers[:n_run]:
+            h = layer(h, attention_mask=None)
+            h = h[0] if isinstance(h, tuple) else h
+        if self.config.vision_feature_select_strategy == "default":
+            h = h[:, 1:]  # drop CLS
+        return self.projector(h)[0]
+
+    @torch.inference_mode()
+    def prepare(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> Query:
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise UserError("the engine runs one query at a time (batch size 1)")
+        features = self.encode_image(pixel_values)
+        image_positions = (input_ids[0] == self.image_token_id).nonzero().squeeze(1)
+        if image_positions.numel() != features.shape[0]:
+            raise UserError(f"the prompt has {image_positions.numel()} image tokens but the image gives "
+                            f"{features.shape[0]} features")
+        embeds = self.lm.embed_tokens(input_ids)
+        embeds[0, image_positions] = features.to(embeds.dtype)
+        return Query(input_ids, embeds, image_positions, features)
+
+    # ----------------------------------------------------------------------------------------- layers
+    def run_layer(self, index: int, h: torch.Tensor, rope, cache: KVCache, score_rows: int = 0):
+        """One decoder layer on h (1, n, D). Returns (h, attention rows of the last `score_rows` queries or None)."""
+        layer = self.layers[index]
+        attn = layer.self_attn
+        n = h.shape[1]
+        x = layer.input_layernorm(h)
+        q = attn.q_proj(x).view(1, n, -1, attn.head_dim).transpose(1, 2)  # (1, heads, n, hd)
+        k = attn.k_proj(x).view(1, n, -1, attn.head_dim).transpose(1, 2)  # (1, kv_heads, n, hd)
+        v = attn.v_proj(x).view(1, n, -1, attn.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, k, *rope)
+        k, v = cache.append(index, k, v)
+        gqa = q.shape[1] != k.shape[1]
+        # Prefill: causal over the (possibly gathered) sequence, whose order is the original order.
+        # Decode: one query against every cached key, no mask needed.
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1, scale=attn.scaling, enable_gqa=gqa)
+        scores = self._attention_rows(q[:, :, -score_rows:], k, attn.scaling) if score_rows else None
+        h = h + attn.o_proj(o.transpose(1, 2).reshape(1, n, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return h, scores
+
+    @staticmethod
+    def _attention_rows(q_rows: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+        """Softmax attention of a few (last) queries over all keys, averaged over heads and rows -> (n_keys,)."""
+        groups = q_rows.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1)
+        weights = torch.softmax((q_rows.float() @ k.float().transpose(-1, -2)) * scale, dim=-1)  # (1, H, r, n)
+        return weights.mean(dim=(0, 1, 2))
+
+    def rope(self, h: torch.Tensor, positions: torch.Tensor):
+        return self.lm.rotary_emb(h, positions)
+
+    def logits(self, h_last: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.lm.norm(h_last)).float().reshape(-1)
+
+    # ----------------------------------------------------------------------------------------- prefill
+    @torch.inference_mode()
+    def prefill(self, query: Query, plan: PruningPlan, reserve: int = 0, keep_hidden: bool = False,
+                score_rows: int = 1) -> Prefill:
+        self.validate_plan(plan, query)
+        n_full = query.length
+        h = query.inputs_embeds
+        positions = torch.arange(n_full, device=h.device).unsqueeze(0)  # (1, L)
+        rope = self.rope(h, positions)
+        cache = KVCache(self.n_layers)
+        cache.reserve(reserve)
+        kept_visual = torch.arange(query.n_visual, device=h.device)
+        attention_to_image = None
+        hidden = []
+        for i in range(self.n_layers + 1):
+            if i == plan.start_layer and plan.prunes_tokens:
+                kept_visual = self._choose_visual(plan, query, attention_to_image)
+                keep = self._kept_positions(query, kept_visual)
+                h = h[:, keep]  # the gather: dropped tokens leave the sequence here
+                positions = positions[:, keep]  # ... and keep their original RoPE positions
+                rope = self.rope(h, positions)
+            if i == self.n_layers:
+                break
+            if i in plan.skip_layers:
+                if keep_hidden:
+                    hidden.append(h)
+                continue
+            wants_scores = plan.keep_visual_count is not None and i == plan.start_layer - 1
+            h, rows = self.run_layer(i, h, rope, cache, score_rows if wants_scores else 0)
+            if rows is not None:
+                attention_to_image = rows[query.image_positions]
+            if keep_hidden:
+                hidden.append(h)
+        return Prefill(self.logits(h[:, -1]), cache, kept_visual, n_full, attention_to_image, hidden)
+
+    @staticmethod
+    def _choose_visual(plan: PruningPlan, query: Query, attention_to_image) -> torch.Tensor:
+        if plan.keep_visual is not None:
+            return plan.keep_visual.to(query.image_positions.device).sort().values
+        top = torch.topk(attention_to_image, plan.keep_visual_count).indices
+        return top.sort().values
+
+    @staticmethod
+    def _kept_positions(query: Query, kept_visual: torch.Tensor) -> torch.Tensor:
+        is_kept = torch.ones(query.length, dtype=torch.bool, device=query.input_ids.device)
+        is_kept[query.image_positions] = False
+        is_kept[query.image_positions[kept_visual]] = True
+        return is_kept.nonzero().squeeze(1)
+
+    # ----------------------------------------------------------------------------------------- decode
+    @torch.inference_mode()
+    def decode_step(self, token: int, position: int, cache: KVCache, plan: PruningPlan) -> torch.Tensor:
+        """One new token through every non-skipped layer; its RoPE position continues the *unpruned* length."""
+        h = self.lm.embed_tokens(torch.tensor([[token]], device=self.lm_head.weight.device))
+        rope = self.rope(h, torch.tensor([[position]], device=h.device))
+        for i in range(self.n_layers):
+            if i not in plan.skip_layers:
+                h, _ = self.run_layer(i, h, rope, cache)
+        return self.logits(h[:, -1])
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                 planner: Callable[[Query], PruningPlan] | None = None, max_new_tokens: int = 16,
+                 eos_token_id: int | list[int] | None = None) -> Generation:
+        """Greedy generation. Timing covers everything from pixels to tokens (vision, planning, prefill, decode)."""
+        device = self.lm_head.weight.device
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+        synchronize(device)
+        start = time.perf_counter()
+        query = self.prepare(input_ids, pixel_values)
+        plan = planner(query) if planner is not None else PruningPlan()
+        pre = self.prefill(query, plan, reserve=max_new_tokens)
+        token = int(pre.logits.argmax())
+        synchronize(device)
+        prefill_s = time.perf_counter() - start
+        tokens = [token]
+        position = pre.next_position
+        while len(tokens) < max_new_tokens and token not in eos:
+            token = int(self.decode_step(token, position, pre.cache, plan).argmax())
+            tokens.append(token)
+            position += 1
+        synchronize(device)
+        total_s = time.perf_counter() - start
+        return Generation(tokens, plan, pre.kept_visual, prefill_s, total_s, pre.cache.nbytes(),
+                          pre.attention_to_image)

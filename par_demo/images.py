@@ -1,0 +1,79 @@
+"""Reading images safely: one clear message for anything that is not a usable picture.
+
+Pillow decodes lazily, so the header is checked (size limit against decompression bombs) before any pixels are
+decoded; EXIF orientation is honoured, animations give their first frame, every mode becomes RGB (transparency is
+composited on white, 16-bit and CMYK are converted).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from par_demo.errors import UserError
+
+MAX_PIXELS = 64_000_000  # ~8000 x 8000; more is refused before decoding
+MAX_FILE_BYTES = 50 * 1024 * 1024
+MIN_SIDE = 1
+
+
+def load_image(source) -> Image.Image:
+    """A path, bytes or PIL image -> an RGB PIL image, or UserError with one clear line."""
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    if isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+        name = "the uploaded image"
+    else:
+        if source is None or (isinstance(source, str) and not source.strip()):
+            raise UserError("no image given")
+        path = Path(os.fspath(source))
+        name = f"'{path.name}'"
+        if not path.is_file():
+            raise UserError(f"image {path} not found")
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise UserError(f"image {name} is larger than {MAX_FILE_BYTES // 2**20} MB")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise UserError(f"cannot read image {name}: {exc.strerror or exc}") from None
+    if not data:
+        raise UserError(f"{name} is empty (0 bytes)")
+    return decode(data, name)
+
+
+def decode(data: bytes, name: str = "the image") -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > MAX_PIXELS:
+            raise UserError(f"{name} is too large ({width}x{height} pixels; the limit is {MAX_PIXELS:,} pixels)")
+        if min(width, height) < MIN_SIDE:
+            raise UserError(f"{name} has no pixels")
+        image.seek(0)  # animated GIF/WebP: the first frame
+        image.load()
+    except UserError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError):
+        raise UserError(f"{name} is not an image Pillow can read") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise UserError(f"{name} is damaged or truncated ({exc.__class__.__name__})") from None
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    try:
+        image = ImageOps.exif_transpose(image) or image
+    except Exception:  # a broken EXIF block must not lose the picture
+        pass
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit integer grey: scale to 8 bits rather than clip.
+        image = image.point(lambda v: v / 256).convert("L")
+    return image.convert("RGB")

@@ -1,0 +1,121 @@
+"""The method interface and the budget search every method shares."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
+
+import torch
+
+from par_demo.engine import PruningPlan, Query
+from par_demo.errors import UserError
+
+if TYPE_CHECKING:
+    from par_demo.predict import Predictor
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How much a plan keeps: `tokens` visual tokens from layer K on, and the layers in `skip` not run."""
+
+    tokens: int
+    skip: frozenset[int]
+
+
+def check_budget(budget: float) -> float:
+    try:
+        value = float(budget)
+    except (TypeError, ValueError):
+        raise UserError(f"budget must be a number in (0, 1], got {budget!r}") from None
+    if math.isnan(value) or not 0 < value <= 1:
+        raise UserError(f"budget must be in (0, 1], got {budget!r}")
+    return value
+
+
+class Method:
+    """Subclasses set `name`, list candidate settings (most expensive first) and turn a setting into a plan."""
+
+    name = "method"
+    uses_tokens = False  # accepts an explicit `tokens` override
+    uses_layers = False  # accepts an explicit `layers` override
+
+    def __init__(self, predictor: "Predictor"):
+        self.predictor = predictor
+        self.flops = predictor.flops
+        self.n_layers = predictor.engine.n_layers
+
+    def available(self) -> str | None:
+        """None when usable, else the reason it is not."""
+        return None
+
+    # ---- to override
+    def candidates(self, query: Query, start_layer: int) -> Iterable[Setting]:
+        raise NotImplementedError
+
+    def fixed(self, query: Query, tokens: int | None, layers: int | None) -> Setting:
+        raise UserError(f"{self.name} takes no --tokens/--layers")
+
+    def make_plan(self, query: Query, setting: Setting, start_layer: int) -> PruningPlan:
+        raise NotImplementedError
+
+    def extra_flops(self, query: Query) -> float:
+        """FLOPs this method adds to the prefill (a router)."""
+        return 0.0
+
+    def attention_rows(self) -> int:
+        return 0
+
+    # ---- shared
+    def setting_flops(self, query: Query, setting: Setting, start_layer: int) -> float:
+        kept = None if setting.tokens >= query.n_visual else setting.tokens
+        rows = self.attention_rows() if kept is not None else 0
+        return self.flops.prefill(query.n_text, query.n_visual, kept, setting.skip, start_layer,
+                                  router=self.extra_flops(query), attention_rows=rows)
+
+    def choose(self, query: Query, budget: float, start_layer: int) -> Setting:
+        """The first (most expensive) candidate whose prefill FLOPs fit the budget."""
+        limit = check_budget(budget) * self.flops.full(query.n_text, query.n_visual)
+        cheapest = None
+        for setting in self.candidates(query, start_layer):
+            cost = self.setting_flops(query, setting, start_layer)
+            if cost <= limit * (1 + 1e-9):
+                return setting
+            cheapest = cost if cheapest is None else min(cheapest, cost)
+        full = self.flops.full(query.n_text, query.n_visual)
+        reach = f"{cheapest / full:.2f}" if cheapest is not None else "n/a"
+        raise UserError(f"budget {budget:g} is below what {self.name} can reach on this model "
+                        f"(its cheapest setting costs {reach} of the full prefill FLOPs)")
+
+    def plan(self, query: Query, budget: float = 1.0, tokens: int | None = None, layers: int | None = None,
+             start_layer: int = 2) -> tuple[PruningPlan, Setting]:
+        if tokens is not None and not self.uses_tokens:
+            raise UserError(f"{self.name} does not prune tokens; --tokens applies to: fastv, random, par")
+        if layers is not None and not self.uses_layers:
+            raise UserError(f"{self.name} does not skip layers; --layers applies to: layerdrop, par")
+        if not 0 <= start_layer <= self.n_layers:
+            raise UserError(f"pruning start layer must be in [0, {self.n_layers}], got {start_layer}")
+        if tokens is not None or layers is not None:
+            setting = self.fixed(query, tokens, layers)
+        else:
+            setting = self.choose(query, budget, start_layer)
+        return self.make_plan(query, setting, start_layer), setting
+
+
+def check_count(value, low: int, high: int, what: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must be an integer in [{low}, {high}], got {value!r}") from None
+    if number != value or not low <= number <= high:
+        raise UserError(f"{what} must be an integer in [{low}, {high}], got {value!r}")
+    return number
+
+
+def token_candidates(query: Query) -> list[Setting]:
+    """All visual tokens kept, then one fewer, ... down to none; every layer runs."""
+    return [Setting(t, frozenset()) for t in range(query.n_visual, -1, -1)]
+
+
+def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.topk(scores, k).indices.sort().values

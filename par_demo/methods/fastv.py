@@ -1,0 +1,27 @@
+"""FastV: keep the visual tokens the last position attends to most at layer K-1.
+
+The engine computes only the needed attention row (the last query against all keys) at layer K-1, with SDPA
+doing the real attention, and gathers the top-T tokens out before layer K.
+"""
+
+from par_demo.engine import PruningPlan
+from par_demo.methods.base import Method, Setting, check_count, token_candidates
+
+
+class FastV(Method):
+    name = "fastv"
+    uses_tokens = True
+
+    def attention_rows(self):
+        return 1
+
+    def candidates(self, query, start_layer):
+        return token_candidates(query)
+
+    def fixed(self, query, tokens, layers):
+        return Setting(check_count(tokens, 0, query.n_visual, "tokens kept"), frozenset())
+
+    def make_plan(self, query, setting, start_layer):
+        if setting.tokens >= query.n_visual:
+            return PruningPlan(start_layer=start_layer)
+        return PruningPlan(start_layer=start_layer, keep_visual_count=setting.tokens)

@@ -1,0 +1,93 @@
+"""Static layer removal (ShortGPT-style): drop the decoder layers that change their input least.
+
+Block influence of layer i = 1 - cos(h_in, h_out), averaged over the tokens of a few calibration queries. It is
+measured once per model and cached (in memory and in a small JSON file), then the lowest-influence layers are
+skipped for every query: all visual tokens are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from par_demo.engine import PruningPlan
+from par_demo.methods.base import Method, Setting, check_count
+
+CALIBRATION_QUESTIONS = ("What color is the circle?", "How many objects are there?", "Where is the red square?",
+                         "Describe the image.")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PAR_DEMO_CACHE", Path.home() / ".cache" / "par-demo"))
+
+
+def block_influence(predictor, n_queries: int = 8, seed: int = 0) -> list[float]:
+    """Per layer, 1 - cosine(input, output) of its hidden states, averaged over calibration queries."""
+    from par_demo.shapes import render_scene  # synthetic scenes: calibration needs no data set
+
+    engine = predictor.engine
+    rng = random.Random(seed)
+    totals = torch.zeros(engine.n_layers)
+    for i in range(n_queries):
+        image, _ = render_scene(rng)
+        question = CALIBRATION_QUESTIONS[i % len(CALIBRATION_QUESTIONS)]
+        query = engine.prepare(**predictor.encode(image, question))
+        pre = engine.prefill(query, PruningPlan(), keep_hidden=True)
+        inputs = [query.inputs_embeds] + pre.hidden_states[:-1]
+        for layer, (h_in, h_out) in enumerate(zip(inputs, pre.hidden_states)):
+            totals[layer] += 1 - F.cosine_similarity(h_in.float(), h_out.float(), dim=-1).mean().item()
+    return (totals / n_queries).tolist()
+
+
+class LayerDrop(Method):
+    name = "layerdrop"
+    uses_layers = True
+
+    def __init__(self, predictor):
+        super().__init__(predictor)
+        self._order: list[int] | None = None  # layers, least influential first
+
+    def influence(self) -> list[float]:
+        path = cache_dir() / "layerdrop" / (re.sub(r"[^\w.-]+", "_", self.predictor.cache_key) + ".json")
+        if path.is_file():
+            try:
+                scores = json.loads(path.read_text())["block_influence"]
+                if len(scores) == self.n_layers:
+                    return scores
+            except (ValueError, KeyError, TypeError):
+                pass  # a damaged cache file is measured again
+        scores = block_influence(self.predictor)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"model": self.predictor.cache_key, "block_influence": scores}))
+        except OSError:
+            pass  # a read-only home only costs a re-measurement next time
+        return scores
+
+    def order(self) -> list[int]:
+        if self._order is None:
+            scores = self.influence()
+            self._order = sorted(range(self.n_layers), key=lambda i: scores[i])
+        return self._order
+
+    def layer_scores(self) -> torch.Tensor:
+        return torch.tensor(self.influence())
+
+    def dropped(self, n_drop: int) -> frozenset[int]:
+        return frozenset(self.order()[:n_drop])
+
+    def candidates(self, query, start_layer):
+        return [Setting(query.n_visual, self.dropped(n)) for n in range(self.n_layers)]
+
+    def fixed(self, query, tokens, layers):
+        kept = check_count(layers, 1, self.n_layers, "layers kept")
+        return Setting(query.n_visual, self.dropped(self.n_layers - kept))
+
+    def make_plan(self, query, setting, start_layer):
+        return PruningPlan(start_layer=start_layer, skip_layers=setting.skip, layer_scores=self.layer_scores())

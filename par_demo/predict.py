@@ -1,0 +1,189 @@
+"""One question about one image under one pruning method: the library call (`Predictor`) and the `predict` command.
+
+    python -m par_demo predict --image cat.png --question "What color is the circle?" --method fastv --budget 0.25 --json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+from PIL import Image
+
+from par_demo.engine import Engine, Generation
+from par_demo.errors import UserError
+from par_demo.flops import FlopsModel
+from par_demo.images import load_image
+from par_demo.methods import METHODS, Method, method_class
+from par_demo.methods.base import check_budget
+from par_demo.models import DEFAULT_MODEL, LoadedModel, encode_query, load_model
+
+__all__ = ["METHODS", "Prediction", "Predictor"]
+
+
+@dataclass
+class Prediction:
+    answer: str
+    method: str
+    budget: float
+    flops: float
+    flops_full: float
+    flops_ratio: float
+    n_visual_tokens: int
+    kept_visual_tokens: list[int]  # row-major patch indices
+    grid: tuple[int, int]  # (rows, cols) of patches
+    n_layers: int
+    kept_layers: list[int]  # 0-based
+    prefill_s: float
+    total_s: float
+    new_tokens: int
+    token_scores: list[float] | None = None
+    layer_scores: list[float] | None = None
+    kv_cache_bytes: int = 0
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["grid"] = list(self.grid)
+        return data
+
+
+class Predictor:
+    """A loaded model with its engine, FLOPs model and one instance of each method."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.engine = Engine(loaded.model)
+        self.flops = FlopsModel.from_config(loaded.config)
+        self.methods: dict[str, Method] = {}
+
+    @property
+    def cache_key(self) -> str:
+        return f"{self.loaded.name}-{self.loaded.quant}"
+
+    def method(self, name: str) -> Method:
+        cls = method_class(name)
+        if cls.name not in self.methods:
+            self.methods[cls.name] = cls(self)
+        return self.methods[cls.name]
+
+    def available_methods(self) -> dict[str, str | None]:
+        return {name: self.method(name).available() for name in METHODS}
+
+    def encode(self, image: Image.Image, question: str) -> dict[str, torch.Tensor]:
+        return encode_query(self.loaded, image, question)
+
+    def model_view(self, image: Image.Image) -> Image.Image:
+        """The image as the model saw it (resized and centre-cropped), aligned with the patch grid."""
+        pixels = self.loaded.processor.image_processor(images=image.convert("RGB"), return_tensors="pt")
+        pixels = pixels["pixel_values"][0]
+        proc = self.loaded.processor.image_processor
+        mean = torch.tensor(proc.image_mean).view(3, 1, 1)
+        std = torch.tensor(proc.image_std).view(3, 1, 1)
+        array = ((pixels * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        return Image.fromarray(array)
+
+    def generate(self, image: Image.Image, question: str, method: str = "full", budget: float = 1.0,
+                 tokens: int | None = None, layers: int | None = None, start_layer: int = 2,
+                 max_new_tokens: int = 16) -> tuple[Generation, float, float]:
+        """Run one query; returns the generation and its (flops, flops_full)."""
+        budget = check_budget(budget)
+        if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= 1024:
+            raise UserError(f"max new tokens must be an integer in [1, 1024], got {max_new_tokens!r}")
+        chosen = self.method(method)
+        reason = chosen.available()
+        if reason:
+            raise UserError(f"{chosen.name} is unavailable: {reason}")
+        inputs = self.encode(image, question)
+        costs = {}
+
+        def planner(query):
+            plan, setting = chosen.plan(query, budget, tokens, layers, start_layer)
+            costs["flops"] = chosen.setting_flops(query, setting, start_layer)
+            costs["full"] = self.flops.full(query.n_text, query.n_visual)
+            return plan
+
+        eos = self.loaded.processor.tokenizer.eos_token_id
+        generation = self.engine.generate(inputs["input_ids"], inputs["pixel_values"], planner,
+                                          max_new_tokens=max_new_tokens, eos_token_id=eos)
+        return generation, costs["flops"], costs["full"]
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.loaded.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    def predict(self, image: Image.Image, question: str, method: str = "full", budget: float = 1.0,
+                tokens: int | None = None, layers: int | None = None, start_layer: int = 2,
+                max_new_tokens: int = 16) -> Prediction:
+        generation, flops, flops_full = self.generate(image, question, method, budget, tokens, layers,
+                                                      start_layer, max_new_tokens)
+        plan = generation.plan
+        scores = plan.token_scores if plan.token_scores is not None else generation.attention_to_image
+        n_visual = self.loaded.grid[0] * self.loaded.grid[1]
+        return Prediction(
+            answer=self.decode(generation.tokens),
+            method=self.method(method).name,
+            budget=float(budget),
+            flops=float(flops),
+            flops_full=float(flops_full),
+            flops_ratio=float(flops / flops_full),
+            n_visual_tokens=n_visual,
+            kept_visual_tokens=generation.kept_visual.tolist(),
+            grid=self.loaded.grid,
+            n_layers=self.engine.n_layers,
+            kept_layers=[i for i in range(self.engine.n_layers) if i not in plan.skip_layers],
+            prefill_s=generation.prefill_s,
+            total_s=generation.total_s,
+            new_tokens=len(generation.tokens),
+            token_scores=None if scores is None else [float(s) for s in scores.float().cpu()],
+            layer_scores=None if plan.layer_scores is None else [float(s) for s in plan.layer_scores.float().cpu()],
+            kv_cache_bytes=generation.kv_cache_bytes,
+        )
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def add_model_arguments(parser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="local model folder, hub id, or random:<preset> (default: the embedded model)")
+    parser.add_argument("--quant", default="none", choices=["none", "4bit", "8bit"], help="bitsandbytes quantization")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, help="auto, fp32, bf16, fp16 (default: bf16 on GPU, fp32 on CPU)")
+
+
+def add_arguments(parser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--image", required=True, help="image file")
+    parser.add_argument("--question", required=True)
+    parser.add_argument("--method", default="full", help=f"one of: {', '.join(METHODS)}")
+    parser.add_argument("--budget", type=float, default=1.0, help="fraction of the full prefill FLOPs, in (0, 1]")
+    parser.add_argument("--tokens", type=int, default=None, help="visual tokens kept (overrides the budget)")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers kept (overrides the budget)")
+    parser.add_argument("--start-layer", type=int, default=2, help="layer K from which visual tokens are dropped")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args) -> int:
+    # Validate what is cheap to validate before the (slow) model load.
+    check_budget(args.budget)
+    method_class(args.method)
+    if not args.question.strip():
+        raise UserError("the question is empty")
+    image = load_image(args.image)
+    predictor = Predictor(load_model(args.model, args.quant, args.device, args.dtype))
+    result = predictor.predict(image, args.question, args.method, args.budget, args.tokens, args.layers,
+                               args.start_layer, args.max_new_tokens)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        _print_human(result, sys.stdout)
+    return 0
+
+
+def _print_human(p: Prediction, out) -> None:
+    print(f"answer: {p.answer}", file=out)
+    print(f"method: {p.method}  budget: {p.budget:g}  FLOPs: {p.flops_ratio:.1%} of full", file=out)
+    print(f"visual tokens kept: {len(p.kept_visual_tokens)}/{p.n_visual_tokens}  "
+          f"layers kept: {len(p.kept_layers)}/{p.n_layers}", file=out)
+    print(f"prefill: {p.prefill_s * 1000:.1f} ms  total: {p.total_s * 1000:.1f} ms  new tokens: {p.new_tokens}",
+          file=out)
