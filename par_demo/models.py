@@ -9,6 +9,7 @@ of the project needs). Specs:
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
@@ -25,7 +26,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = str(PROJECT_ROOT / "assets" / "models" / "shapes-llava")
 QUANT_CHOICES = ("none", "4bit", "8bit")
 # Kept in full precision when quantizing: small, and quality-critical (the paper's deployments do the same).
-UNQUANTIZED_MODULES = ["vision_tower", "multi_modal_projector", "lm_head"]
+UNQUANTIZED_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,8 @@ PRESETS: dict[str, Preset] = {
     "llava-1.5-7b": Preset(336, 14, 1024, 24, 16, 4096, 4096, 32, 32, 32, 11008, 32064),
     # CPU-sized stand-in with the same 576 image tokens, for benchmarks on a laptop.
     "llava-mid": Preset(336, 14, 256, 4, 4, 1024, 768, 12, 12, 12, 2048, 8192),
-    # Tiny, for tests: 8x8 = 64 image tokens, grouped-query attention, 6 layers.
-    "llava-tiny": Preset(128, 16, 32, 2, 2, 64, 64, 6, 4, 2, 128, 512),
+    # Tiny, for tests: 12x12 = 144 image tokens, grouped-query attention, 8 layers.
+    "llava-tiny": Preset(96, 8, 32, 2, 2, 64, 128, 8, 4, 2, 256, 512),
 }
 
 
@@ -223,6 +224,8 @@ def load_model(spec: str = DEFAULT_MODEL, quant: str = "none", device: str | Non
 
 def _check_bitsandbytes(device: str) -> None:
     try:
+        # Its CPU backend logs that an optional kernel package is missing; the built-in path works without it.
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import bitsandbytes  # noqa: F401
@@ -232,6 +235,9 @@ def _check_bitsandbytes(device: str) -> None:
 
 def _from_pretrained(spec: str, quant: str, device: str, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a loading bar per small checkpoint is noise in a CLI's output
 
     local = Path(spec).exists()
     offline = local or os.environ.get("HF_HUB_OFFLINE") == "1"
@@ -249,6 +255,8 @@ def _from_pretrained(spec: str, quant: str, device: str, dtype: torch.dtype) -> 
         raise UserError(f"cannot load model '{spec}' from its {where}: {first_line}") from None
     if qconfig is None:
         model = model.to(device)
+    # bitsandbytes' 8-bit matmul logs on every call that it casts fp32 inputs to fp16: expected, not news.
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     return LoadedModel(model.eval(), processor, spec, quant)
 
 

@@ -100,7 +100,7 @@ class Predictor:
 
         def planner(query):
             plan, setting = chosen.plan(query, budget, tokens, layers, start_layer)
-            costs["flops"] = chosen.setting_flops(query, setting, start_layer)
+            costs["flops"] = chosen.setting_flops(query, setting)
             costs["full"] = self.flops.full(query.n_text, query.n_visual)
             return plan
 

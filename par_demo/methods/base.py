@@ -17,10 +17,11 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Setting:
-    """How much a plan keeps: `tokens` visual tokens from layer K on, and the layers in `skip` not run."""
+    """How much a plan keeps: `tokens` visual tokens from layer `start_layer` (K) on; the layers in `skip` not run."""
 
     tokens: int
     skip: frozenset[int]
+    start_layer: int = 2
 
 
 def check_budget(budget: float) -> float:
@@ -39,6 +40,7 @@ class Method:
     name = "method"
     uses_tokens = False  # accepts an explicit `tokens` override
     uses_layers = False  # accepts an explicit `layers` override
+    min_start_layer = 0  # the earliest layer this method can drop tokens at (FastV needs layer K-1's attention)
 
     def __init__(self, predictor: "Predictor"):
         self.predictor = predictor
@@ -53,10 +55,10 @@ class Method:
     def candidates(self, query: Query, start_layer: int) -> Iterable[Setting]:
         raise NotImplementedError
 
-    def fixed(self, query: Query, tokens: int | None, layers: int | None) -> Setting:
+    def fixed(self, query: Query, tokens: int | None, layers: int | None, start_layer: int) -> Setting:
         raise UserError(f"{self.name} takes no --tokens/--layers")
 
-    def make_plan(self, query: Query, setting: Setting, start_layer: int) -> PruningPlan:
+    def make_plan(self, query: Query, setting: Setting) -> PruningPlan:
         raise NotImplementedError
 
     def extra_flops(self, query: Query) -> float:
@@ -67,21 +69,26 @@ class Method:
         return 0
 
     # ---- shared
-    def setting_flops(self, query: Query, setting: Setting, start_layer: int) -> float:
+    def setting_flops(self, query: Query, setting: Setting) -> float:
         kept = None if setting.tokens >= query.n_visual else setting.tokens
         rows = self.attention_rows() if kept is not None else 0
-        return self.flops.prefill(query.n_text, query.n_visual, kept, setting.skip, start_layer,
+        return self.flops.prefill(query.n_text, query.n_visual, kept, setting.skip, setting.start_layer,
                                   router=self.extra_flops(query), attention_rows=rows)
 
     def choose(self, query: Query, budget: float, start_layer: int) -> Setting:
-        """The first (most expensive) candidate whose prefill FLOPs fit the budget."""
+        """The first (most expensive) candidate whose prefill FLOPs fit the budget.
+
+        Candidates are searched at the requested start layer K first. A budget that no setting meets there (the
+        layers before K always see every token) is searched again at K-1, ... down to the method's earliest layer.
+        """
         limit = check_budget(budget) * self.flops.full(query.n_text, query.n_visual)
         cheapest = None
-        for setting in self.candidates(query, start_layer):
-            cost = self.setting_flops(query, setting, start_layer)
-            if cost <= limit * (1 + 1e-9):
-                return setting
-            cheapest = cost if cheapest is None else min(cheapest, cost)
+        for k in range(start_layer, min(self.min_start_layer, start_layer) - 1, -1):
+            for setting in self.candidates(query, k):
+                cost = self.setting_flops(query, setting)
+                if cost <= limit * (1 + 1e-9):
+                    return setting
+                cheapest = cost if cheapest is None else min(cheapest, cost)
         full = self.flops.full(query.n_text, query.n_visual)
         reach = f"{cheapest / full:.2f}" if cheapest is not None else "n/a"
         raise UserError(f"budget {budget:g} is below what {self.name} can reach on this model "
@@ -96,10 +103,10 @@ class Method:
         if not 0 <= start_layer <= self.n_layers:
             raise UserError(f"pruning start layer must be in [0, {self.n_layers}], got {start_layer}")
         if tokens is not None or layers is not None:
-            setting = self.fixed(query, tokens, layers)
+            setting = self.fixed(query, tokens, layers, start_layer)
         else:
             setting = self.choose(query, budget, start_layer)
-        return self.make_plan(query, setting, start_layer), setting
+        return self.make_plan(query, setting), setting
 
 
 def check_count(value, low: int, high: int, what: str) -> int:
@@ -112,9 +119,9 @@ def check_count(value, low: int, high: int, what: str) -> int:
     return number
 
 
-def token_candidates(query: Query) -> list[Setting]:
+def token_candidates(query: Query, start_layer: int) -> list[Setting]:
     """All visual tokens kept, then one fewer, ... down to none; every layer runs."""
-    return [Setting(t, frozenset()) for t in range(query.n_visual, -1, -1)]
+    return [Setting(t, frozenset(), start_layer) for t in range(query.n_visual, -1, -1)]
 
 
 def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ class Full(Method):
     name = "full"
 
     def candidates(self, query, start_layer):
-        return [Setting(query.n_visual, frozenset())]
+        return [Setting(query.n_visual, frozenset(), start_layer)]
 
-    def make_plan(self, query, setting, start_layer):
-        return PruningPlan(start_layer=start_layer)
+    def make_plan(self, query, setting):
+        return PruningPlan(start_layer=setting.start_layer)

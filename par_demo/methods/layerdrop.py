@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -32,7 +32,7 @@ def block_influence(predictor, n_queries: int = 8, seed: int = 0) -> list[float]
     from par_demo.shapes import render_scene  # synthetic scenes: calibration needs no data set
 
     engine = predictor.engine
-    rng = random.Random(seed)
+    rng = np.random.default_rng(seed)
     totals = torch.zeros(engine.n_layers)
     for i in range(n_queries):
         image, _ = render_scene(rng)
@@ -83,11 +83,11 @@ class LayerDrop(Method):
         return frozenset(self.order()[:n_drop])
 
     def candidates(self, query, start_layer):
-        return [Setting(query.n_visual, self.dropped(n)) for n in range(self.n_layers)]
+        return [Setting(query.n_visual, self.dropped(n), start_layer) for n in range(self.n_layers)]
 
-    def fixed(self, query, tokens, layers):
+    def fixed(self, query, tokens, layers, start_layer):
         kept = check_count(layers, 1, self.n_layers, "layers kept")
-        return Setting(query.n_visual, self.dropped(self.n_layers - kept))
+        return Setting(query.n_visual, self.dropped(self.n_layers - kept), start_layer)
 
-    def make_plan(self, query, setting, start_layer):
-        return PruningPlan(start_layer=start_layer, skip_layers=setting.skip, layer_scores=self.layer_scores())
+    def make_plan(self, query, setting):
+        return PruningPlan(start_layer=setting.start_layer, skip_layers=setting.skip, layer_scores=self.layer_scores())

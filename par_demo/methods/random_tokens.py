@@ -17,13 +17,13 @@ class RandomTokens(Method):
         self.generator = torch.Generator().manual_seed(seed)
 
     def candidates(self, query, start_layer):
-        return token_candidates(query)
+        return token_candidates(query, start_layer)
 
-    def fixed(self, query, tokens, layers):
-        return Setting(check_count(tokens, 0, query.n_visual, "tokens kept"), frozenset())
+    def fixed(self, query, tokens, layers, start_layer):
+        return Setting(check_count(tokens, 0, query.n_visual, "tokens kept"), frozenset(), start_layer)
 
-    def make_plan(self, query, setting, start_layer):
+    def make_plan(self, query, setting):
         if setting.tokens >= query.n_visual:
-            return PruningPlan(start_layer=start_layer)
+            return PruningPlan(start_layer=setting.start_layer)
         keep = torch.randperm(query.n_visual, generator=self.generator)[: setting.tokens].sort().values
-        return PruningPlan(start_layer=start_layer, keep_visual=keep.to(query.image_positions.device))
+        return PruningPlan(start_layer=setting.start_layer, keep_visual=keep.to(query.image_positions.device))
