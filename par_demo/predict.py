@@ -36,6 +36,7 @@ class Prediction:
     grid: tuple[int, int]  # (rows, cols) of patches
     n_layers: int
     kept_layers: list[int]  # 0-based
+    start_layer: int  # K: the layer from which dropped visual tokens left the sequence
     prefill_s: float
     total_s: float
     new_tokens: int
@@ -86,7 +87,7 @@ class Predictor:
 
     def generate(self, image: Image.Image, question: str, method: str = "full", budget: float = 1.0,
                  tokens: int | None = None, layers: int | None = None, start_layer: int = 2,
-                 max_new_tokens: int = 16) -> tuple[Generation, float, float]:
+                 max_new_tokens: int = 16, stop_at_eos: bool = True) -> tuple[Generation, float, float]:
         """Run one query; returns the generation and its (flops, flops_full)."""
         budget = check_budget(budget)
         if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= 1024:
@@ -104,7 +105,7 @@ class Predictor:
             costs["full"] = self.flops.full(query.n_text, query.n_visual)
             return plan
 
-        eos = self.loaded.processor.tokenizer.eos_token_id
+        eos = self.loaded.processor.tokenizer.eos_token_id if stop_at_eos else None
         generation = self.engine.generate(inputs["input_ids"], inputs["pixel_values"], planner,
                                           max_new_tokens=max_new_tokens, eos_token_id=eos)
         return generation, costs["flops"], costs["full"]
@@ -132,6 +133,7 @@ class Predictor:
             grid=self.loaded.grid,
             n_layers=self.engine.n_layers,
             kept_layers=[i for i in range(self.engine.n_layers) if i not in plan.skip_layers],
+            start_layer=plan.start_layer,
             prefill_s=generation.prefill_s,
             total_s=generation.total_s,
             new_tokens=len(generation.tokens),

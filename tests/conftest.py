@@ -27,3 +27,11 @@ def scene():
 
     image, objects = render_scene(np.random.default_rng(123))
     return image
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """Keep calibration caches (layer drop) out of the user's home during tests."""
+    import os
+
+    os.environ["PAR_DEMO_CACHE"] = str(tmp_path_factory.mktemp("par-demo-cache"))

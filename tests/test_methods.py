@@ -1,0 +1,90 @@
+"""Every method meets its FLOPs budget, at equal FLOPs, with its own kind of pruning."""
+
+import json
+
+import pytest
+
+from par_demo.errors import UserError
+
+QUESTION = "What shape is the red object?"
+PREDICT_KEYS = {"answer", "method", "budget", "flops", "flops_full", "flops_ratio", "n_visual_tokens",
+                "kept_visual_tokens", "n_layers", "kept_layers", "prefill_s", "total_s", "new_tokens"}
+
+
+@pytest.mark.parametrize("method", ["full", "fastv", "random", "layerdrop"])
+@pytest.mark.parametrize("budget", [1.0, 0.75, 0.5, 0.35, 0.25])
+def test_every_method_stays_within_its_flops_budget(predictor, scene, method, budget):
+    if method == "full" and budget < 1:
+        pytest.skip("full has one setting: it only fits budget 1.0")
+    p = predictor.predict(scene, QUESTION, method, budget, max_new_tokens=2)
+    assert p.flops_ratio <= budget + 1e-9
+    assert p.flops_ratio == pytest.approx(p.flops / p.flops_full)
+
+
+def test_token_methods_prune_tokens_only_and_layerdrop_layers_only(predictor, scene):
+    fastv = predictor.predict(scene, QUESTION, "fastv", 0.5, max_new_tokens=2)
+    assert len(fastv.kept_visual_tokens) < fastv.n_visual_tokens and fastv.kept_layers == list(range(8))
+    rand = predictor.predict(scene, QUESTION, "random", 0.5, max_new_tokens=2)
+    assert len(rand.kept_visual_tokens) == len(fastv.kept_visual_tokens)  # equal FLOPs -> equal counts here
+    drop = predictor.predict(scene, QUESTION, "layerdrop", 0.5, max_new_tokens=2)
+    assert len(drop.kept_visual_tokens) == drop.n_visual_tokens and len(drop.kept_layers) < 8
+    assert drop.layer_scores is not None and len(drop.layer_scores) == 8
+
+
+def test_tighter_budgets_keep_less(predictor, scene):
+    kept = [len(predictor.predict(scene, QUESTION, "fastv", b, max_new_tokens=1).kept_visual_tokens)
+            for b in (0.9, 0.6, 0.4)]
+    assert kept[0] > kept[1] > kept[2]
+
+
+def test_explicit_tokens_and_layers_override_the_budget(predictor, scene):
+    p = predictor.predict(scene, QUESTION, "fastv", 1.0, tokens=17, max_new_tokens=1)
+    assert len(p.kept_visual_tokens) == 17
+    p = predictor.predict(scene, QUESTION, "layerdrop", 1.0, layers=5, max_new_tokens=1)
+    assert len(p.kept_layers) == 5
+
+
+def test_budget_below_reach_falls_back_to_an_earlier_start_layer(predictor, scene):
+    # Layers before K always see every token, so a tight budget moves K earlier instead of failing.
+    p = predictor.predict(scene, QUESTION, "random", 0.3, max_new_tokens=1)
+    assert p.flops_ratio <= 0.3 and p.start_layer < 2
+
+
+def test_random_tokens_differ_between_queries(predictor, scene):
+    a = predictor.predict(scene, QUESTION, "random", 0.5, max_new_tokens=1).kept_visual_tokens
+    b = predictor.predict(scene, QUESTION, "random", 0.5, max_new_tokens=1).kept_visual_tokens
+    assert a != b
+
+
+def test_prediction_json_has_the_documented_keys(predictor, scene):
+    p = predictor.predict(scene, QUESTION, "fastv", 0.5, max_new_tokens=3)
+    data = json.loads(json.dumps(p.to_json()))
+    assert PREDICT_KEYS <= set(data)
+    assert data["kept_visual_tokens"] == sorted(data["kept_visual_tokens"])
+    assert data["token_scores"] is not None and len(data["token_scores"]) == data["n_visual_tokens"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(method="nope"), "unknown method"),
+    (dict(method="fastv", budget=0), r"\(0, 1\]"),
+    (dict(method="fastv", budget=1.5), r"\(0, 1\]"),
+    (dict(method="fastv", budget=float("nan")), r"\(0, 1\]"),
+    (dict(method="fastv", budget="abc"), "number"),
+    (dict(method="fastv", tokens=1000), "tokens kept"),
+    (dict(method="fastv", layers=3), "does not skip layers"),
+    (dict(method="layerdrop", layers=0), "layers kept"),
+    (dict(method="full", budget=0.01), "below what full can reach"),
+    (dict(method="par"), "train-router"),
+    (dict(method="fastv", start_layer=20), "start layer"),
+])
+def test_bad_method_parameters_get_one_clear_message(predictor, scene, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        predictor.predict(scene, QUESTION, **kwargs)
+
+
+def test_questions_cannot_add_image_slots(predictor, scene):
+    # A literal <image> in the question would create extra image tokens and break the feature alignment.
+    p = predictor.predict(scene, "What <image> color <image> is the circle?", "full", 1.0, max_new_tokens=1)
+    assert p.n_visual_tokens == 144
+    with pytest.raises(UserError, match="empty"):
+        predictor.predict(scene, "  <image> ", "full")
