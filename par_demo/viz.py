@@ -1,0 +1,235 @@
+"""Plotly figures for the demo: kept/dropped patches, the decoder-layer strip, latencies and the budget sweep.
+
+Every function takes plain Python data (lists, numbers, a PIL image) and returns a `plotly.graph_objects.Figure`,
+so the figures can be built and checked without Gradio or a model.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+from PIL import Image
+
+KEPT_COLOR = "#2e7d32"  # green: layer run / patch kept
+SKIPPED_COLOR = "#d62728"  # red: layer skipped (the paper's Figure 4 convention)
+FULL_COLOR = "#7f7f7f"  # grey: the unpruned model
+PRUNED_COLOR = "#1f77b4"  # blue: the pruned model
+DIM_FACTOR = 0.25  # dropped patches keep a quarter of their brightness: visibly off, still recognisable
+FONT = dict(family="DejaVu Sans, Arial, sans-serif", size=13)
+
+
+def _base_layout(fig: go.Figure, title: str, height: int) -> go.Figure:
+    fig.update_layout(
+        title=dict(text=title, x=0.01, xanchor="left", font=dict(size=15)),
+        height=height,
+        margin=dict(l=10, r=10, t=50, b=10),
+        font=FONT,
+        plot_bgcolor="white",
+        paper_bgcolor="white",
+    )
+    return fig
+
+
+def empty_figure(message: str, height: int = 300) -> go.Figure:
+    """A blank figure with a centred hint, shown before the first query."""
+    fig = go.Figure()
+    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+                       font=dict(size=14, color="#555"))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _base_layout(fig, "", height)
+
+
+def _png_data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def kept_mask(grid: tuple[int, int], kept: Sequence[int]) -> np.ndarray:
+    """Boolean (rows, cols) array, True where the patch (row-major index) was kept."""
+    rows, cols = grid
+    mask = np.zeros(rows * cols, dtype=bool)
+    indices = np.asarray(list(kept), dtype=np.int64)
+    indices = indices[(indices >= 0) & (indices < rows * cols)]
+    mask[indices] = True
+    return mask.reshape(rows, cols)
+
+
+def dim_dropped(image: Image.Image, grid: tuple[int, int], kept: Sequence[int]) -> Image.Image:
+    """The image with every dropped patch darkened, so what the model still sees stands out."""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    height, width = rgb.shape[:2]
+    rows, cols = grid
+    mask = kept_mask(grid, kept)
+    # Pixel -> patch lookup; works for sizes that are not exact multiples of the grid.
+    row_of_pixel = np.minimum(np.arange(height) * rows // height, rows - 1)
+    col_of_pixel = np.minimum(np.arange(width) * cols // width, cols - 1)
+    pixel_kept = mask[row_of_pixel[:, None], col_of_pixel[None, :]]
+    dimmed = np.where(pixel_kept[..., None], rgb, rgb * DIM_FACTOR)
+    return Image.fromarray(dimmed.clip(0, 255).astype(np.uint8))
+
+
+def _grayscale(image: Image.Image) -> Image.Image:
+    return image.convert("L").convert("RGB")
+
+
+def patch_figure(
+    image: Image.Image,
+    grid: tuple[int, int],
+    kept: Sequence[int],
+    scores: Sequence[float] | None = None,
+    show_scores: bool = False,
+    score_name: str = "router score",
+    title: str | None = None,
+    height: int = 440,
+) -> go.Figure:
+    """The model-view image with dropped patches dimmed, or (show_scores) a per-patch score heatmap over it.
+
+    Hovering a patch shows its row, column, index, kept/dropped and score in both views.
+    """
+    rows, cols = grid
+    width, height_px = image.size
+    cell_w, cell_h = width / cols, height_px / rows
+    mask = kept_mask(grid, kept)
+    n_kept, n_total = int(mask.sum()), rows * cols
+    has_scores = scores is not None and len(scores) == n_total
+    score_grid = np.asarray(scores, dtype=float).reshape(rows, cols) if has_scores else np.full((rows, cols), np.nan)
+
+    heat_mode = show_scores and has_scores
+    background = _grayscale(image) if heat_mode else dim_dropped(image, grid, kept)
+    fig = go.Figure(go.Image(source=_png_data_uri(background), hoverinfo="skip", x0=0, y0=0, dx=1, dy=1))
+
+    status = np.where(mask, "kept", "dropped")
+    row_idx, col_idx = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    customdata = np.stack([row_idx, col_idx, row_idx * cols + col_idx, status, np.round(score_grid, 4)], axis=-1)
+    hover = ("patch %{customdata[2]} (row %{customdata[0]}, col %{customdata[1]})<br>%{customdata[3]}"
+             + (f"<br>{score_name}: %{{customdata[4]}}" if has_scores else "") + "<extra></extra>")
+    centres_x = (np.arange(cols) + 0.5) * cell_w
+    centres_y = (np.arange(rows) + 0.5) * cell_h
+    if heat_mode:
+        heat = go.Heatmap(z=score_grid, x=centres_x, y=centres_y, colorscale="Viridis", opacity=0.6,
+                          customdata=customdata, hovertemplate=hover,
+                          colorbar=dict(title=dict(text=score_name, side="right"), thickness=14))
+    else:
+        # Invisible layer on top of the image: it only carries the hover text of each patch.
+        transparent = [[0, "rgba(0,0,0,0)"], [1, "rgba(0,0,0,0)"]]
+        heat = go.Heatmap(z=mask.astype(float), x=centres_x, y=centres_y, colorscale=transparent, showscale=False,
+                          customdata=customdata, hovertemplate=hover)
+    fig.add_trace(heat)
+    if heat_mode:
+        _outline_dropped(fig, mask, cell_w, cell_h)
+
+    if title is None:
+        share = 100.0 * n_kept / max(n_total, 1)
+        what = f"{score_name} per patch (dropped patches crossed)" if heat_mode else "dropped patches dimmed"
+        title = f"Visual tokens: kept {n_kept}/{n_total} ({share:.0f}%) · {what}"
+    fig.update_xaxes(visible=False, range=[0, width], constrain="domain")
+    fig.update_yaxes(visible=False, range=[height_px, 0], scaleanchor="x", constrain="domain")
+    return _base_layout(fig, title, height)
+
+
+def _outline_dropped(fig: go.Figure, mask: np.ndarray, cell_w: float, cell_h: float) -> None:
+    """Small crosses on dropped patches in heatmap mode, so kept/dropped stays visible under the colours."""
+    drop_rows, drop_cols = np.nonzero(~mask)
+    if len(drop_rows) == 0:
+        return
+    fig.add_trace(go.Scatter(
+        x=(drop_cols + 0.5) * cell_w, y=(drop_rows + 0.5) * cell_h, mode="markers", hoverinfo="skip",
+        marker=dict(symbol="x-thin", size=max(4, min(10, cell_w * 0.5)), line=dict(width=1, color="white")),
+        showlegend=False,
+    ))
+
+
+def layer_figure(
+    n_layers: int,
+    kept_layers: Sequence[int],
+    layer_scores: Sequence[float] | None = None,
+    score_name: str = "router score",
+    height: int = 190,
+) -> go.Figure:
+    """A strip of decoder layers, one cell each: green = run, red = skipped; scores on hover."""
+    kept = set(int(i) for i in kept_layers)
+    has_scores = layer_scores is not None and len(layer_scores) == n_layers
+    fig = go.Figure()
+    for label, color, wanted in (("run", KEPT_COLOR, True), ("skipped", SKIPPED_COLOR, False)):
+        layers = [i for i in range(n_layers) if (i in kept) == wanted]
+        if not layers:
+            continue
+        score_text = [f"<br>{score_name}: {layer_scores[i]:.3f}" if has_scores else "" for i in layers]
+        fig.add_trace(go.Bar(
+            x=layers, y=[1] * len(layers), name=label, marker=dict(color=color, line=dict(color="white", width=1)),
+            customdata=score_text,
+            hovertemplate="layer %{x}: " + label + "%{customdata}<extra></extra>",
+        ))
+    n_kept = len([i for i in range(n_layers) if i in kept])
+    fig.update_layout(bargap=0.05, barmode="overlay", showlegend=True,
+                      legend=dict(orientation="h", x=1, xanchor="right", y=1.25, yanchor="bottom"))
+    fig.update_xaxes(title_text="decoder layer (0 = first)", range=[-0.5, n_layers - 0.5], showgrid=False,
+                     dtick=1 if n_layers <= 32 else 4, tickfont=dict(size=10))
+    fig.update_yaxes(visible=False, range=[0, 1])
+    title = f"Decoder layers: ran {n_kept}/{n_layers}, skipped {n_layers - n_kept} (red)"
+    return _base_layout(fig, title, height)
+
+
+def latency_figure(full: dict[str, float], pruned: dict[str, float], pruned_label: str = "pruned",
+                   height: int = 220) -> go.Figure:
+    """Grouped horizontal bars: prefill and total seconds, full model vs pruned model."""
+    stages = ["prefill", "total"]
+    fig = go.Figure()
+    for label, values, color in (("full", full, FULL_COLOR), (pruned_label, pruned, PRUNED_COLOR)):
+        seconds = [float(values[f"{stage}_s"]) for stage in stages]
+        fig.add_trace(go.Bar(
+            y=stages, x=seconds, name=label, orientation="h", marker_color=color,
+            text=[_format_seconds(s) for s in seconds], textposition="outside", cliponaxis=False,
+            hovertemplate=label + " %{y}: %{x:.4f} s<extra></extra>",
+        ))
+    longest = max(float(values[f"{stage}_s"]) for values in (full, pruned) for stage in stages)
+    fig.update_layout(barmode="group", bargap=0.25,
+                      legend=dict(orientation="h", x=1, xanchor="right", y=1.02, yanchor="bottom"))
+    # Extra room on the right so the value labels outside the bars are not clipped.
+    fig.update_xaxes(title_text="seconds (lower is faster)", range=[0, longest * 1.2 or 1], gridcolor="#eee")
+    fig.update_yaxes(autorange="reversed")
+    return _base_layout(fig, "Latency", height)
+
+
+def _format_seconds(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def sweep_figure(points: Sequence[dict], method_label: str, full_total_s: float | None = None,
+                 height: int = 340) -> go.Figure:
+    """Latency and agreement with the full answer against the FLOPs ratio, one point per budget.
+
+    `points` are dicts with keys budget, flops_ratio, prefill_s, total_s, agreement (0..1) and answer.
+    """
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
+                        subplot_titles=("latency vs FLOPs", "agreement with full answer vs FLOPs"))
+    xs = [p["flops_ratio"] for p in points]
+    hover = [f"budget {p['budget']:.1f}<br>answer: {p['answer'][:60]}" for p in points]
+    for key, label, dash in (("prefill_s", "prefill", "dot"), ("total_s", "total", "solid")):
+        fig.add_trace(go.Scatter(x=xs, y=[p[key] for p in points], name=f"{label} (s)", mode="lines+markers",
+                                 line=dict(color=PRUNED_COLOR, dash=dash), customdata=hover,
+                                 hovertemplate="FLOPs %{x:.2f}: %{y:.4f} s<br>%{customdata}<extra></extra>"),
+                      row=1, col=1)
+    if full_total_s is not None:
+        fig.add_hline(y=full_total_s, line=dict(color=FULL_COLOR, dash="dash"), row=1, col=1,
+                      annotation_text="full model total", annotation_position="top left")
+    fig.add_trace(go.Scatter(x=xs, y=[p["agreement"] for p in points], name="agreement", mode="lines+markers",
+                             line=dict(color=KEPT_COLOR), customdata=hover,
+                             hovertemplate="FLOPs %{x:.2f}: agreement %{y:.2f}<br>%{customdata}<extra></extra>"),
+                  row=1, col=2)
+    for col in (1, 2):
+        fig.update_xaxes(title_text="FLOPs (fraction of full)", range=[0, 1.05], gridcolor="#eee", row=1, col=col)
+    fig.update_yaxes(title_text="seconds", rangemode="tozero", gridcolor="#eee", row=1, col=1)
+    fig.update_yaxes(title_text="word-overlap F1 (1 = same)", range=[-0.05, 1.05], gridcolor="#eee", row=1, col=2)
+    fig.update_layout(legend=dict(orientation="h", x=1, xanchor="right", y=1.12, yanchor="bottom"))
+    title = f"Budget sweep ({method_label}): {len(points)} budget{'s' if len(points) != 1 else ''} done"
+    fig = _base_layout(fig, title, height)
+    fig.update_layout(margin=dict(t=80))
+    return fig
