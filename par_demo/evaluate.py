@@ -1,0 +1,120 @@
+"""`eval`: accuracy of methods at FLOPs budgets on a JSONL data set (ShapesVQA format, or your own).
+
+    python -m par_demo eval --data held_out/data.jsonl --methods full,fastv,random,layerdrop --budgets 0.25,0.5 --json
+
+Each line of the file is {"image": path relative to the file, "question": ..., "answer": ..., "type": ...}.
+Answers are scored by exact match after lower-casing and stripping whitespace and a trailing period.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+from tqdm import tqdm
+
+from par_demo.bench import parse_list
+from par_demo.errors import UserError
+from par_demo.images import load_image
+from par_demo.methods import method_class
+from par_demo.methods.base import check_budget
+from par_demo.models import load_model
+from par_demo.predict import Predictor, add_model_arguments
+from par_demo.shapes import is_correct, load_jsonl
+
+
+@dataclass
+class EvalRow:
+    method: str
+    budget: float
+    accuracy: float = 0.0
+    flops_ratio: float = 0.0  # mean over samples
+    n: int = 0
+    by_type: dict[str, float] = field(default_factory=dict)
+    n_by_type: dict[str, int] = field(default_factory=dict)
+
+
+def settings(methods: list[str], budgets: list[float]) -> list[tuple[str, float]]:
+    """(method, budget) pairs; `full` once, at budget 1.0."""
+    pairs = []
+    for name in methods:
+        name = method_class(name).name
+        for budget in ([1.0] if name == "full" else budgets):
+            if (name, budget) not in pairs:
+                pairs.append((name, budget))
+    return pairs
+
+
+def evaluate(predictor: Predictor, samples: list[dict], pairs: list[tuple[str, float]], tokens=None, layers=None,
+             max_new_tokens: int = 8, progress: bool = False) -> list[EvalRow]:
+    correct = defaultdict(lambda: defaultdict(int))
+    count = defaultdict(lambda: defaultdict(int))
+    ratios = defaultdict(float)
+    bar = tqdm(total=len(samples) * len(pairs), desc="eval", disable=not progress, file=sys.stderr)
+    for sample in samples:
+        image = load_image(sample["image"])
+        for pair in pairs:
+            p = predictor.predict(image, sample["question"], pair[0], pair[1], tokens, layers,
+                                  max_new_tokens=max_new_tokens)
+            kind = sample.get("type", "all")
+            correct[pair][kind] += is_correct(p.answer, sample["answer"])
+            count[pair][kind] += 1
+            ratios[pair] += p.flops_ratio
+            bar.update()
+    bar.close()
+    rows = []
+    for pair in pairs:
+        n = sum(count[pair].values())
+        rows.append(EvalRow(
+            method=pair[0], budget=pair[1], accuracy=sum(correct[pair].values()) / n, flops_ratio=ratios[pair] / n,
+            n=n, by_type={k: correct[pair][k] / count[pair][k] for k in sorted(count[pair])},
+            n_by_type=dict(sorted(count[pair].items())),
+        ))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--data", required=True, help="JSONL file (image, question, answer, type)")
+    parser.add_argument("--methods", default="full,fastv,random,layerdrop")
+    parser.add_argument("--budgets", default="0.25,0.5")
+    parser.add_argument("--tokens", type=int, default=None, help="fixed visual tokens kept (instead of budgets)")
+    parser.add_argument("--layers", type=int, default=None, help="fixed decoder layers kept (instead of budgets)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--json", action="store_true", help="one JSON object per row")
+
+
+def run(args) -> int:
+    methods = parse_list(args.methods, "methods")
+    budgets = [check_budget(b) for b in parse_list(args.budgets, "budgets", float)]
+    pairs = settings(methods, budgets)
+    samples = load_jsonl(args.data)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise UserError("--limit must be at least 1")
+        samples = samples[: args.limit]
+    if not samples:
+        raise UserError(f"{args.data} holds no samples")
+    predictor = Predictor(load_model(args.model, args.quant, args.device, args.dtype))
+    rows = evaluate(predictor, samples, pairs, args.tokens, args.layers, args.max_new_tokens,
+                    progress=sys.stderr.isatty())
+    if args.json:
+        for row in rows:
+            print(json.dumps(asdict(row)))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+def format_table(rows: list[EvalRow]) -> str:
+    types = sorted({t for r in rows for t in r.by_type})
+    head = f"{'method':<11}{'budget':>7}{'FLOPs':>7}{'n':>6}{'acc':>7}" + "".join(f"{t[:11]:>12}" for t in types)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        cells = "".join(f"{r.by_type.get(t, float('nan')):>12.1%}" for t in types)
+        lines.append(f"{r.method:<11}{r.budget:>7.2f}{r.flops_ratio:>7.2f}{r.n:>6}{r.accuracy:>7.1%}" + cells)
+    return "\n".join(lines)

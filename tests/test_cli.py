@@ -1,0 +1,89 @@
+"""The command line: stable JSON for scripts, one clear line (no traceback) for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from par_demo.cli import main
+
+TINY = ["--model", "random:llava-tiny", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory, scene):
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    scene.save(path)
+    return str(path)
+
+
+def test_predict_json_is_one_object_with_the_documented_keys(image_file, capsys):
+    code = main(["predict", *TINY, "--image", image_file, "--question", "How many objects are there?",
+                 "--method", "fastv", "--budget", "0.5", "--max-new-tokens", "3", "--json"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    for key in ("answer", "method", "budget", "flops", "flops_full", "flops_ratio", "n_visual_tokens",
+                "kept_visual_tokens", "n_layers", "kept_layers", "prefill_s", "total_s", "new_tokens"):
+        assert key in data
+    assert data["method"] == "fastv" and data["flops_ratio"] <= 0.5 and data["n_visual_tokens"] == 144
+
+
+def test_bench_json_rows_carry_speedups_and_efficiency(capsys):
+    code = main(["bench", *TINY, "--methods", "full,fastv", "--budgets", "0.5", "--repeats", "1",
+                 "--new-tokens", "2", "--json"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    rows = {(r["method"], r["budget"]): r for r in data["rows"]}
+    assert set(rows) == {("full", 1.0), ("fastv", 0.5)}
+    fastv = rows[("fastv", 0.5)]
+    for key in ("flops_ratio", "prefill_s", "total_s", "speedup_prefill", "speedup_total", "efficiency",
+                "peak_mem_mb", "kv_cache_mb", "decode_tok_s"):
+        assert key in fastv
+    assert fastv["efficiency"] == pytest.approx(fastv["speedup_prefill"] * fastv["flops_ratio"])
+    assert rows[("full", 1.0)]["speedup_prefill"] == 1.0
+
+
+BAD_INPUT = [
+    (["--image", "/nonexistent.png"], "not found"),
+    (["--question", "   "], "question is empty"),
+    (["--budget", "0"], "(0, 1]"),
+    (["--budget", "1.5"], "(0, 1]"),
+    (["--method", "magic"], "unknown method"),
+    (["--image", "NOT_AN_IMAGE"], "not an image"),
+    (["--model", "../etc"], "model"),
+]
+
+
+def predict_argv(image_file, tmp_path, args):
+    base = {"--image": image_file, "--question": "What color is the circle?", "--method": "full",
+            "--budget": "1.0", "--model": "random:llava-tiny", "--device": "cpu"}
+    if args[1] == "NOT_AN_IMAGE":
+        fake = tmp_path / "fake.png"
+        fake.write_text("this is text, not a PNG")
+        args = [args[0], str(fake)]
+    base.update(dict(zip(args[::2], args[1::2])))
+    return ["predict"] + [item for pair in base.items() for item in pair]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUT)
+def test_bad_predict_input_exits_nonzero_with_one_line(image_file, tmp_path, capsys, args, message):
+    code = main(predict_argv(image_file, tmp_path, args))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+
+
+def test_bad_input_shows_no_traceback_from_the_real_process(image_file, tmp_path):
+    argv = [sys.executable, "-m", "par_demo"] + predict_argv(image_file, tmp_path, ["--image", "NOT_AN_IMAGE"])
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "error: 'fake.png' is not an image" in result.stderr
+
+
+def test_offline_hub_miss_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = main(["bench", "--model", "nobody/no-such-model-here", "--methods", "full", "--repeats", "1"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot load model 'nobody/no-such-model-here'")

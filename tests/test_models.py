@@ -1,0 +1,61 @@
+"""Model loading: local folders, random presets, bitsandbytes quantization on CPU, clear errors."""
+
+import pytest
+import torch
+
+from par_demo.errors import UserError
+from par_demo.models import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tiny):
+    folder = tmp_path_factory.mktemp("tiny-llava")
+    tiny.model.save_pretrained(folder)
+    tiny.processor.save_pretrained(folder)
+    return folder
+
+
+def test_local_folder_loads_offline_and_answers_like_the_original(tiny_folder, tiny, predictor, scene):
+    from par_demo.predict import Predictor
+
+    reloaded = Predictor(load_model(str(tiny_folder), device="cpu"))
+    a = reloaded.predict(scene, "What color is the circle?", "fastv", 0.5, max_new_tokens=4)
+    b = predictor.predict(scene, "What color is the circle?", "fastv", 0.5, max_new_tokens=4)
+    assert a.answer == b.answer and a.kept_visual_tokens == b.kept_visual_tokens
+
+
+def test_4bit_quantizes_the_decoder_but_not_vision_projector_or_head(tiny_folder, scene):
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    from par_demo.predict import Predictor
+
+    loaded = load_model(str(tiny_folder), quant="4bit", device="cpu")
+    model = loaded.model
+    assert isinstance(model.model.language_model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert isinstance(model.model.language_model.layers[-1].mlp.down_proj, bnb.nn.Linear4bit)
+    assert type(model.lm_head) is torch.nn.Linear
+    assert type(model.model.multi_modal_projector.linear_1) is torch.nn.Linear
+    assert type(model.model.vision_tower.encoder.layers[0].mlp.fc1) is torch.nn.Linear
+    result = Predictor(loaded).predict(scene, "How many objects are there?", "fastv", 0.5, max_new_tokens=3)
+    assert result.new_tokens >= 1 and result.flops_ratio <= 0.5
+
+
+def test_random_preset_is_deterministic(tiny):
+    again = load_model("random:llava-tiny", device="cpu")
+    for a, b in zip(tiny.model.parameters(), again.model.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("random:no-such-preset", "unknown preset"),
+    ("", "no model"),
+    ("not a model id", "neither a local model folder"),
+    ("/tmp", "no config.json"),
+])
+def test_bad_model_specs_are_refused(spec, message):
+    with pytest.raises(UserError, match=message):
+        load_model(spec, device="cpu")
+
+
+def test_unknown_quantization_is_refused():
+    with pytest.raises(UserError, match="quantization"):
+        load_model("random:llava-tiny", quant="3bit", device="cpu")
