@@ -509,10 +509,16 @@ def timing_markdown(prediction: Prediction, reference: Prediction | None = None,
     prefill = f"prefill **{_seconds(prediction.prefill_s)}**"
     total = f"total **{_seconds(prediction.total_s)}**"
     if reference is not None:
-        prefill += f" ({reference.prefill_s / max(prediction.prefill_s, 1e-9):.2f}× faster)"
-        total += f" ({reference.total_s / max(prediction.total_s, 1e-9):.2f}× faster)"
+        prefill += f" ({_speedup(reference.prefill_s, prediction.prefill_s)})"
+        total += f" ({_speedup(reference.total_s, prediction.total_s)})"
     note = " · answer from cache, timed on its first run" if cached else ""
     return f"{prefill} · {total} · {prediction.new_tokens} new tokens{note}"
+
+
+def _speedup(reference_s: float, seconds: float) -> str:
+    ratio = reference_s / max(seconds, 1e-9)
+    # Tiny models on a busy CPU can come out slower; say so rather than print "0.9× faster".
+    return f"{ratio:.2f}× faster" if ratio >= 1 else f"{ratio:.2f}×, slower this time"
 
 
 def stats_markdown(pruned: Prediction) -> str:

@@ -229,7 +229,7 @@ def sweep_figure(points: Sequence[dict], method_label: str, full_total_s: float 
     fig.update_yaxes(title_text="seconds", rangemode="tozero", gridcolor="#eee", row=1, col=1)
     fig.update_yaxes(title_text="word-overlap F1 (1 = same)", range=[-0.05, 1.05], gridcolor="#eee", row=1, col=2)
     fig.update_layout(legend=dict(orientation="h", x=1, xanchor="right", y=1.12, yanchor="bottom"))
-    title = f"Budget sweep ({method_label}): {len(points)} budget{'s' if len(points) != 1 else ''} done"
+    title = f"Budget sweep ({method_label}): {len(points)} budget{'s' if len(points) != 1 else ''} plotted"
     fig = _base_layout(fig, title, height)
     fig.update_layout(margin=dict(t=80))
     return fig
