@@ -132,13 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     try:  # the model is loaded at start-up, outside any request (ZeroGPU requires this)
         service = DemoService.from_model(args.model, quant=args.quant)
-        if not zerogpu_enabled():  # on ZeroGPU there is no GPU outside requests, so no warm-up
-            service.warm_up()
     except UserError as exc:
         raise SystemExit(f"error: {exc}") from None
-    app = DemoApp(service)
-    demo = build_demo(app)
-    print(f"model {service.model_name} loaded and warmed up in {time.perf_counter() - started:.1f} s", flush=True)
+    print(f"model {service.model_name} loaded in {time.perf_counter() - started:.1f} s", flush=True)
+    if not zerogpu_enabled():  # on ZeroGPU no GPU is attached outside requests, so no warm-up there
+        service.start_warm_up()  # in the background: the page comes up meanwhile
+    demo = build_demo(DemoApp(service))
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options())
 
 

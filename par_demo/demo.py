@@ -364,6 +364,19 @@ class DemoService:
                 continue
             yield full, sweep_point(full, pruned)
 
+    def start_warm_up(self) -> threading.Thread:
+        """`warm_up` in a background thread; a query arriving meanwhile simply waits for the model lock."""
+
+        def run() -> None:
+            try:
+                log.info("warm-up done in %.1f s", self.warm_up())
+            except Exception:  # a failed warm-up only costs the first user some latency
+                log.exception("warm-up failed")
+
+        thread = threading.Thread(target=run, name="par-demo-warm-up", daemon=True)
+        thread.start()
+        return thread
+
     def warm_up(self) -> float:
         """One full and one pruned query on an example, so the first user's latencies are not cold-start ones."""
         started = time.perf_counter()

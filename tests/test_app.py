@@ -306,3 +306,17 @@ def test_api_compare_errors_are_clear(client, tmp_path, image, question, method,
     # ...and the app still answers afterwards.
     answer = client.predict(handle_file(EXAMPLE), QUESTION, "random", 0.6, api_name="/compare")
     assert set(answer[2]) == PREDICT_JSON_KEYS
+
+
+def test_api_concurrent_calls_get_their_own_results(client):
+    """Requests queued together each get the result of their own method, budget and question."""
+    from gradio_client import handle_file
+
+    requests = [(method, budget, question) for method in ("fastv", "random", "layerdrop")
+                for budget, question in ((0.9, QUESTION), (0.6, "How many objects are there?"))]
+    jobs = [client.submit(handle_file(EXAMPLE), question, method, budget, api_name="/compare")
+            for method, budget, question in requests]
+    for (method, budget, _), job in zip(requests, jobs):
+        _, _, stats, full_stats = job.result(timeout=60)
+        assert (stats["method"], stats["budget"]) == (method, budget)
+        assert full_stats["method"] == "full"
