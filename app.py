@@ -96,8 +96,9 @@ def build_demo(app: DemoApp) -> gr.Blocks:
                        latency_plot, stats_json, view_state]
         # All model work shares one queue slot: one model, one request at a time.
         model_queue = dict(concurrency_id="model", concurrency_limit=1)
-        gr.on([run.click, question.submit, budget.release], app.run, run_inputs, run_outputs,
-              api_visibility="private", **model_queue)
+        gr.on([run.click, question.submit], app.run, run_inputs, run_outputs, api_visibility="private",
+              **model_queue)
+        budget.release(app.rerun, run_inputs, run_outputs, api_visibility="private", **model_queue)
         patch_view.change(app.redraw_patches, [view_state, patch_view], patch_plot, api_visibility="private",
                           queue=False)
         sweep.click(app.sweep, [image, question, method, start_layer], [sweep_plot, sweep_table],

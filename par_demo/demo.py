@@ -624,6 +624,14 @@ class DemoApp:
             state,
         )
 
+    def rerun(self, image: Any, question: Any, method: Any, budget: Any, tokens: Any, layers: Any,
+              start_layer: Any, patch_view: str, progress: gr.Progress = gr.Progress()) -> tuple:
+        """Like `run`, for the slider: before an image and a question are there it quietly does nothing
+        (moving the slider first is not a mistake worth an error pop-up)."""
+        if image is None or not (isinstance(question, str) and question.strip()):
+            return tuple(gr.skip() for _ in range(10))
+        return self.run(image, question, method, budget, tokens, layers, start_layer, patch_view, progress)
+
     def redraw_patches(self, state: dict | None, patch_view: str) -> Any:
         """Output: the patch figure, redrawn in the other view from the last result (no model call)."""
         if not state:

@@ -202,6 +202,26 @@ def test_run_handler_turns_errors_into_gr_error(app):
         app.run(EXAMPLE, QUESTION, "par", 0.5, 0, 0, 2, d.PATCH_VIEWS[0], progress=lambda *a, **k: None)
 
 
+def test_slider_before_any_input_does_nothing(app):
+    outputs = app.rerun(None, "", "fastv", 0.5, 0, 0, 2, d.PATCH_VIEWS[0], progress=lambda *a, **k: None)
+    assert len(outputs) == 10 and all(output == gr.skip() for output in outputs)
+
+
+def test_out_of_memory_becomes_a_message_and_the_next_request_works(tiny, predictor):
+    class RunsOutOnce(CountingPredictor):
+        def predict(self, image, question, method="full", **kwargs):
+            if not self.calls:
+                self.calls.append("oom")
+                raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            return super().predict(image, question, method, **kwargs)
+
+    app = d.DemoApp(d.DemoService(RunsOutOnce(predictor), tiny.name, tiny.n_layers, tiny.grid, max_new_tokens=2))
+    args = (EXAMPLE, QUESTION, "random", 0.6, 0, 0, 2, d.PATCH_VIEWS[0])
+    with pytest.raises(gr.Error, match="out of memory"):
+        app.run(*args, progress=lambda *a, **k: None)
+    assert set(app.run(*args, progress=lambda *a, **k: None)[8]) == PREDICT_JSON_KEYS
+
+
 def test_sweep_handler_streams(app):
     updates = list(app.sweep(EXAMPLE, QUESTION, "random", 2, progress=lambda *a, **k: None))
     assert len(updates) == 1 + len(SHORT_SWEEP)  # an empty figure first, then one update per budget
