@@ -48,7 +48,9 @@ METHOD_CHOICES: list[tuple[str, str]] = [
     ("PAR", "par"), ("FastV", "fastv"), ("random tokens", "random"), ("layer drop", "layerdrop"),
 ]
 METHOD_LABELS = dict((value, label) for label, value in METHOD_CHOICES) | {"full": "full model"}
-SCORE_NAMES = {"par": "router score", "fastv": "attention score"}
+# What the per-patch and per-layer scores of each method are (shown on hover and in the colour bar).
+TOKEN_SCORE_NAMES = {"par": "router score"}  # other methods' patch scores are attention to the image
+LAYER_SCORE_NAMES = {"par": "router score", "layerdrop": "block influence"}
 SWEEP_BUDGETS = tuple(round(1.0 - 0.1 * i, 1) for i in range(10))  # 1.0, 0.9, ..., 0.1
 DEFAULT_START_LAYER = 2  # the paper prunes tokens from layer K=2 on
 
@@ -547,7 +549,7 @@ def stats_markdown(pruned: Prediction) -> str:
 
 
 def patch_view_figure(view: Image.Image, pruned: Prediction, show_scores: bool) -> Any:
-    score_name = SCORE_NAMES.get(pruned.method, "score")
+    score_name = TOKEN_SCORE_NAMES.get(pruned.method, "attention score")
     title = None
     if show_scores and pruned.token_scores is None:
         title = (f"{METHOD_LABELS.get(pruned.method, pruned.method)} has no per-patch scores · "
@@ -618,7 +620,7 @@ class DemoApp:
             stats_markdown(pruned),
             patch_view_figure(result.model_view, pruned, patch_view == PATCH_VIEWS[1]),
             viz.layer_figure(pruned.n_layers, pruned.kept_layers, pruned.layer_scores,
-                             SCORE_NAMES.get(pruned.method, "score")),
+                             LAYER_SCORE_NAMES.get(pruned.method, "score")),
             viz.latency_figure(full.to_json(), pruned.to_json(), pruned_label),
             pruned.to_json(),
             state,
