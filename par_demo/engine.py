@@ -208,6 +208,16 @@ class Engine:
         embeds[0, image_positions] = features.to(embeds.dtype)
         return Query(input_ids, embeds, image_positions, features)
 
+    @torch.inference_mode()
+    def extend(self, query: Query, token_ids: list[int]) -> Query:
+        """The query with text tokens appended after the prompt (an answer, for teacher forcing)."""
+        if not token_ids:
+            return query
+        ids = torch.tensor([token_ids], device=query.input_ids.device)
+        embeds = self.lm.embed_tokens(ids).to(query.inputs_embeds.dtype)
+        return Query(torch.cat([query.input_ids, ids], dim=1), torch.cat([query.inputs_embeds, embeds], dim=1),
+                     query.image_positions, query.image_features)
+
     # ----------------------------------------------------------------------------------------- layers
     def run_layer(self, index: int, h: torch.Tensor, rope, cache: KVCache, score_rows: int = 0):
         """One decoder layer on h (1, n, D). Returns (h, attention rows of the last `score_rows` queries or None)."""
@@ -246,7 +256,8 @@ class Engine:
     # ----------------------------------------------------------------------------------------- prefill
     @torch.inference_mode()
     def prefill(self, query: Query, plan: PruningPlan, reserve: int = 0, keep_hidden: bool = False,
-                score_rows: int = 1) -> Prefill:
+                score_rows: int = 1, n_logits: int = 1) -> Prefill:
+        """`n_logits` > 1 returns logits (n_logits, vocab) for the last n_logits positions (teacher forcing)."""
         self.validate_plan(plan, query)
         n_full = query.length
         h = query.inputs_embeds
@@ -276,7 +287,8 @@ class Engine:
                 attention_to_image = rows[query.image_positions]
             if keep_hidden:
                 hidden.append(h)
-        return Prefill(self.logits(h[:, -1]), cache, kept_visual, n_full, attention_to_image, hidden)
+        logits = self.logits(h[:, -1]) if n_logits == 1 else self.lm_head(self.lm.norm(h[0, -n_logits:])).float()
+        return Prefill(logits, cache, kept_visual, n_full, attention_to_image, hidden)
 
     @staticmethod
     def _choose_visual(plan: PruningPlan, query: Query, attention_to_image) -> torch.Tensor:

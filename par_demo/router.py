@@ -1,0 +1,241 @@
+"""The PAR meta-router: one small bidirectional transformer that scores visual tokens and decoder layers.
+
+Inputs (for one query):
+  - the projected visual tokens  (n_v, D)   what the LM would see of the image
+  - the question's text embeddings (n_t, D) embed_tokens of the prompt's non-image tokens
+  - N learnable layer tokens      (N, W)    one per decoder layer
+  - a budget embedding            (W,)      added to every token, so one router serves every budget
+Everything is projected from the LM width D down to a small router width W, mixed by a few bidirectional
+(unmasked) attention blocks, so visual tokens see the question and each other, and read out as one keep logit
+per visual token and one run logit per layer.
+
+The router is deliberately tiny: its FLOPs count against every budget (`MetaRouter.flops`).
+A checkpoint is `router.safetensors` (weights) + `router.json` (config, the model fingerprint, the Pareto table).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from par_demo.errors import UserError
+
+WEIGHTS_FILE = "router.safetensors"
+CONFIG_FILE = "router.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class RouterConfig:
+    lm_width: int  # D of the language model (visual tokens are already projected to it)
+    n_layers: int  # N decoder layers = N layer tokens
+    n_visual: int  # visual tokens per image (the grid), for the learned patch positions
+    width: int = 32  # W: small on purpose (see `auto_width`)
+    depth: int = 2
+    heads: int = 2
+    mlp_ratio: int = 2
+    protected_first: int = 1  # layers 0 .. protected_first-1 always run
+    protected_last: int = 1  # the last protected_last layers always run
+    start_layer: int = 2  # K: the layer from which dropped visual tokens leave the sequence
+    model: dict = field(default_factory=dict)  # fingerprint of the model this router belongs to
+
+    def protected(self) -> list[int]:
+        first = list(range(min(self.protected_first, self.n_layers)))
+        last = list(range(max(self.n_layers - self.protected_last, 0), self.n_layers))
+        return sorted(set(first + last))
+
+    def routable(self) -> list[int]:
+        """Layers the router may skip."""
+        protected = set(self.protected())
+        return [i for i in range(self.n_layers) if i not in protected]
+
+
+# ------------------------------------------------------------------------------------------------ model
+class Block(nn.Module):
+    """Pre-norm transformer block without a causal mask: every token attends to every token."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, n, W)
+        b, n, w = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v)  # (B, heads, n, W/heads), bidirectional
+        x = x + self.proj(o.transpose(1, 2).reshape(b, n, w))
+        return x + self.mlp(self.norm2(x))
+
+
+def budget_features(budgets: torch.Tensor) -> torch.Tensor:
+    """(B,) budgets in (0, 1] -> (B, 8) smooth features, so nearby budgets get nearby embeddings."""
+    b = budgets.float().unsqueeze(1)
+    freqs = torch.tensor([1.0, 2.0, 4.0], device=b.device) * math.pi
+    return torch.cat([b, b.log(), torch.sin(b * freqs), torch.cos(b * freqs)], dim=1)
+
+
+class MetaRouter(nn.Module):
+    def __init__(self, config: RouterConfig):
+        super().__init__()
+        self.config = config
+        w = config.width
+        self.down = nn.Linear(config.lm_width, w, bias=False)  # shared by visual and text tokens
+        self.input_norm = nn.LayerNorm(config.lm_width)  # visual and text embeddings live at different scales
+        self.kind = nn.Parameter(torch.zeros(3, w))  # type embedding: 0 visual, 1 text, 2 layer
+        self.patch_position = nn.Parameter(torch.zeros(config.n_visual, w))
+        self.layer_tokens = nn.Parameter(torch.randn(config.n_layers, w) * 0.02)
+        self.budget = nn.Sequential(nn.Linear(8, w), nn.GELU(), nn.Linear(w, w))
+        self.blocks = nn.ModuleList(Block(w, config.heads, config.mlp_ratio) for _ in range(config.depth))
+        self.norm = nn.LayerNorm(w)
+        self.token_head = nn.Linear(w, 1)
+        self.layer_head = nn.Linear(w, 1)
+        nn.init.normal_(self.patch_position, std=0.02)
+
+    def forward(self, visual: torch.Tensor, text: torch.Tensor, budgets: torch.Tensor):
+        """visual (n_v, D), text (n_t, D), budgets (B,) -> token logits (B, n_v), layer logits (B, N).
+
+        One forward scores the same query at several budgets (they share everything but the budget embedding).
+        """
+        cfg = self.config
+        n_v, n_t, n_l, b = visual.shape[0], text.shape[0], cfg.n_layers, budgets.shape[0]
+        dtype = self.down.weight.dtype
+        vis = self.down(self.input_norm(visual.to(dtype))) + self.kind[0] + self.patch_position[:n_v]  # (n_v, W)
+        txt = self.down(self.input_norm(text.to(dtype))) + self.kind[1]  # (n_t, W)
+        lay = self.layer_tokens + self.kind[2]  # (N, W)
+        x = torch.cat([vis, txt, lay], dim=0).unsqueeze(0)  # (1, n, W)
+        x = x + self.budget(budget_features(budgets.to(x.device))).to(dtype).unsqueeze(1)  # (B, n, W)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        token_logits = self.token_head(x[:, :n_v]).squeeze(-1)  # (B, n_v)
+        layer_logits = self.layer_head(x[:, n_v + n_t:]).squeeze(-1)  # (B, N)
+        assert layer_logits.shape[1] == n_l
+        return token_logits, layer_logits
+
+    # ------------------------------------------------------------------------------------------ FLOPs
+    def flops(self, n_visual: int, n_text: int) -> float:
+        return router_flops(self.config, n_visual, n_text)
+
+
+def router_flops(config: RouterConfig, n_visual: int, n_text: int) -> float:
+    """Matrix-product FLOPs of one router forward at one budget (2 per multiply-add, like `FlopsModel`)."""
+    w, n = config.width, n_visual + n_text + config.n_layers
+    down = 2 * (n_visual + n_text) * config.lm_width * w
+    per_block = 2 * n * w * 3 * w + 2 * n * w * w + 2 * 2 * n * n * w + 2 * 2 * n * w * config.mlp_ratio * w
+    heads = 2 * (n_visual + config.n_layers) * w
+    return float(down + config.depth * per_block + heads)
+
+
+def auto_width(lm_width: int, n_layers: int, n_visual: int, n_text: int, full_flops: float,
+               share: float = 0.01, depth: int = 2, mlp_ratio: int = 2) -> int:
+    """The widest router (of 128, 96, 64, 48, 32, 16) whose FLOPs stay within `share` of the full prefill."""
+    for width in (128, 96, 64, 48, 32, 16):
+        cfg = RouterConfig(lm_width, n_layers, n_visual, width=width, depth=depth, mlp_ratio=mlp_ratio)
+        if router_flops(cfg, n_visual, n_text) <= share * full_flops:
+            return width
+    return 16
+
+
+# ------------------------------------------------------------------------------------------------ models
+def sanitize(name: str) -> str:
+    """A model name as a folder name: local folders by their base name, hub ids and presets with '_'."""
+    path = Path(name)
+    if path.exists():
+        name = path.resolve().name
+    return re.sub(r"[^\w.-]+", "_", name).strip("_") or "model"
+
+
+def fingerprint(loaded) -> dict:
+    """What must match between a router and a model: architecture facts, plus a soft check of the weights."""
+    config = loaded.config
+    text = config.text_config
+    weight = loaded.model.lm_head.weight.detach().float()
+    return {
+        "name": sanitize(loaded.name),
+        "n_layers": int(text.num_hidden_layers),
+        "lm_width": int(text.hidden_size),
+        "vocab": int(text.vocab_size),
+        "grid": list(loaded.grid),
+        # A retrained model keeps its architecture but not its weights; a few rounded statistics tell them
+        # apart without depending on the dtype it was loaded in. Checked softly (a warning), see `check_model`.
+        "weights": f"{weight.mean().item():.3e}/{weight.std().item():.3e}",
+    }
+
+
+def check_model(config: RouterConfig, loaded, where: str = "") -> None:
+    """Refuse a router built for another model (architecture); warn if the weights look retrained."""
+    have = fingerprint(loaded)
+    want = config.model
+    hard = ("name", "n_layers", "lm_width", "vocab", "grid")
+    diff = [f"{k}: router {want.get(k)!r} vs model {have[k]!r}" for k in hard if want.get(k) != have[k]]
+    if diff:
+        raise UserError(f"the router{where} was trained for another model ({'; '.join(diff)}); "
+                        f"train one for this model with: python -m par_demo train-router --model {loaded.name}")
+    if want.get("weights") and want["weights"] != have["weights"]:
+        warnings.warn(f"the router{where} was trained on different weights of {have['name']} "
+                      f"(was the model retrained?); its choices may be poor until it is retrained", stacklevel=2)
+
+
+# ------------------------------------------------------------------------------------------------ files
+def save_router(router: MetaRouter, folder, pareto: list[dict] | None = None, extra: dict | None = None) -> Path:
+    """Write router.safetensors + router.json into `folder` (created). Returns the folder."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().contiguous().cpu() for k, v in router.state_dict().items()}
+    tmp = folder / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(folder / WEIGHTS_FILE)  # never leave a half-written checkpoint behind
+    meta = {"format": FORMAT_VERSION, "config": asdict(router.config), "pareto": pareto or []}
+    meta.update(extra or {})
+    tmp = folder / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(folder / CONFIG_FILE)
+    return folder
+
+
+def read_meta(folder) -> dict:
+    path = Path(folder) / CONFIG_FILE
+    try:
+        meta = json.loads(path.read_text())
+        meta["config"] = RouterConfig(**meta["config"])
+    except FileNotFoundError:
+        raise UserError(f"no router in {folder} (expected {CONFIG_FILE} and {WEIGHTS_FILE})") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path} is not a router config ({exc.__class__.__name__}: {exc})") from None
+    return meta
+
+
+def load_router(folder, loaded=None, device=None) -> tuple[MetaRouter, dict]:
+    """(router in eval mode, meta with 'config' and 'pareto'). With `loaded`, refuses a router for another model."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta = read_meta(folder)
+    config = meta["config"]
+    if loaded is not None:
+        check_model(config, loaded, f" in {folder}")
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise UserError(f"no router weights in {folder} (expected {WEIGHTS_FILE})")
+    router = MetaRouter(config)
+    try:
+        router.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    except (RuntimeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise UserError(f"cannot load router weights from {folder}: {first}") from None
+    if device is not None:
+        router = router.to(device)
+    return router.eval(), meta
