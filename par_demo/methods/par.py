@@ -1,11 +1,56 @@
 """PAR: a learned meta-router chooses the visual tokens and the decoder layers per query.
 
-Until a router checkpoint for the loaded model exists, the method reports itself unavailable (with the command
-that trains one); the other methods keep working.
+For a budget b (fraction of the full prefill FLOPs, router included):
+  1. the router scores every visual token and every layer, conditioned on b;
+  2. the number of layers L comes from the router's Pareto table (measured at training time: for each budget,
+     the (tokens, layers) split with the lowest KL to the full model), else from the default rule
+     L = N * min(1, 0.5 + 0.6 b), which passes through the paper's operating points (b 0.62 -> 28/32 layers,
+     b 0.47 -> 25/32);
+  3. the L - |protected| best-scored routable layers run (protected first/last layers always run), and as many
+     top-scored visual tokens are kept as the budget then allows. When every token fits, more layers are tried.
+`--tokens T --layers L` are the paper's fixed versions (the router still chooses which ones).
+
+A router is found, in order, at: `predictor.router_path` or $PAR_DEMO_ROUTER (explicit), `<model folder>/router/`
+for local models, `assets/routers/<model name>/`. Without one the method reports itself unavailable, with the
+command that trains one; the other methods keep working.
 """
 
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from par_demo.engine import PruningPlan
 from par_demo.errors import UserError
-from par_demo.methods.base import Method
+from par_demo.methods.base import Method, Setting, check_count, top_indices
+from par_demo.router import CONFIG_FILE, load_router, sanitize
+
+ROUTERS_DIR = Path(__file__).resolve().parent.parent.parent / "assets" / "routers"
+
+
+def default_layers(budget: float, n_layers: int) -> int:
+    return round(n_layers * min(1.0, 0.5 + 0.6 * budget))
+
+
+def router_inputs(query) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's view of a query: projected visual tokens (n_v, D) and prompt text embeddings (n_t, D)."""
+    is_text = torch.ones(query.length, dtype=torch.bool, device=query.input_ids.device)
+    is_text[query.image_positions] = False
+    # clone(): the engine makes inference-mode tensors, which autograd may not save (training needs this).
+    return query.image_features.clone(), query.inputs_embeds[0, is_text].clone()
+
+
+def router_folders(predictor) -> list[Path]:
+    explicit = getattr(predictor, "router_path", None) or os.environ.get("PAR_DEMO_ROUTER")
+    if explicit:
+        return [Path(explicit)]
+    folders = []
+    if Path(predictor.loaded.name).is_dir():
+        folders.append(Path(predictor.loaded.name) / "router")
+    folders.append(ROUTERS_DIR / sanitize(predictor.loaded.name))
+    return folders
 
 
 class Par(Method):
@@ -13,9 +58,130 @@ class Par(Method):
     uses_tokens = True
     uses_layers = True
 
+    def __init__(self, predictor):
+        super().__init__(predictor)
+        self.router = None
+        self.pareto: list[dict] = []
+        self.folder: Path | None = None
+        self._problem: str | None = None
+        self._loaded_from = None  # the folder list the router was looked up with (an explicit path may change)
+        self._routed: tuple | None = None  # (query, budget, token logits (n_v,), layer logits (N,))
+        self._budget = 1.0
+
+    # ---------------------------------------------------------------------------------------- router
+    def _load(self) -> None:
+        folders = router_folders(self.predictor)
+        if folders == self._loaded_from:
+            return
+        self._loaded_from, self.router, self._problem = folders, None, None
+        found = next((f for f in folders if (f / CONFIG_FILE).is_file()), None)
+        if found is None:
+            self._problem = (f"no router for this model; train one with: python -m par_demo train-router "
+                             f"--model {self.predictor.loaded.name} --data DATA.jsonl "
+                             f"--out {ROUTERS_DIR / sanitize(self.predictor.loaded.name)}")
+            return
+        try:
+            self.router, meta = load_router(found, self.predictor.loaded, device=self.predictor.loaded.device)
+        except UserError as exc:
+            self._problem = str(exc)
+            return
+        self.folder, self.pareto = found, sorted(meta.get("pareto", []), key=lambda row: row["budget"])
+
     def available(self):
-        return (f"no router for this model; train one with: "
-                f"python -m par_demo train-router --model {self.predictor.loaded.name}")
+        self._load()
+        return self._problem
+
+    @property
+    def config(self):
+        return self.router.config
+
+    def route(self, query, budget: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router logits for one query at one budget: tokens (n_v,), layers (N,). Cached for the last query."""
+        if self._routed is not None and self._routed[0] is query and self._routed[1] == budget:
+            return self._routed[2], self._routed[3]
+        visual, text = router_inputs(query)
+        with torch.inference_mode():
+            budgets = torch.tensor([float(budget)], device=visual.device)
+            tokens, layers = self.router(visual, text, budgets)
+        self._routed = (query, budget, tokens[0].float(), layers[0].float())
+        return self._routed[2], self._routed[3]
+
+    def extra_flops(self, query):
+        return self.router.flops(query.n_visual, query.n_text)
+
+    # ---------------------------------------------------------------------------------------- layers
+    def skip_for(self, layer_logits: torch.Tensor, kept_layers: int) -> frozenset[int]:
+        """Skip the lowest-scored routable layers so that `kept_layers` layers run in all."""
+        routable = self.config.routable()
+        n_skip = self.n_layers - kept_layers
+        order = sorted(routable, key=lambda i: float(layer_logits[i]))
+        return frozenset(order[:n_skip])
+
+    def min_layers(self) -> int:
+        return self.n_layers - len(self.config.routable())
+
+    def target_layers(self, budget: float) -> int:
+        """Layers kept at a budget: the Pareto table's choice at the nearest measured budget below, else the rule."""
+        below = [row for row in self.pareto if row["budget"] <= budget + 1e-9]
+        if below:
+            layers = below[-1]["layers"]
+        elif self.pareto:
+            layers = self.pareto[0]["layers"]
+        else:
+            layers = default_layers(budget, self.n_layers)
+        return max(self.min_layers(), min(self.n_layers, int(layers)))
+
+    # ---------------------------------------------------------------------------------------- method
+    def candidates(self, query, start_layer):
+        """Most expensive first: all tokens with more layers than the target, then the target layer count with
+        fewer and fewer tokens, then fewer layers."""
+        _, layer_logits = self.route(query, self._budget)
+        target = self.target_layers(self._budget)
+        n_v = query.n_visual
+        for layers in range(self.n_layers, target, -1):
+            yield Setting(n_v, self.skip_for(layer_logits, layers), start_layer)
+        for layers in range(target, self.min_layers() - 1, -1):
+            skip = self.skip_for(layer_logits, layers)
+            for tokens in range(n_v, -1, -1):
+                yield Setting(tokens, skip, start_layer)
+
+    def fixed(self, query, tokens, layers, start_layer):
+        n_tokens = query.n_visual if tokens is None else check_count(tokens, 0, query.n_visual, "tokens kept")
+        n_layers = self.n_layers if layers is None else check_count(layers, 1, self.n_layers, "layers kept")
+        if n_layers < self.min_layers():
+            raise UserError(f"par keeps at least its {self.min_layers()} protected layers "
+                            f"{self.config.protected()}; got --layers {n_layers}")
+        _, layer_logits = self.route(query, self._budget)
+        return Setting(n_tokens, self.skip_for(layer_logits, n_layers), start_layer)
+
+    def fixed_budget(self, query, tokens, layers, start_layer) -> float:
+        """The FLOPs fraction of a fixed version (which routable layers are skipped does not change it much)."""
+        n_tokens = query.n_visual if tokens is None else tokens
+        n_skip = self.n_layers - (self.n_layers if layers is None else layers)
+        skip = self.config.routable()[::-1][:max(n_skip, 0)]
+        kept = None if n_tokens >= query.n_visual else n_tokens
+        cost = self.flops.prefill(query.n_text, query.n_visual, kept, skip, start_layer)
+        return min(1.0, cost / self.flops.full(query.n_text, query.n_visual))
 
     def plan(self, query, budget=1.0, tokens=None, layers=None, start_layer=2):
-        raise UserError(self.available())
+        reason = self.available()
+        if reason:
+            raise UserError(reason)
+        self._budget = float(budget)
+        if tokens is not None or layers is not None:
+            try:
+                self._budget = self.fixed_budget(query, int(tokens) if tokens is not None else None,
+                                                 int(layers) if layers is not None else None, start_layer)
+            except (TypeError, ValueError):
+                pass  # bad counts get their message from `fixed`
+        return super().plan(query, budget, tokens, layers, start_layer)
+
+    def make_plan(self, query, setting):
+        token_logits, layer_logits = self.route(query, self._budget)
+        layer_scores = torch.sigmoid(layer_logits)
+        layer_scores[self.config.protected()] = 1.0  # protected layers always run
+        keep = None
+        if setting.tokens < query.n_visual:
+            keep = top_indices(token_logits, setting.tokens).to(query.image_positions.device)
+        return PruningPlan(start_layer=setting.start_layer, keep_visual=keep, skip_layers=setting.skip,
+                           token_scores=torch.sigmoid(token_logits), layer_scores=layer_scores)
