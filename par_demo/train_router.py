@@ -276,7 +276,7 @@ def query_loss(router, target: Target, train: TrainConfig, budgeter: Budgeter, e
         preference = -F.logsigmoid(train.beta * margin)
         fraction = kept_fraction_loss(token_logits[b], layer_logits[b], best[3], best[4], routable, n_protected)
         losses.append(preference + train.fraction_weight * fraction)
-        stats["preference"].append(float(preference))
+        stats["preference"].append(float(preference.detach()))
     if not losses:
         return token_logits.sum() * 0.0  # keeps every process's backward in step under DDP
     return torch.stack(losses).mean()

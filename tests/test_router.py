@@ -1,0 +1,261 @@
+"""The PAR meta-router, its training command and the `par` method, on the tiny random model."""
+
+import json
+from argparse import Namespace
+
+import pytest
+import torch
+
+from par_demo.errors import UserError
+from par_demo.router import (
+    MetaRouter, RouterConfig, auto_width, fingerprint, load_router, router_flops, save_router,
+)
+
+QUESTION = "What shape is the red object?"
+
+
+@pytest.fixture(scope="module")
+def config(tiny):
+    return RouterConfig(lm_width=128, n_layers=8, n_visual=144, width=16, heads=1, protected_first=1,
+                        protected_last=1, model=fingerprint(tiny))
+
+
+@pytest.fixture(scope="module")
+def router_dir(tmp_path_factory, config):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("router")
+    return save_router(MetaRouter(config), folder)
+
+
+@pytest.fixture(scope="module")
+def par_predictor(tiny, router_dir):
+    from par_demo.predict import Predictor
+
+    predictor = Predictor(tiny)
+    predictor.router_path = router_dir
+    return predictor
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory, scene):
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    scene.save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def target(par_predictor, image_file):
+    from par_demo.train_router import make_target
+
+    return make_target(par_predictor, image_file, QUESTION, start_layer=2, max_new_tokens=3)
+
+
+# ------------------------------------------------------------------------------------------------ router
+def test_router_shapes_and_budget_conditioning(config, target):
+    router = MetaRouter(config)
+    tokens, layers = router(target.visual, target.text, torch.tensor([0.2, 0.8]))
+    assert tokens.shape == (2, 144) and layers.shape == (2, 8)
+    assert not torch.allclose(tokens[0], tokens[1])  # the budget embedding reaches the scores
+    assert target.visual.shape == (144, 128) and target.text.shape[1] == 128
+
+
+def test_router_overhead_is_under_one_percent_for_llava_7b():
+    from par_demo.flops import FlopsModel
+    from par_demo.models import PRESETS, build_config
+
+    flops = FlopsModel.from_config(build_config(PRESETS["llava-1.5-7b"], 32000))
+    n_text, n_visual = 40, 576
+    full = flops.full(n_text, n_visual)
+    width = auto_width(4096, 32, n_visual, n_text, full)
+    assert width == 128  # the widest candidate fits easily at 7B
+    cfg = RouterConfig(lm_width=4096, n_layers=32, n_visual=n_visual, width=width, heads=8)
+    assert router_flops(cfg, n_visual, n_text) <= 0.01 * full
+
+
+def test_save_load_round_trip_and_mismatch_refusal(tiny, config, tmp_path, target):
+    torch.manual_seed(1)
+    router = MetaRouter(config).eval()
+    save_router(router, tmp_path, pareto=[{"budget": 0.5, "tokens": 40, "layers": 6}])
+    loaded, meta = load_router(tmp_path, tiny)
+    budgets = torch.tensor([0.5])
+    with torch.no_grad():
+        for a, b in zip(router(target.visual, target.text, budgets), loaded(target.visual, target.text, budgets)):
+            assert torch.equal(a, b)
+    assert meta["config"] == config and meta["pareto"][0]["layers"] == 6
+    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pkl"))  # no pickle
+
+    data = json.loads((tmp_path / "router.json").read_text())
+    data["config"]["model"]["n_layers"] = 32
+    (tmp_path / "router.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="another model"):
+        load_router(tmp_path, tiny)
+
+
+def test_par_is_unavailable_with_a_router_for_another_model(tiny, config, tmp_path):
+    from par_demo.predict import Predictor
+
+    other = RouterConfig(**{**config.__dict__, "model": {**config.model, "name": "llava-1.5-7b"}})
+    save_router(MetaRouter(other), tmp_path)
+    predictor = Predictor(tiny)
+    predictor.router_path = tmp_path
+    assert "another model" in predictor.method("par").available()
+
+
+# ------------------------------------------------------------------------------------------------ method
+@pytest.mark.parametrize("budget", [0.9, 0.5, 0.35, 0.25])
+def test_par_plans_fit_their_budgets_router_included(par_predictor, scene, budget):
+    p = par_predictor.predict(scene, QUESTION, "par", budget, max_new_tokens=1)
+    assert p.flops_ratio <= budget + 1e-9
+    # the router's FLOPs are in the count: the same setting without them is cheaper by exactly that much
+    par = par_predictor.method("par")
+    n_text = par_predictor.engine.prepare(**par_predictor.encode(scene, QUESTION)).n_text
+    kept = None if len(p.kept_visual_tokens) == 144 else len(p.kept_visual_tokens)
+    skip = [i for i in range(8) if i not in p.kept_layers]
+    without = par_predictor.flops.prefill(n_text, 144, kept, skip, p.start_layer)
+    assert p.flops == pytest.approx(without + par.router.flops(144, n_text))
+
+
+@pytest.mark.parametrize("budget", [0.9, 0.5, 0.25])
+def test_protected_layers_are_never_skipped(par_predictor, scene, budget):
+    p = par_predictor.predict(scene, QUESTION, "par", budget, max_new_tokens=1)
+    assert 0 in p.kept_layers and 7 in p.kept_layers
+    p = par_predictor.predict(scene, QUESTION, "par", 1.0, layers=2, max_new_tokens=1)
+    assert p.kept_layers == [0, 7]
+    with pytest.raises(UserError, match="protected"):
+        par_predictor.predict(scene, QUESTION, "par", 1.0, layers=1, max_new_tokens=1)
+
+
+def test_fixed_versions_and_scores_for_display(par_predictor, scene):
+    p = par_predictor.predict(scene, QUESTION, "par", 1.0, tokens=20, layers=6, max_new_tokens=2)
+    assert len(p.kept_visual_tokens) == 20 and len(p.kept_layers) == 6
+    data = json.loads(json.dumps(p.to_json()))
+    assert len(data["token_scores"]) == 144 and all(0 <= s <= 1 for s in data["token_scores"])
+    assert len(data["layer_scores"]) == 8 and data["layer_scores"][0] == 1.0 and data["layer_scores"][7] == 1.0
+    # the kept tokens are the router's top-20
+    top = sorted(range(144), key=lambda i: -data["token_scores"][i])[:20]
+    assert sorted(top) == data["kept_visual_tokens"]
+
+
+def test_predict_command_with_method_par(router_dir, image_file, monkeypatch, capsys):
+    from par_demo.cli import main
+
+    monkeypatch.setenv("PAR_DEMO_ROUTER", str(router_dir))
+    code = main(["predict", "--model", "random:llava-tiny", "--device", "cpu", "--image", image_file,
+                 "--question", QUESTION, "--method", "par", "--budget", "0.5", "--max-new-tokens", "2", "--json"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["method"] == "par" and data["flops_ratio"] <= 0.5
+    assert len(data["token_scores"]) == 144 and len(data["layer_scores"]) == 8
+
+
+# ------------------------------------------------------------------------------------------------ training
+def train_parts(par_predictor, config):
+    from par_demo.train_router import Budgeter, TrainConfig
+
+    return TrainConfig(flows=4, budgets_per_query=2, beta=5.0), Budgeter(par_predictor.flops, config)
+
+
+def test_flows_fit_their_budget_and_keep_protected_layers(par_predictor, config, target):
+    from par_demo.train_router import sample_flows
+
+    _, budgeter = train_parts(par_predictor, config)
+    gen = torch.Generator().manual_seed(0)
+    for budget in (0.3, 0.6):
+        flows = sample_flows(target, target.prior.log(), torch.zeros(8), budget, 5, 1.0, budgeter, gen)
+        assert len(flows) == 5
+        for keep, skip, tokens, layers in flows:
+            assert not skip & {0, 7} and layers == 8 - len(skip)
+            kept = None if keep is None else keep.numel()
+            cost = par_predictor.flops.prefill(target.n_text, 144, kept, skip, 2,
+                                               router=router_flops(config, 144, target.n_text))
+            assert cost <= budget * par_predictor.flops.full(target.n_text, 144) * (1 + 1e-9)
+
+
+def test_a_training_step_changes_the_weights(par_predictor, config, target):
+    from par_demo.train_router import query_loss
+
+    train, budgeter = train_parts(par_predictor, config)
+    torch.manual_seed(0)
+    router = MetaRouter(config)
+    before = {k: v.clone() for k, v in router.state_dict().items()}
+    optimizer = torch.optim.AdamW(router.parameters(), lr=1e-3)
+    stats = {"kl_current": [], "kl_best": [], "preference": []}
+    gen = torch.Generator().manual_seed(0)
+    for use_router in (0.0, 1.0):  # one step from the attention prior, one from the router's own scores
+        loss = query_loss(router, target, train, budgeter, par_predictor.engine, torch.ones(8), use_router, gen,
+                          stats)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert stats["preference"] and all(k >= 0 for k in stats["kl_best"])
+    changed = [k for k, v in router.state_dict().items() if not torch.equal(v, before[k])]
+    assert "token_head.weight" in changed and "layer_tokens" in changed
+
+
+def test_preference_loss_decreases_on_a_fixed_batch(par_predictor, config, target):
+    import torch.nn.functional as F
+
+    from par_demo.train_router import flow_kl, log_pi, sample_flows
+
+    _, budgeter = train_parts(par_predictor, config)
+    gen = torch.Generator().manual_seed(3)
+    budget = 0.5
+    flows = sample_flows(target, target.prior.log(), torch.zeros(8), budget, 4, 1.0, budgeter, gen)
+    scored = sorted(((flow_kl(par_predictor.engine, target, keep, skip, 2)[0], keep, skip) for keep, skip, *_ in flows),
+                    key=lambda s: s[0])
+    best, worst = scored[0], scored[-1]
+    assert best[0] <= worst[0]
+    torch.manual_seed(0)
+    router = MetaRouter(config)
+    optimizer = torch.optim.AdamW(router.parameters(), lr=3e-3)
+    routable = config.routable()
+    losses = []
+    for _ in range(6):
+        tok, lay = router(target.visual, target.text, torch.tensor([budget]))
+        margin = log_pi(tok[0], lay[0], best[1], best[2], routable) - log_pi(tok[0], lay[0], worst[1], worst[2], routable)
+        loss = -F.logsigmoid(5.0 * margin)
+        losses.append(float(loss))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < losses[0]
+
+
+def test_train_router_command_writes_a_usable_resumable_checkpoint(tmp_path, tiny, scene):
+    from par_demo.cli import main
+    from par_demo.predict import Predictor
+
+    data = tmp_path / "data"
+    data.mkdir()
+    scene.save(data / "a.png")
+    rows = [{"image": "a.png", "question": q} for q in ("How many objects are there?", QUESTION,
+                                                      "Is there a red circle?")]  # no answers: none needed
+    (data / "q.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "router"
+    common = ["train-router", "--model", "random:llava-tiny", "--device", "cpu", "--data", str(data / "q.jsonl"),
+              "--out", str(out), "--batch", "1", "--flows", "3", "--budgets-per-query", "1", "--max-new-tokens", "2",
+              "--val", "1", "--pareto-low", "0.5", "--pareto-high", "0.5", "--width", "16"]
+    assert main(common + ["--steps", "1"]) == 0
+    assert (out / "router.safetensors").is_file() and (out / "train_state.pt").is_file()
+    assert main(common + ["--steps", "2"]) == 2  # refuses to overwrite a run without --resume
+    assert main(common + ["--steps", "2", "--resume"]) == 0
+    meta = json.loads((out / "router.json").read_text())
+    assert meta["training"]["steps"] == 2 and meta["config"]["model"]["name"] == "random_llava-tiny"
+    assert meta["pareto"] and meta["pareto"][0]["budget"] == 0.5
+    predictor = Predictor(tiny)
+    predictor.router_path = out
+    assert predictor.method("par").available() is None
+
+
+def test_train_router_refuses_bad_data(tmp_path):
+    from par_demo.train_router import read_queries
+
+    with pytest.raises(UserError, match="not found"):
+        read_queries(tmp_path / "missing.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"image": "a.png"}\n')
+    with pytest.raises(UserError, match="question"):
+        read_queries(tmp_path / "bad.jsonl")
+    with pytest.raises(UserError, match="no images"):
+        read_queries(tmp_path)
+    (tmp_path / "x.png").write_bytes(b"")
+    assert len(read_queries(tmp_path, questions_per_image=3)) == 3
