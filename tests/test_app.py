@@ -173,11 +173,11 @@ def test_cache_key_includes_the_question(service):
 
 def test_sweep_covers_all_budgets(service):
     assert d.SWEEP_BUDGETS == (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
-    points = [point for _, point in service.sweep(EXAMPLE, QUESTION, "layerdrop", budgets=(1.0, 0.5, 0.05))]
+    points = [point for _, point in service.sweep(EXAMPLE, QUESTION, "random", budgets=(1.0, 0.5, 0.05))]
     assert [p["budget"] for p in points] == [1.0, 0.5, 0.05]
     done = [p for p in points if "skipped" not in p]
     assert done and all(0 < p["flops_ratio"] <= p["budget"] + 1e-6 for p in done)
-    assert "below" in points[-1]["skipped"]  # no layer-drop setting is that cheap: noted, not fatal
+    assert "below" in points[-1]["skipped"]  # no setting is that cheap (the vision tower alone costs more): noted
 
 
 # ------------------------------------------------------------------------------------------- handlers and figures
@@ -228,6 +228,35 @@ def test_sweep_handler_streams(app):
     figure, table = updates[-1]
     assert isinstance(figure, go.Figure) and "budgets plotted" in figure.layout.title.text
     assert table.count("\n| ") == 1 + len(SHORT_SWEEP)  # header + one row per budget
+
+
+@pytest.fixture(scope="module")
+def par_app(tiny, tmp_path_factory):
+    """The app on the tiny model with an (untrained, random) PAR router, so PAR is available."""
+    import torch
+
+    from par_demo.predict import Predictor
+    from par_demo.router import MetaRouter, RouterConfig, fingerprint, save_router
+
+    rows, cols = tiny.grid
+    config = RouterConfig(lm_width=tiny.config.text_config.hidden_size, n_layers=tiny.n_layers,
+                          n_visual=rows * cols, width=16, heads=1, model=fingerprint(tiny))
+    torch.manual_seed(0)
+    predictor = Predictor(tiny)
+    predictor.router_path = save_router(MetaRouter(config), tmp_path_factory.mktemp("router"))
+    service = d.DemoService(predictor, tiny.name, tiny.n_layers, tiny.grid, max_new_tokens=2)
+    return d.DemoApp(service)
+
+
+def test_par_with_a_router_shows_router_scores(par_app):
+    assert par_app.service.default_method() == "par"
+    assert "unavailable" not in par_app.status_markdown()
+    outputs = par_app.run(EXAMPLE, QUESTION, "PAR", 0.5, 0, 0, 2, d.PATCH_VIEWS[1], progress=lambda *a, **k: None)
+    patches, layers, stats = outputs[5], outputs[6], outputs[8]
+    assert stats["method"] == "par" and stats["flops_ratio"] <= 0.5 + 1e-6
+    assert stats["token_scores"] and stats["layer_scores"]
+    assert "router score" in patches.layout.title.text
+    assert any("router score" in text for trace in layers.data for text in trace.customdata)
 
 
 def test_friendly_errors_maps_every_exception():
@@ -332,8 +361,8 @@ def test_api_concurrent_calls_get_their_own_results(client):
     """Requests queued together each get the result of their own method, budget and question."""
     from gradio_client import handle_file
 
-    requests = [(method, budget, question) for method in ("fastv", "random", "layerdrop")
-                for budget, question in ((0.9, QUESTION), (0.6, "How many objects are there?"))]
+    requests = [(method, budget, question) for method in ("fastv", "random")
+                for budget, question in ((0.9, QUESTION), (0.7, "How many objects are there?"), (0.6, "Hi?"))]
     jobs = [client.submit(handle_file(EXAMPLE), question, method, budget, api_name="/compare")
             for method, budget, question in requests]
     for (method, budget, _), job in zip(requests, jobs):

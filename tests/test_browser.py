@@ -65,8 +65,10 @@ def page(server_url):
         browser.close()
 
 
-def plot_title(page, elem_id: str) -> str:
-    return page.locator(f"#{elem_id} .js-plotly-plot .gtitle").first.inner_text()
+def wait_until_idle(page, timeout_ms: int = 30_000) -> None:
+    """Until no event is running (Gradio marks running outputs' status trackers `generating`)."""
+    page.wait_for_function("!document.querySelector('[data-testid=status-tracker].generating')",
+                           timeout=timeout_ms)
 
 
 def test_example_slider_run_and_figures(page):
@@ -82,6 +84,7 @@ def test_example_slider_run_and_figures(page):
 
     pruned_label = page.locator("#pruned-answer").get_by_text("budget 0.30")
     sync_api.expect(pruned_label).to_be_visible(timeout=30_000)
+    wait_until_idle(page)
     sync_api.expect(page.locator("#stats")).to_contain_text("FLOPs")
     for answer in ("#full-answer textarea", "#pruned-answer textarea"):
         assert page.locator(answer).input_value().strip(), f"{answer} is empty"
@@ -104,6 +107,7 @@ def test_example_slider_run_and_figures(page):
     # The sweep streams its points into a figure and a table.
     page.click("#sweep")
     sync_api.expect(page.locator("#sweep-table")).to_contain_text("10/10 budgets", timeout=45_000)
+    wait_until_idle(page)
     sync_api.expect(page.locator("#sweep-plot .js-plotly-plot .gtitle")).to_contain_text("Budget sweep")
     time.sleep(0.5)
     page.locator("#sweep-plot").screenshot(path=str(SCREENSHOTS / "sweep.png"))
