@@ -1,4 +1,4 @@
-"""End to end in a real browser: pick an example, move the budget slider, run, and check what a user sees.
+"""End to end in a real browser: upload an image and ask; pick an example, move the slider, run; check what a user sees.
 
 Uses Debian's Chromium through Playwright for Python (`executable_path`, never a downloaded browser; install it with
 `.ci/install-browser.sh`). Runs the embedded model when its checkpoint is present (the screenshots then show real
@@ -69,6 +69,19 @@ def wait_until_idle(page, timeout_ms: int = 30_000) -> None:
     """Until no event is running (Gradio marks running outputs' status trackers `generating`)."""
     page.wait_for_function("!document.querySelector('[data-testid=status-tracker].generating')",
                            timeout=timeout_ms)
+
+
+def test_upload_and_ask(page):
+    from par_demo.demo import EXAMPLES_DIR
+
+    page.locator("#image-input input[type=file]").set_input_files(str(EXAMPLES_DIR / "shapes_color.png"))
+    sync_api.expect(page.locator("#image-input img").first).to_be_visible()
+    page.locator("#question textarea").fill("What color is the triangle?")
+    page.locator("#question textarea").press("Enter")  # Enter runs, like the button
+    sync_api.expect(page.locator("#stats")).to_contain_text("FLOPs", timeout=30_000)
+    wait_until_idle(page)
+    assert page.locator("#full-answer textarea").input_value().strip()
+    assert not page.page_errors, page.page_errors
 
 
 def test_example_slider_run_and_figures(page):
