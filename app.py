@@ -48,12 +48,12 @@ def build_demo(app: DemoApp) -> gr.Blocks:
                                        label="Budget (fraction of full prefill FLOPs)")
                 with gr.Accordion("Advanced", open=False):
                     tokens = CheckedSlider(0, service.n_visual_tokens, value=0, step=1, elem_id="tokens",
-                                       label="Visual tokens kept (0 = from the budget)")
+                                           label="Visual tokens kept (0 = from the budget)")
                     layers = CheckedSlider(0, service.n_layers, value=0, step=1, elem_id="layers",
-                                       label="Decoder layers kept (0 = from the budget)")
+                                           label="Decoder layers kept (0 = from the budget)")
                     start_layer = CheckedSlider(0, service.n_layers - 1, step=1, elem_id="start-layer",
-                                            value=min(DEFAULT_START_LAYER, service.n_layers - 1),
-                                            label="Prune visual tokens from layer")
+                                                value=min(DEFAULT_START_LAYER, service.n_layers - 1),
+                                                label="Prune visual tokens from layer")
                 with gr.Row():
                     run = gr.Button("Run", variant="primary", elem_id="run")
                     sweep = gr.Button("Sweep budgets 1.0 → 0.1", elem_id="sweep")
