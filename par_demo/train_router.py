@@ -415,8 +415,9 @@ def train_router(predictor, queries, out: Path, train: TrainConfig, args, progre
     order_rng = np.random.default_rng(train.seed + 104729 * step)
     stats = {"kl_current": [], "kl_best": [], "preference": []}
     history = []
+    # Not on a terminal (a log file), the bar updates every 30 s instead of redrawing many times a second.
     bar = tqdm(total=train.steps, initial=step, desc="train-router", disable=not (progress and
-               accelerator.is_main_process), file=sys.stderr)
+               accelerator.is_main_process), file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 30)
     started = time.time()
     while step < train.steps:
         router.train()
@@ -540,7 +541,7 @@ def run(args) -> int:
         raise UserError("a router needs a model with at least 2 decoder layers")
     for p in predictor.loaded.model.parameters():
         p.requires_grad_(False)  # the LVLM stays frozen
-    summary = train_router(predictor, queries, out, train, args, progress=sys.stderr.isatty(), resume=args.resume,
+    summary = train_router(predictor, queries, out, train, args, progress=True, resume=args.resume,
                            accelerator=accelerator)
     print(json.dumps({k: summary[k] for k in ("steps", "seconds", "pareto", "validation") if k in summary},
                      indent=1))

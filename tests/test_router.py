@@ -259,3 +259,8 @@ def test_train_router_refuses_bad_data(tmp_path):
         read_queries(tmp_path)
     (tmp_path / "x.png").write_bytes(b"")
     assert len(read_queries(tmp_path, questions_per_image=3)) == 3
+
+
+def test_par_budget_out_of_reach_is_one_clear_message(par_predictor, scene):
+    with pytest.raises(UserError, match="below what par can reach"):
+        par_predictor.predict(scene, QUESTION, "par", 0.01, max_new_tokens=1)

@@ -24,7 +24,7 @@ import torch
 
 from par_demo.engine import PruningPlan
 from par_demo.errors import UserError
-from par_demo.methods.base import Method, Setting, check_count, top_indices
+from par_demo.methods.base import Method, Setting, check_budget, check_count, top_indices
 from par_demo.router import CONFIG_FILE, load_router, sanitize
 
 ROUTERS_DIR = Path(__file__).resolve().parent.parent.parent / "assets" / "routers"
@@ -132,18 +132,34 @@ class Par(Method):
         return max(self.min_layers(), min(self.n_layers, int(layers)))
 
     # ---------------------------------------------------------------------------------------- method
-    def candidates(self, query, start_layer):
-        """Most expensive first: all tokens with more layers than the target, then the target layer count with
-        fewer and fewer tokens, then fewer layers."""
+    def choose(self, query, budget, start_layer):
+        """The target layer count with as many tokens as fit (more layers if every token fits, fewer if no token
+        does). Tokens are found by bisection: FLOPs grow with tokens, and a 576-token scan per layer count adds up.
+        A budget out of reach at K is searched again at K-1, ... as in `Method.choose`."""
+        limit = check_budget(budget) * self.flops.full(query.n_text, query.n_visual) * (1 + 1e-9)
         _, layer_logits = self.route(query, self._budget)
-        target = self.target_layers(self._budget)
-        n_v = query.n_visual
-        for layers in range(self.n_layers, target, -1):
-            yield Setting(n_v, self.skip_for(layer_logits, layers), start_layer)
-        for layers in range(target, self.min_layers() - 1, -1):
-            skip = self.skip_for(layer_logits, layers)
-            for tokens in range(n_v, -1, -1):
-                yield Setting(tokens, skip, start_layer)
+        target, n_v = self.target_layers(self._budget), query.n_visual
+        for k in range(start_layer, -1, -1):
+            def fits(tokens, skip):
+                return self.setting_flops(query, Setting(tokens, skip, k)) <= limit
+
+            for layers in range(self.n_layers, target, -1):
+                skip = self.skip_for(layer_logits, layers)
+                if fits(n_v, skip):
+                    return Setting(n_v, skip, k)
+            for layers in range(target, self.min_layers() - 1, -1):
+                skip = self.skip_for(layer_logits, layers)
+                if not fits(0, skip):
+                    continue
+                low, high = 0, n_v  # fits(low) holds
+                while low < high:
+                    mid = (low + high + 1) // 2
+                    low, high = (mid, high) if fits(mid, skip) else (low, mid - 1)
+                return Setting(low, skip, k)
+        cheapest = self.setting_flops(query, Setting(0, self.skip_for(layer_logits, self.min_layers()), 0))
+        reach = cheapest / self.flops.full(query.n_text, query.n_visual)
+        raise UserError(f"budget {budget:g} is below what par can reach on this model "
+                        f"(its cheapest setting costs {reach:.2f} of the full prefill FLOPs)")
 
     def fixed(self, query, tokens, layers, start_layer):
         n_tokens = query.n_visual if tokens is None else check_count(tokens, 0, query.n_visual, "tokens kept")
