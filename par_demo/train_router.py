@@ -13,7 +13,7 @@ Per query (image + question; answers in the data are never read):
      (router included);
   3. each flow runs the frozen model with the answer teacher-forced; its score is KL(p || q) averaged over the
      answer tokens;
-  4. best vs worst flow of each budget is a preference pair; the router, read as a policy over keep/drop bits,
+  4. best vs worst of the noisy flows of each budget is a preference pair; the router, read as a policy over bits,
      is pushed towards the better one:   -log sigmoid(beta * (log pi(S+) - log pi(S-)))
      where log pi averages the bits' log-likelihoods within each group (tokens, layers) and adds the two groups,
      so 576 token bits do not drown 30 layer bits. A second term keeps the mean keep probability of each group at
@@ -267,7 +267,10 @@ def query_loss(router, target: Target, train: TrainConfig, budgeter: Budgeter, e
         scored = [(flow_kl(engine, target, keep, skip, cfg.start_layer)[0], keep, skip, t, n)
                   for keep, skip, t, n in flows]
         stats["kl_current"].append(scored[0][0])  # the noise-free flow: how good the current scores are
-        best, worst = min(scored, key=lambda s: s[0]), max(scored, key=lambda s: s[0])
+        # Pairs come from the noisy flows only: against the noise-free flow (the router's own mode) the margin
+        # would be large before any learning, and the loss would saturate by sharpening the logits.
+        noisy = scored[1:] if len(scored) > 2 else scored
+        best, worst = min(noisy, key=lambda s: s[0]), max(noisy, key=lambda s: s[0])
         stats["kl_best"].append(best[0])
         if worst[0] - best[0] < 1e-6:
             continue  # no preference to learn from

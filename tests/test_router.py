@@ -214,7 +214,7 @@ def test_preference_loss_decreases_on_a_fixed_batch(par_predictor, config, targe
         tok, lay = router(target.visual, target.text, torch.tensor([budget]))
         margin = log_pi(tok[0], lay[0], best[1], best[2], routable) - log_pi(tok[0], lay[0], worst[1], worst[2], routable)
         loss = -F.logsigmoid(5.0 * margin)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
