@@ -57,7 +57,9 @@ def decode(data: bytes, name: str = "the image") -> Image.Image:
         image.load()
     except UserError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # Pillow's own guard fired first (its header check is at open)
+        raise UserError(f"{name} is too large (the limit is {MAX_PIXELS:,} pixels)") from None
+    except UnidentifiedImageError:
         raise UserError(f"{name} is not an image Pillow can read") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise UserError(f"{name} is damaged or truncated ({exc.__class__.__name__})") from None

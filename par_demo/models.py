@@ -266,11 +266,27 @@ def encode_query(loaded: LoadedModel, image: Image.Image, question: str) -> dict
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     prompt = loaded.processor.apply_chat_template(conversation, add_generation_prompt=True)
     batch = loaded.processor(images=image.convert("RGB"), text=prompt, return_tensors="pt")
+    context = loaded.config.text_config.max_position_embeddings
+    if batch["input_ids"].shape[1] > context:
+        raise UserError(f"the prompt is {batch['input_ids'].shape[1]} tokens long; this model reads at most {context}")
     vision_dtype = loaded.model.model.vision_tower.embeddings.patch_embedding.weight.dtype
     return {
         "input_ids": batch["input_ids"].to(loaded.device),
         "pixel_values": batch["pixel_values"].to(loaded.device, vision_dtype),
     }
+
+
+MAX_QUESTION_CHARS = 1000  # longer questions are clipped (with a notice): no real question needs more
+
+
+def clip_question(question) -> tuple[str, list[str]]:
+    """A question clipped to MAX_QUESTION_CHARS, and the notices to show the user about it."""
+    if not isinstance(question, str):
+        raise UserError("the question must be text")
+    if len(question) <= MAX_QUESTION_CHARS:
+        return question, []
+    return question[:MAX_QUESTION_CHARS], [f"the question was clipped to its first {MAX_QUESTION_CHARS:,} characters "
+                                           f"(it had {len(question):,})"]
 
 
 def clean_question(question: str, processor) -> str:
@@ -281,6 +297,8 @@ def clean_question(question: str, processor) -> str:
     for token in set(tokenizer.all_special_tokens) | {processor.image_token}:
         if token:
             question = question.replace(token, " ")
+    # Control characters (NUL, escape sequences, ...) carry no meaning for the model; whitespace is normalised.
+    question = "".join(ch if ch.isprintable() else " " for ch in question)
     question = " ".join(question.split())
     if not question:
         raise UserError("the question is empty")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from PIL import Image
@@ -18,7 +18,7 @@ from par_demo.flops import FlopsModel
 from par_demo.images import load_image
 from par_demo.methods import METHODS, Method, method_class
 from par_demo.methods.base import check_budget
-from par_demo.models import DEFAULT_MODEL, LoadedModel, encode_query, load_model
+from par_demo.models import DEFAULT_MODEL, LoadedModel, clip_question, encode_query, load_model
 
 __all__ = ["METHODS", "Prediction", "Predictor"]
 
@@ -43,6 +43,7 @@ class Prediction:
     token_scores: list[float] | None = None
     layer_scores: list[float] | None = None
     kv_cache_bytes: int = 0
+    notices: list[str] = field(default_factory=list)  # things the user should know (e.g. a clipped question)
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -116,6 +117,7 @@ class Predictor:
     def predict(self, image: Image.Image, question: str, method: str = "full", budget: float = 1.0,
                 tokens: int | None = None, layers: int | None = None, start_layer: int = 2,
                 max_new_tokens: int = 16) -> Prediction:
+        question, notices = clip_question(question)
         generation, flops, flops_full = self.generate(image, question, method, budget, tokens, layers,
                                                       start_layer, max_new_tokens)
         plan = generation.plan
@@ -140,6 +142,7 @@ class Predictor:
             token_scores=None if scores is None else [float(s) for s in scores.float().cpu()],
             layer_scores=None if plan.layer_scores is None else [float(s) for s in plan.layer_scores.float().cpu()],
             kv_cache_bytes=generation.kv_cache_bytes,
+            notices=notices,
         )
 
 
@@ -183,6 +186,8 @@ def run(args) -> int:
 
 
 def _print_human(p: Prediction, out) -> None:
+    for notice in p.notices:
+        print(f"note: {notice}", file=out)
     print(f"answer: {p.answer}", file=out)
     print(f"method: {p.method}  budget: {p.budget:g}  FLOPs: {p.flops_ratio:.1%} of full", file=out)
     print(f"visual tokens kept: {len(p.kept_visual_tokens)}/{p.n_visual_tokens}  "
