@@ -34,6 +34,7 @@ from PIL import Image, UnidentifiedImageError
 
 from par_demo import images, viz
 from par_demo.errors import UserError
+from par_demo.models import MAX_QUESTION_CHARS  # the engine's limit, so a clipped question gets one notice
 
 if TYPE_CHECKING:  # the engine is imported lazily so this module loads even where the model code cannot
     from par_demo.predict import Prediction, Predictor
@@ -56,7 +57,6 @@ DEFAULT_START_LAYER = 2  # the paper prunes tokens from layer K=2 on
 
 MAX_SIDE = 2048  # larger images are downscaled: the model sees a few hundred pixels per side anyway
 MIN_SIDE = 16  # smaller images are upscaled: image processors cannot tell channels from 1x1 pixels
-MAX_QUESTION_CHARS = 500
 DEFAULT_CACHE_ITEMS = 64
 
 
@@ -607,9 +607,10 @@ class DemoApp:
     def _run(self, image, question, method, budget, tokens, layers, start_layer, patch_view, progress) -> tuple:
         result = self.service.compare(image, question, method, budget, tokens, layers, start_layer,
                                       progress=lambda fraction, text: progress(fraction, desc=text))
-        if result.question_notice:
-            gr.Warning(result.question_notice)
         full, pruned = result.full, result.pruned
+        for notice in dict.fromkeys([result.question_notice, *full.notices, *pruned.notices]):
+            if notice:
+                gr.Warning(notice)
         pruned_label = f"{METHOD_LABELS.get(pruned.method, pruned.method)} at budget {pruned.budget:.2f}"
         state = {"view": result.model_view, "pruned": pruned}
         return (
