@@ -648,7 +648,11 @@ class DemoApp:
 
     def _api_compare(self, image, question, method, budget) -> tuple[str, str, dict, dict]:
         result = self.service.compare(image, question, method, budget)
-        return result.full.answer, result.pruned.answer, result.pruned.to_json(), result.full.to_json()
+        stats, full_stats = result.pruned.to_json(), result.full.to_json()
+        if result.question_notice:  # API callers see no pop-ups: the notice travels with the stats
+            for data in (stats, full_stats):
+                data["notices"] = [result.question_notice, *data.get("notices", [])]
+        return result.full.answer, result.pruned.answer, stats, full_stats
 
     def sweep(self, image: Any, question: Any, method: Any, start_layer: Any,
               progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:

@@ -330,6 +330,15 @@ def test_api_compare(client):
     assert full_stats["method"] == "full" and full_stats["answer"] == full
 
 
+def test_api_reports_a_clipped_question_in_the_stats(client):
+    from gradio_client import handle_file
+
+    *_, stats, full_stats = client.predict(handle_file(EXAMPLE), "Where is it? " * 1000, "random", 0.6,
+                                           api_name="/compare")
+    assert any("shortened" in notice for notice in stats["notices"])
+    assert stats["notices"] == full_stats["notices"]
+
+
 def test_api_is_only_compare(client):
     assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/compare"]
 
