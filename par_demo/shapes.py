@@ -195,8 +195,11 @@ def make_dataset(out_dir, n: int, seed: int, per_type=None) -> Path:
     return path
 
 
-def load_jsonl(path) -> list[dict]:
-    """Read a data-set file; image paths come back absolute (resolved relative to the file)."""
+def load_jsonl(path, require: tuple[str, ...] = ("image", "question", "answer")) -> list[dict]:
+    """Read a data-set file; image paths come back absolute (resolved relative to the file).
+
+    `require` names the string fields every line must have (router training reads no answers).
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
@@ -211,7 +214,7 @@ def load_jsonl(path) -> list[dict]:
                 raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object per line")
-            missing = [k for k in ("image", "question", "answer") if not isinstance(row.get(k), str)]
+            missing = [k for k in require if not isinstance(row.get(k), str)]
             if missing:
                 raise UserError(f"{path}:{lineno}: missing or non-string field(s): {', '.join(missing)}")
             image = Path(row["image"])

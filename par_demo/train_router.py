@@ -48,7 +48,7 @@ from par_demo.methods.par import router_inputs
 from par_demo.router import (
     MetaRouter, RouterConfig, auto_width, fingerprint, load_router, read_meta, router_flops, save_router,
 )
-from par_demo.shapes import COLORS, SHAPES
+from par_demo.shapes import COLORS, SHAPES, load_jsonl
 
 STATE_FILE = "train_state.pt"  # optimizer + step, for --resume (weights only: loaded with weights_only=True)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -97,23 +97,7 @@ def read_queries(data, questions_per_image: int = 2, seed: int = 0) -> list[tupl
         return [(str(p), rng.choice(GENERIC_QUESTIONS)(rng)) for p in images for _ in range(questions_per_image)]
     if not path.is_file():
         raise UserError(f"--data must be a JSONL file or an image folder; not found: {path}")
-    queries = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("image"), str) \
-                    or not isinstance(row.get("question"), str):
-                raise UserError(f"{path}:{lineno}: each line needs string fields 'image' and 'question'")
-            image = Path(row["image"])
-            queries.append((str(image if image.is_absolute() else path.parent / image), row["question"]))
-    if not queries:
-        raise UserError(f"{path}: no queries in file")
-    return queries
+    return [(row["image"], row["question"]) for row in load_jsonl(path, require=("image", "question"))]
 
 
 # ------------------------------------------------------------------------------------------------ targets

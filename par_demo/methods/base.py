@@ -119,9 +119,17 @@ def check_count(value, low: int, high: int, what: str) -> int:
     return number
 
 
-def token_candidates(query: Query, start_layer: int) -> list[Setting]:
-    """All visual tokens kept, then one fewer, ... down to none; every layer runs."""
-    return [Setting(t, frozenset(), start_layer) for t in range(query.n_visual, -1, -1)]
+class TokenMethod(Method):
+    """A method that only prunes visual tokens: its settings are token counts, every layer runs."""
+
+    uses_tokens = True
+
+    def candidates(self, query: Query, start_layer: int) -> list[Setting]:
+        """All visual tokens kept, then one fewer, ... down to none."""
+        return [Setting(t, frozenset(), start_layer) for t in range(query.n_visual, -1, -1)]
+
+    def fixed(self, query: Query, tokens: int | None, layers: int | None, start_layer: int) -> Setting:
+        return Setting(check_count(tokens, 0, query.n_visual, "tokens kept"), frozenset(), start_layer)
 
 
 def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:

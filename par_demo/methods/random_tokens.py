@@ -3,24 +3,17 @@
 import torch
 
 from par_demo.engine import PruningPlan
-from par_demo.methods.base import Method, Setting, check_count, token_candidates
+from par_demo.methods.base import TokenMethod
 
 
-class RandomTokens(Method):
+class RandomTokens(TokenMethod):
     name = "random"
-    uses_tokens = True
 
     def __init__(self, predictor, seed: int = 0):
         super().__init__(predictor)
         # One generator per method instance: a run of many queries is reproducible from its seed,
         # while each query still gets its own random subset.
         self.generator = torch.Generator().manual_seed(seed)
-
-    def candidates(self, query, start_layer):
-        return token_candidates(query, start_layer)
-
-    def fixed(self, query, tokens, layers, start_layer):
-        return Setting(check_count(tokens, 0, query.n_visual, "tokens kept"), frozenset(), start_layer)
 
     def make_plan(self, query, setting):
         if setting.tokens >= query.n_visual:
