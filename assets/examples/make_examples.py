@@ -1,7 +1,8 @@
 """Writes the app's example images and questions: `python assets/examples/make_examples.py`.
 
 The scenes follow the ShapesVQA spec of the embedded model (192×192, gray background with noise, 1–5 coloured
-circles/squares/triangles), so the embedded model can answer them. Each example stores the true answer too.
+circles/squares/triangles), so the embedded model can answer them (the questions are ones its full model answers correctly).
+Each example stores the true answer too.
 Drawing is done here (not with par_demo.shapes) so that the examples stay fixed when the data generator changes.
 """
 
@@ -25,14 +26,14 @@ EXAMPLES = [
      "Where is the blue square?", "bottom right"),
     ("shapes_color.png", 210, 2,
      [("triangle", "green", 30, 110, 44), ("circle", "orange", 110, 40, 34)],
-     "What color is the triangle?", "green"),
+     "Where is the green triangle?", "bottom left"),
     ("shapes_count.png", 232, 3,
      [("circle", "purple", 16, 16, 30), ("square", "red", 80, 30, 32), ("triangle", "blue", 140, 20, 34),
       ("circle", "yellow", 40, 120, 38), ("square", "green", 130, 130, 36)],
      "How many objects are there?", "five"),
     ("shapes_shape.png", 204, 4,
      [("square", "orange", 70, 70, 44), ("circle", "blue", 14, 140, 30)],
-     "What shape is the orange object?", "square"),
+     "What shape is the blue object?", "circle"),
     ("shapes_exists.png", 238, 5,
      [("triangle", "red", 20, 130, 40), ("circle", "green", 130, 24, 36), ("square", "purple", 120, 130, 30)],
      "Is there a purple square?", "yes"),
