@@ -34,6 +34,7 @@ class EvalRow:
     n: int = 0
     by_type: dict[str, float] = field(default_factory=dict)
     n_by_type: dict[str, int] = field(default_factory=dict)
+    note: str | None = None  # why a setting was not evaluated (e.g. a budget the method cannot reach)
 
 
 def settings(methods: list[str], budgets: list[float]) -> list[tuple[str, float]]:
@@ -52,20 +53,33 @@ def evaluate(predictor: Predictor, samples: list[dict], pairs: list[tuple[str, f
     correct = defaultdict(lambda: defaultdict(int))
     count = defaultdict(lambda: defaultdict(int))
     ratios = defaultdict(float)
+    notes: dict[tuple[str, float], str] = {}  # settings refused (out of reach): reported, not fatal
     bar = tqdm(total=len(samples) * len(pairs), desc="eval", disable=not progress, file=sys.stderr)
     for sample in samples:
         image = load_image(sample["image"])
         for pair in pairs:
-            p = predictor.predict(image, sample["question"], pair[0], pair[1], tokens, layers,
-                                  max_new_tokens=max_new_tokens)
+            bar.update()
+            if pair in notes:
+                continue
+            try:
+                p = predictor.predict(image, sample["question"], pair[0], pair[1], tokens, layers,
+                                      max_new_tokens=max_new_tokens)
+            except UserError as exc:
+                if "below what" not in str(exc):
+                    raise
+                notes[pair] = str(exc)
+                continue
             kind = sample.get("type", "all")
             correct[pair][kind] += is_correct(p.answer, sample["answer"])
             count[pair][kind] += 1
             ratios[pair] += p.flops_ratio
-            bar.update()
     bar.close()
     rows = []
     for pair in pairs:
+        if pair in notes:
+            rows.append(EvalRow(method=pair[0], budget=pair[1], accuracy=float("nan"), flops_ratio=float("nan"),
+                                note=notes[pair]))
+            continue
         n = sum(count[pair].values())
         rows.append(EvalRow(
             method=pair[0], budget=pair[1], accuracy=sum(correct[pair].values()) / n, flops_ratio=ratios[pair] / n,
@@ -116,5 +130,8 @@ def format_table(rows: list[EvalRow]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         cells = "".join(f"{r.by_type.get(t, float('nan')):>12.1%}" for t in types)
+        if r.note:
+            lines.append(f"{r.method:<11}{r.budget:>7.2f}  not evaluated: {r.note}")
+            continue
         lines.append(f"{r.method:<11}{r.budget:>7.2f}{r.flops_ratio:>7.2f}{r.n:>6}{r.accuracy:>7.1%}" + cells)
     return "\n".join(lines)
