@@ -466,6 +466,15 @@ def _is_generator_function(fn: Callable) -> bool:
     return inspect.isgeneratorfunction(fn)
 
 
+def _is_uploaded_file(path: str) -> bool:
+    """True for files in Gradio's upload folder (where every upload lands) or among the shipped examples."""
+    from gradio.utils import get_upload_folder
+
+    resolved = Path(path).resolve()
+    roots = (Path(get_upload_folder()).resolve(), Path(EXAMPLES_DIR).resolve())
+    return any(resolved.is_relative_to(root) for root in roots)
+
+
 class SafeImage(gr.Image):
     """`gr.Image` whose decoding errors (not an image, truncated, bomb) become a clear `gr.Error`.
 
@@ -478,6 +487,10 @@ class SafeImage(gr.Image):
         return "image"  # render with Gradio's own image widget
 
     def preprocess(self, payload: Any) -> Any:
+        path = getattr(payload, "path", None)
+        if path and not _is_uploaded_file(path):
+            # An API caller can name any server path instead of uploading; only uploads and examples are read.
+            raise gr.Error("Upload the image; paths on the server are not read.")
         try:
             return super().preprocess(payload)
         except gr.Error:

@@ -1,5 +1,8 @@
 """Shared fixtures: a tiny random LLaVA built in code (no downloads), loaded once per test session."""
 
+import contextlib
+import socket
+
 import numpy as np
 import pytest
 import torch
@@ -35,3 +38,22 @@ def private_cache(tmp_path_factory):
     import os
 
     os.environ["PAR_DEMO_CACHE"] = str(tmp_path_factory.mktemp("par-demo-cache"))
+
+
+@contextlib.contextmanager
+def served(demo_app):
+    """The real app (`app.build_demo`) launched in this process on a free 127.0.0.1 port, and a client for it."""
+    from gradio_client import Client
+
+    import app as app_module
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    blocks = app_module.build_demo(demo_app)
+    blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                  **app_module.launch_options())
+    try:
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    finally:
+        blocks.close()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import socket
 
 import gradio as gr
 import numpy as np
@@ -20,6 +19,7 @@ from par_demo import demo as d
 from par_demo import viz
 from par_demo.errors import UserError
 from par_demo.predict import Prediction
+from conftest import served
 
 EXAMPLE = str(d.EXAMPLES_DIR / "shapes_where.png")
 QUESTION = "Where is the blue square?"
@@ -297,26 +297,10 @@ def test_layer_figure_colours():
 
 
 # ------------------------------------------------------------------------------------------- the server and its API
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def client(app):
-    from gradio_client import Client
-
-    import app as app_module
-
-    blocks = app_module.build_demo(app)
-    port = free_port()
-    blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                  **app_module.launch_options())
-    try:
-        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
-    finally:
-        blocks.close()
+    with served(app) as api:
+        yield api
 
 
 def test_api_compare(client):
