@@ -2,19 +2,25 @@
 
 Uses Debian's Chromium through Playwright for Python (`executable_path`, never a downloaded browser; install it with
 `.ci/install-browser.sh`). Runs the embedded model when its checkpoint is present (the screenshots then show real
-answers), otherwise the tiny random model. Saves screenshots under docs/screenshots/.
+answers), otherwise the tiny random model. Saves screenshots (docs/screenshots/ with PAR_UPDATE_SCREENSHOTS=1).
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+# The committed screenshots are refreshed on request only (PAR_UPDATE_SCREENSHOTS=1), so a test run leaves the
+# working tree clean; otherwise they go to a temporary folder.
+SCREENSHOTS = (Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+               if os.environ.get("PAR_UPDATE_SCREENSHOTS") == "1"
+               else Path(tempfile.gettempdir()) / "par-demo-screenshots")
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
                                 reason="Debian's chromium is not installed at /usr/bin/chromium "
