@@ -201,6 +201,16 @@ def patch_loss(heads: torch.nn.Linear, feats: torch.Tensor, labels: torch.Tensor
     return sum(losses), accs
 
 
+
+def optimizer_step(opt, loss: torch.Tensor, params, lr: float) -> None:
+    """One AdamW step at learning rate `lr`, gradients clipped to norm 1 (both stages train this way)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -444,14 +454,9 @@ def train_stage_a(model, pool: Pool, tc: TrainConfig, work: Path, log) -> torch.
     for step in bar:
         rng = np.random.default_rng([tc.seed, 2, step])
         idx = rng.choice(n_train, size=tc.a_batch, replace=False)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, tc.a_steps, tc.a_lr, tc.warmup)
         feats = vision_features(model, to_pixels(pool.images[idx]))
         loss, accs = patch_loss(heads, feats, torch.from_numpy(pool.labels[idx]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, params, lr_at(step, tc.a_steps, tc.a_lr, tc.warmup))
         bar.set_postfix(loss=f"{loss.item():.3f}", color=f"{accs[0]:.2f}", shape=f"{accs[1]:.2f}")
         if (step + 1) % tc.eval_every == 0 or step + 1 == tc.a_steps:
             accs = patch_accuracy(model, heads, pool, n_train)
@@ -528,16 +533,11 @@ def train_stage_b(model, processor, pool: Pool, heads, tc: TrainConfig, work: Pa
         rng = np.random.default_rng([tc.seed, 3, step])
         idx = rng.choice(len(pool.images), size=tc.b_batch, replace=False)
         ids, targets, queries, looks = packer.batch(pool, idx, rng)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, tc.b_steps, tc.b_lr, tc.warmup)
         answer_loss, look_loss, early_loss = packed_loss(
             model, feats[idx], ids, targets, queries, looks, pos, mask, packer.image_start
         )
         loss = answer_loss + tc.look_weight * look_loss + tc.early_weight * early_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, params, lr_at(step, tc.b_steps, tc.b_lr, tc.warmup))
         bar.set_postfix(answer=f"{answer_loss.item():.3f}", look=f"{look_loss.item():.3f}", early=f"{early_loss.item():.3f}")
         if (step + 1) % tc.eval_every == 0 or step + 1 == tc.b_steps:
             acc = evaluate(model, processor, eval_rows)
