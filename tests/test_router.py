@@ -264,3 +264,33 @@ def test_train_router_refuses_bad_data(tmp_path):
 def test_par_budget_out_of_reach_is_one_clear_message(par_predictor, scene):
     with pytest.raises(UserError, match="below what par can reach"):
         par_predictor.predict(scene, QUESTION, "par", 0.01, max_new_tokens=1)
+
+
+@pytest.mark.parametrize("budget", [0.8, 0.5, 0.35])
+def test_ablations_route_only_their_part_within_the_budget(par_predictor, scene, budget):
+    tokens_only = par_predictor.predict(scene, QUESTION, "par-tokens", budget, max_new_tokens=1)
+    assert tokens_only.flops_ratio <= budget + 1e-9 and len(tokens_only.kept_layers) == 8
+    assert len(tokens_only.kept_visual_tokens) < tokens_only.n_visual_tokens
+    layers_only = par_predictor.predict(scene, QUESTION, "par-layers", budget, max_new_tokens=1)
+    assert layers_only.flops_ratio <= budget + 1e-9 and len(layers_only.kept_visual_tokens) == 144
+    assert len(layers_only.kept_layers) < 8 and 0 in layers_only.kept_layers and 7 in layers_only.kept_layers
+
+
+def test_attention_prior_ablation_charges_its_attention_row_not_a_router(par_predictor, scene):
+    prior = par_predictor.predict(scene, QUESTION, "par-prior", 0.5, max_new_tokens=1)
+    assert prior.flops_ratio <= 0.5 + 1e-9
+    k = prior.start_layer
+    assert k >= 1 and k - 1 in prior.kept_layers  # FastV's row is read at layer K-1, so it runs
+    n_text = par_predictor.engine.prepare(**par_predictor.encode(scene, QUESTION)).n_text
+    skip = [i for i in range(8) if i not in prior.kept_layers]
+    kept = len(prior.kept_visual_tokens)
+    assert kept < 144
+    expected = par_predictor.flops.prefill(n_text, 144, kept, skip, k, attention_rows=1)
+    assert prior.flops == pytest.approx(expected)
+
+
+def test_ablations_refuse_overrides_of_the_part_they_do_not_route(par_predictor, scene):
+    with pytest.raises(UserError, match="par-tokens does not skip layers"):
+        par_predictor.predict(scene, QUESTION, "par-tokens", 1.0, tokens=10, layers=4, max_new_tokens=1)
+    with pytest.raises(UserError, match="par-layers does not prune tokens"):
+        par_predictor.predict(scene, QUESTION, "par-layers", 1.0, tokens=10, max_new_tokens=1)

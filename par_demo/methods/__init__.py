@@ -12,10 +12,12 @@ from par_demo.methods.base import Method, Setting
 from par_demo.methods.fastv import FastV
 from par_demo.methods.full import Full
 from par_demo.methods.layerdrop import LayerDrop
-from par_demo.methods.par import Par
+from par_demo.methods.par import Par, ParLayers, ParPrior, ParTokens
 from par_demo.methods.random_tokens import RandomTokens
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (Full, Par, FastV, RandomTokens, LayerDrop)}
+REGISTRY: dict[str, type[Method]] = {
+    m.name: m for m in (Full, Par, FastV, RandomTokens, LayerDrop, ParTokens, ParLayers, ParPrior)
+}
 METHODS: tuple[str, ...] = tuple(REGISTRY)
 
 

@@ -10,6 +10,11 @@ For a budget b (fraction of the full prefill FLOPs, router included):
      top-scored visual tokens are kept as the budget then allows. When every token fits, more layers are tried.
 `--tokens T --layers L` are the paper's fixed versions (the router still chooses which ones).
 
+Ablations (same budget search, same Pareto split): `par-tokens` routes tokens only (every layer runs),
+`par-layers` routes layers only (every token kept), `par-prior` replaces the router's scores by the attention
+prior it is trained from (FastV's attention row at layer K-1 for tokens, block influence for layers; no router
+FLOPs) — what training bought.
+
 A router is found, in order, at: `predictor.router_path` or $PAR_DEMO_ROUTER (explicit), `<model folder>/router/`
 for local models, `assets/routers/<model name>/`. Without one the method reports itself unavailable, with the
 command that trains one; the other methods keep working.
@@ -57,6 +62,8 @@ class Par(Method):
     name = "par"
     uses_tokens = True
     uses_layers = True
+    route_tokens = True  # False: every visual token is kept
+    route_layers = True  # False: every layer runs
 
     def __init__(self, predictor):
         super().__init__(predictor)
@@ -110,7 +117,7 @@ class Par(Method):
         return self.router.flops(query.n_visual, query.n_text)
 
     # ---------------------------------------------------------------------------------------- layers
-    def skip_for(self, layer_logits: torch.Tensor, kept_layers: int) -> frozenset[int]:
+    def skip_for(self, layer_logits: torch.Tensor, kept_layers: int, start_layer: int = 0) -> frozenset[int]:
         """Skip the lowest-scored routable layers so that `kept_layers` layers run in all."""
         routable = self.config.routable()
         n_skip = self.n_layers - kept_layers
@@ -139,16 +146,22 @@ class Par(Method):
         limit = check_budget(budget) * self.flops.full(query.n_text, query.n_visual) * (1 + 1e-9)
         _, layer_logits = self.route(query, self._budget)
         target, n_v = self.target_layers(self._budget), query.n_visual
-        for k in range(start_layer, -1, -1):
+        if not self.route_layers:
+            target = self.n_layers
+        for k in range(start_layer, self.min_start_layer - 1, -1):
             def fits(tokens, skip):
                 return self.setting_flops(query, Setting(tokens, skip, k)) <= limit
 
             for layers in range(self.n_layers, target, -1):
-                skip = self.skip_for(layer_logits, layers)
+                skip = self.skip_for(layer_logits, layers, k)
                 if fits(n_v, skip):
                     return Setting(n_v, skip, k)
-            for layers in range(target, self.min_layers() - 1, -1):
-                skip = self.skip_for(layer_logits, layers)
+            for layers in range(target, self.min_layers() - 1 if self.route_layers else target - 1, -1):
+                skip = self.skip_for(layer_logits, layers, k)
+                if not self.route_tokens:
+                    if fits(n_v, skip):
+                        return Setting(n_v, skip, k)
+                    continue
                 if not fits(0, skip):
                     continue
                 low, high = 0, n_v  # fits(low) holds
@@ -156,9 +169,12 @@ class Par(Method):
                     mid = (low + high + 1) // 2
                     low, high = (mid, high) if fits(mid, skip) else (low, mid - 1)
                 return Setting(low, skip, k)
-        cheapest = self.setting_flops(query, Setting(0, self.skip_for(layer_logits, self.min_layers()), 0))
+        floor_layers = self.min_layers() if self.route_layers else self.n_layers
+        cheapest = self.setting_flops(query, Setting(0 if self.route_tokens else n_v,
+                                                     self.skip_for(layer_logits, floor_layers, self.min_start_layer),
+                                                     self.min_start_layer))
         reach = cheapest / self.flops.full(query.n_text, query.n_visual)
-        raise UserError(f"budget {budget:g} is below what par can reach on this model "
+        raise UserError(f"budget {budget:g} is below what {self.name} can reach on this model "
                         f"(its cheapest setting costs {reach:.2f} of the full prefill FLOPs)")
 
     def fixed(self, query, tokens, layers, start_layer):
@@ -168,7 +184,7 @@ class Par(Method):
             raise UserError(f"par keeps at least its {self.min_layers()} protected layers "
                             f"{self.config.protected()}; got --layers {n_layers}")
         _, layer_logits = self.route(query, self._budget)
-        return Setting(n_tokens, self.skip_for(layer_logits, n_layers), start_layer)
+        return Setting(n_tokens, self.skip_for(layer_logits, n_layers, start_layer), start_layer)
 
     def fixed_budget(self, query, tokens, layers, start_layer) -> float:
         """The FLOPs fraction of a fixed version (which routable layers are skipped does not change it much)."""
@@ -201,3 +217,52 @@ class Par(Method):
             keep = top_indices(token_logits, setting.tokens).to(query.image_positions.device)
         return PruningPlan(start_layer=setting.start_layer, keep_visual=keep, skip_layers=setting.skip,
                            token_scores=torch.sigmoid(token_logits), layer_scores=layer_scores)
+
+
+class ParTokens(Par):
+    """Ablation: the router chooses visual tokens only; every layer runs."""
+
+    name = "par-tokens"
+    uses_layers = False
+    route_layers = False
+
+
+class ParLayers(Par):
+    """Ablation: the router chooses layers only; every visual token is kept."""
+
+    name = "par-layers"
+    uses_tokens = False
+    route_tokens = False
+
+
+class ParPrior(Par):
+    """Ablation: PAR's budget split with the attention prior the router is trained from instead of its scores.
+
+    Tokens: FastV's attention row at layer K-1 (so K >= 1 and layer K-1 always runs); layers: block influence.
+    No router runs, so none of its FLOPs are charged; the one attention row is.
+    """
+
+    name = "par-prior"
+    min_start_layer = 1
+
+    def route(self, query, budget):
+        influence = torch.tensor(self.predictor.method("layerdrop").influence(), dtype=torch.float32)
+        return torch.zeros(query.n_visual), influence
+
+    def skip_for(self, layer_logits, kept_layers, start_layer=0):
+        # FastV's scores are read at layer K-1: it must run, so it is never a candidate for skipping
+        routable = [i for i in self.config.routable() if i != start_layer - 1]
+        n_skip = min(self.n_layers - kept_layers, len(routable))
+        return frozenset(sorted(routable, key=lambda i: float(layer_logits[i]))[:n_skip])
+
+    def extra_flops(self, query):
+        return 0.0
+
+    def attention_rows(self):
+        return 1
+
+    def make_plan(self, query, setting):
+        _, influence = self.route(query, self._budget)
+        keep_count = setting.tokens if setting.tokens < query.n_visual else None
+        return PruningPlan(start_layer=setting.start_layer, keep_visual_count=keep_count,
+                           skip_layers=setting.skip, layer_scores=influence / influence.max().clamp_min(1e-12))
