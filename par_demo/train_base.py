@@ -33,20 +33,22 @@ from transformers.models.llama.modeling_llama import rotate_half
 
 from par_demo.errors import UserError
 from par_demo.shapes import (
-    COLORS, IMAGE_SIZE, QUESTION_TYPES, SHAPES, draw_object, is_correct, quadrant, render_scene, sample_example,
-    sample_question,
+    COLORS, IMAGE_SIZE, QUADRANTS, QUESTION_TYPES, SHAPES, draw_object, is_correct, quadrant, render_scene,
+    sample_example, sample_question,
 )
 from par_demo.tokenizer import IMAGE_MEAN, IMAGE_STD, build_processor
 
 
 @dataclass
 class ModelConfig:
+    # Proportions of LLaVA-1.5-7B: the vision tower is ~5% of prefill FLOPs and text ~10% of the tokens, so
+    # FLOPs budgets down to 0.25 are reachable by pruning tokens, skipping layers, or both.
     patch_size: int = 16  # 192 / 16 = 12x12 = 144 image tokens
-    vision_width: int = 128
-    vision_layers: int = 3
-    vision_heads: int = 4
+    vision_width: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 2
     text_width: int = 128
-    text_layers: int = 8
+    text_layers: int = 12
     text_heads: int = 4
     text_mlp: int = 512
 
@@ -65,6 +67,7 @@ class TrainConfig:
     b_questions: int = 24  # questions per image (4 of each type)
     b_lr: float = 3e-3
     look_weight: float = 2.0  # weight of the "where to look" attention loss
+    read_weight: float = 1.0  # weight of reading the looked-at object's attributes from that head's output
     early_weight: float = 1.0  # weight of the early read-out of the first answer token
     warmup: int = 100
     weight_decay: float = 0.01
@@ -149,7 +152,7 @@ def patch_labels(objects: list[dict]) -> np.ndarray:
         quad = quadrant(obj)
         labels[patch, 0] = COLOR_NAMES.index(obj["color"]) + 1
         labels[patch, 1] = SHAPES.index(obj["shape"]) + 1
-        labels[patch, 3] = IGNORE if quad is None else ["top left", "top right", "bottom left", "bottom right"].index(quad) + 1
+        labels[patch, 3] = IGNORE if quad is None else QUADRANTS.index(quad) + 1
         if labels[patch, 2] != 1:
             labels[patch, 2] = 0
 
@@ -272,7 +275,7 @@ class QuestionPacker:
 
     def batch(self, pool: Pool, idx: np.ndarray, rng: np.random.Generator):
         """Token ids, targets, and for every block where its answer is predicted and which prefix tokens it needs."""
-        ids, targets, queries, looks = [], [], [], []
+        ids, targets, queries, looks, reads = [], [], [], [], []
         per_type = self.q // len(QUESTION_TYPES)
         for i in idx:
             seq, tgt = list(self.prefix), [IGNORE] * len(self.prefix)
@@ -284,11 +287,13 @@ class QuestionPacker:
                 b_ids, b_tgt = self.block(*qa)
                 queries.append(len(seq) + len(self.words(qa[0])) + len(self.tail) - 1)
                 looks.append(self.look_target(qtype, qa[0], pool.labels[i]))
+                reads.append(read_target(qtype, qa[0], pool.objects[i]))
                 seq += b_ids
                 tgt += b_tgt
             ids.append(seq)
             targets.append(tgt)
-        return torch.tensor(ids), torch.tensor(targets), torch.tensor(queries), torch.from_numpy(np.stack(looks))
+        return (torch.tensor(ids), torch.tensor(targets), torch.tensor(queries), torch.from_numpy(np.stack(looks)),
+                torch.tensor(reads))
 
     def look_target(self, qtype: str, question: str, labels: np.ndarray) -> np.ndarray:
         """Where the answer position should look: a distribution over the prefix tokens.
@@ -313,6 +318,26 @@ class QuestionPacker:
         return target / target.sum()
 
 
+def read_target(qtype: str, question: str, objects: list[dict]) -> list[int]:
+    """What the look head must carry back: colour, shape and quadrant of the object the question is about.
+
+    Index 0 means "no such object" (a "no" to an existence question); counting questions read nothing (IGNORE).
+    """
+    if qtype in ("count_shape", "count_all"):
+        return [IGNORE] * 3
+    words = question.lower().rstrip("?").split()
+    color = next((w for w in words if w in COLORS), None)
+    shape = next((w for w in words if w in SHAPES), None)
+    hits = [o for o in objects if color in (None, o["color"]) and shape in (None, o["shape"])]
+    if not hits:
+        return [0, 0, 0]
+    obj = hits[0]
+    quad = quadrant(obj)
+    return [COLOR_NAMES.index(obj["color"]) + 1, SHAPES.index(obj["shape"]) + 1,
+            IGNORE if quad is None else QUADRANTS.index(quad) + 1]
+
+
+READ_SIZES = (len(COLORS) + 1, len(SHAPES) + 1, len(QUADRANTS) + 1)
 LOOK_LAYER, LOOK_HEAD = 2, 0  # the one attention head taught where to look
 EARLY_LAYERS = 4  # the answer is also read out (final norm + lm_head) after this many layers
 
@@ -332,11 +357,16 @@ def look_logits(attn, captured: dict, queries: torch.Tensor, n_prefix: int) -> t
     return torch.einsum("nd,npd->np", q, k[rows]) * attn.scaling
 
 
-def packed_loss(model, feats, ids, targets, queries, looks, pos, mask, image_start: int):
+def packed_loss(model, read_head, feats, ids, targets, queries, looks, reads, pos, mask, image_start: int):
     """Answer-token cross-entropy of the stock LLaVA computation (image features supplied precomputed), plus
-    a cross-entropy teaching one head of layer LOOK_LAYER where the answer is in the image, plus the first
-    answer token read out early (after EARLY_LAYERS layers): a short gradient path from the answer to the
-    looked-at patches, so reading what the head found is learnt as fast as where to look."""
+    a cross-entropy teaching one head of layer LOOK_LAYER where the answer is in the image, plus a linear
+    read-out of the looked-at object's colour, shape and quadrant from that head's output, plus the first
+    answer token read out early (after EARLY_LAYERS layers).
+
+    Measured without the read-out: the head attended to the right patches (91% of its weight on colour
+    questions) but its value projection carried almost no colour (a linear probe on it: 30%, against 86% on
+    the residual it reads), and colour answers stayed at chance. The read-out gives the value path its own
+    short gradient, so what the head finds is what it returns."""
     lm = model.model.language_model
     embeds = lm.embed_tokens(ids)
     image = model.model.multi_modal_projector(feats)
@@ -346,6 +376,7 @@ def packed_loss(model, feats, ids, targets, queries, looks, pos, mask, image_sta
     attn = lm.layers[LOOK_LAYER].self_attn
     captured = {}
     hook = attn.register_forward_pre_hook(lambda m, a, kw: captured.update(kw), with_kwargs=True)
+    hook_out = attn.o_proj.register_forward_pre_hook(lambda m, a: captured.update(heads_out=a[0]))
     try:
         out = lm(
             inputs_embeds=embeds, position_ids=pos.unsqueeze(0).expand(b, -1),
@@ -353,6 +384,7 @@ def packed_loss(model, feats, ids, targets, queries, looks, pos, mask, image_sta
         )
     finally:
         hook.remove()
+        hook_out.remove()
     hidden = out.last_hidden_state
     where = targets != IGNORE
     answer_loss = F.cross_entropy(model.lm_head(hidden[where]), targets[where])
@@ -362,7 +394,11 @@ def packed_loss(model, feats, ids, targets, queries, looks, pos, mask, image_sta
     rows = torch.arange(b).repeat_interleave(queries.shape[0] // b)
     early = model.lm_head(lm.norm(out.hidden_states[EARLY_LAYERS][rows, queries]))
     early_loss = F.cross_entropy(early, targets[rows, queries])
-    return answer_loss, look_loss, early_loss
+    d = attn.head_dim
+    head_out = captured["heads_out"][rows, queries, LOOK_HEAD * d:(LOOK_HEAD + 1) * d]  # [questions, head_dim]
+    read_logits = read_head(head_out).split(READ_SIZES, dim=-1)
+    read_loss = sum(F.cross_entropy(lg, reads[:, j], ignore_index=IGNORE) for j, lg in enumerate(read_logits))
+    return answer_loss, look_loss, early_loss, read_loss
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -517,13 +553,17 @@ def train_stage_b(model, processor, pool: Pool, heads, tc: TrainConfig, work: Pa
     feats = precompute_features(model, pool)
     packer = QuestionPacker(processor, tc.b_questions)
     pos, mask = packer.layout()
+    read_head = torch.nn.Linear(model.config.text_config.hidden_size // model.config.text_config.num_attention_heads,
+                                sum(READ_SIZES))  # a training-only probe, not part of the saved model
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
+    params += list(read_head.parameters())
     # beta2 0.95: steadier second-moment estimates at the high learning rate a from-scratch LM this small wants
     opt = torch.optim.AdamW(params, lr=tc.b_lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     path, start = checkpoint_path(work, "B"), 0
     if path.exists():
         state = torch.load(path, weights_only=False)
-        model.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
+        model.load_state_dict(state["model"]), read_head.load_state_dict(state["read_head"])
+        opt.load_state_dict(state["opt"])
         start = state["step"]
         log(f"stage B: resumed at step {start}")
     eval_rows = held_out(tc.eval_per_type, seed=10_000 + tc.seed)
@@ -532,18 +572,21 @@ def train_stage_b(model, processor, pool: Pool, heads, tc: TrainConfig, work: Pa
         model.train()
         rng = np.random.default_rng([tc.seed, 3, step])
         idx = rng.choice(len(pool.images), size=tc.b_batch, replace=False)
-        ids, targets, queries, looks = packer.batch(pool, idx, rng)
-        answer_loss, look_loss, early_loss = packed_loss(
-            model, feats[idx], ids, targets, queries, looks, pos, mask, packer.image_start
+        ids, targets, queries, looks, reads = packer.batch(pool, idx, rng)
+        answer_loss, look_loss, early_loss, read_loss = packed_loss(
+            model, read_head, feats[idx], ids, targets, queries, looks, reads, pos, mask, packer.image_start
         )
-        loss = answer_loss + tc.look_weight * look_loss + tc.early_weight * early_loss
+        loss = (answer_loss + tc.look_weight * look_loss + tc.early_weight * early_loss
+                + tc.read_weight * read_loss)
         optimizer_step(opt, loss, params, lr_at(step, tc.b_steps, tc.b_lr, tc.warmup))
-        bar.set_postfix(answer=f"{answer_loss.item():.3f}", look=f"{look_loss.item():.3f}", early=f"{early_loss.item():.3f}")
+        bar.set_postfix(answer=f"{answer_loss.item():.3f}", look=f"{look_loss.item():.3f}",
+                        early=f"{early_loss.item():.3f}", read=f"{read_loss.item():.3f}")
         if (step + 1) % tc.eval_every == 0 or step + 1 == tc.b_steps:
             acc = evaluate(model, processor, eval_rows)
-            log(f"stage B step {step + 1}: answer loss {answer_loss.item():.3f}, look loss {look_loss.item():.3f}; "
-                f"held-out {format_accuracy(acc)}")
-            save_state(path, model=model.state_dict(), opt=opt.state_dict(), step=step + 1)
+            log(f"stage B step {step + 1}: answer loss {answer_loss.item():.3f}, look loss {look_loss.item():.3f}, "
+                f"read loss {read_loss.item():.3f}; held-out {format_accuracy(acc)}")
+            save_state(path, model=model.state_dict(), read_head=read_head.state_dict(), opt=opt.state_dict(),
+                       step=step + 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -553,13 +596,17 @@ def train_stage_b(model, processor, pool: Pool, heads, tc: TrainConfig, work: Pa
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="assets/models/shapes-llava", help="where the trained model is saved")
     parser.add_argument("--work", default=None, help="checkpoints and log for resuming (default: runs/train-base-seed<S>)")
-    for f in fields(TrainConfig):
+    # the patch size stays 16: the per-patch labels and the question packer are laid out on its 12x12 grid
+    for f in [f for f in fields(ModelConfig) if f.name != "patch_size"] + list(fields(TrainConfig)):
         parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
 
 
 def run(args) -> int:
     tc = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    mc = ModelConfig()
+    mc = ModelConfig(**{f.name: getattr(args, f.name) for f in fields(ModelConfig) if f.name != "patch_size"})
+    if mc.text_layers <= max(LOOK_LAYER, EARLY_LAYERS):
+        raise UserError(f"--text-layers must be at least {max(LOOK_LAYER, EARLY_LAYERS) + 1} "
+                        f"(the look loss uses layer {LOOK_LAYER}, the early read-out layer {EARLY_LAYERS})")
     if tc.b_questions % len(QUESTION_TYPES):
         raise UserError(f"--b-questions must be a multiple of {len(QUESTION_TYPES)}")
     torch.set_num_threads(tc.threads)

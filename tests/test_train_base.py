@@ -1,0 +1,93 @@
+"""train-base: its supervision targets are right, its packed batches equal separate sequences, and the command
+trains, saves a loadable LLaVA and resumes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from par_demo import train_base as tb
+from par_demo.shapes import IMAGE_SIZE
+
+
+def obj(shape, color, x, y, s=30):
+    return {"shape": shape, "color": color, "box": (x, y, x + s, y + s), "center": (x + s / 2, y + s / 2)}
+
+
+SCENE = [obj("circle", "red", 10, 10), obj("square", "blue", 120, 130), obj("triangle", "red", 130, 10)]
+
+
+@pytest.mark.parametrize("qtype, question, expected", [
+    ("color", "What color is the square?", [3, 2, 4]),  # blue square, bottom right
+    ("shape", "What shape is the blue object?", [3, 2, 4]),
+    ("exists", "Is there a red triangle?", [1, 3, 2]),  # top right
+    ("exists", "Is there a green circle?", [0, 0, 0]),  # nothing to read: "no"
+    ("where", "Where is the red circle?", [1, 1, 1]),
+    ("count_all", "How many objects are there?", [tb.IGNORE] * 3),
+])
+def test_read_targets_name_the_object_the_question_is_about(qtype, question, expected):
+    assert tb.read_target(qtype, question, SCENE) == expected
+
+
+def test_look_targets_cover_the_asked_object_and_sum_to_one():
+    processor = tb.build_processor(IMAGE_SIZE, 16)
+    packer = tb.QuestionPacker(processor, 6)
+    labels = tb.patch_labels(SCENE)
+    look = packer.look_target("color", "What color is the square?", labels)
+    assert look.sum() == pytest.approx(1.0)
+    image = look[packer.image_start:packer.image_start + 144]
+    assert (labels[image > 0, 1] == 2).all() and (image > 0).sum() >= 2  # square patches only
+    nothing = packer.look_target("exists", "Is there a green circle?", labels)
+    assert nothing[0] == pytest.approx(1.0)  # all on <s>
+
+
+def test_packed_questions_equal_separate_sequences():
+    torch.manual_seed(0)
+    processor = tb.build_processor(IMAGE_SIZE, 16)
+    model = tb.build_model(tb.ModelConfig(vision_width=32, vision_layers=1, text_layers=3), processor).eval()
+    pool = tb.make_pool(2, seed=5)
+    packer = tb.QuestionPacker(processor, 6)
+    pos, mask = packer.layout()
+    ids, targets, queries, _, _ = packer.batch(pool, np.arange(2), np.random.default_rng(0))
+    with torch.no_grad():
+        feats = tb.vision_features(model, tb.to_pixels(pool.images))
+        lm = model.model.language_model
+        embeds = lm.embed_tokens(ids)
+        s = packer.image_start
+        embeds = torch.cat([embeds[:, :s], model.model.multi_modal_projector(feats), embeds[:, s + 144:]], 1)
+        packed = lm(inputs_embeds=embeds, position_ids=pos.unsqueeze(0).expand(2, -1),
+                    attention_mask=mask.view(1, 1, *mask.shape).expand(2, 1, -1, -1)).last_hidden_state
+        p, b = len(packer.prefix), packer.block_len
+        for j in (0, 5):  # first and last question of image 1, run alone
+            alone = torch.cat([embeds[1, :p], embeds[1, p + j * b:p + (j + 1) * b]]).unsqueeze(0)
+            out = lm(inputs_embeds=alone).last_hidden_state[0, p:]
+            torch.testing.assert_close(out, packed[1, p + j * b:p + (j + 1) * b], atol=1e-4, rtol=1e-4)
+
+
+def test_train_base_command_saves_a_loadable_model_and_resumes(tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from par_demo.cli import main
+
+    args = ["train-base", "--out", str(tmp_path / "model"), "--work", str(tmp_path / "work"), "--pool-size", "520",
+            "--a-steps", "2", "--a-batch", "8", "--b-steps", "2", "--b-batch", "2", "--b-questions", "6",
+            "--eval-every", "2", "--eval-per-type", "1", "--final-per-type", "1", "--warmup", "1",
+            "--vision-width", "32", "--vision-layers", "1", "--text-layers", "5", "--text-mlp", "128"]
+    assert main(args) == 0
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "model", local_files_only=True)
+    processor = AutoProcessor.from_pretrained(tmp_path / "model", local_files_only=True)
+    assert model.config.text_config.num_hidden_layers == 5 and processor.tokenizer is not None
+    log = (tmp_path / "work" / "log.txt").read_text()
+    assert "stage B step 2" in log
+    # the same command again resumes both stages from their checkpoints instead of training anew
+    assert main(args) == 0
+    log = (tmp_path / "work" / "log.txt").read_text()
+    assert "stage A: resumed at step 2" in log and "stage B: resumed at step 2" in log
+
+
+def test_train_base_refuses_a_model_too_shallow_for_its_losses(tmp_path, capsys):
+    from par_demo.cli import main
+
+    assert main(["train-base", "--out", str(tmp_path / "m"), "--text-layers", "3"]) == 2
+    assert "--text-layers must be at least 5" in capsys.readouterr().err
