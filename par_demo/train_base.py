@@ -33,7 +33,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 
 from par_demo.errors import UserError
 from par_demo.shapes import (
-    COLORS, IMAGE_SIZE, QUADRANTS, QUESTION_TYPES, SHAPES, draw_object, is_correct, quadrant, render_scene,
+    COLORS, IMAGE_SIZE, MAX_OBJECTS, QUADRANTS, QUESTION_TYPES, SHAPES, draw_object, is_correct, quadrant, render_scene,
     sample_example, sample_question,
 )
 from par_demo.tokenizer import IMAGE_MEAN, IMAGE_STD, build_processor
@@ -274,10 +274,14 @@ class QuestionPacker:
         return torch.tensor(pos), mask
 
     def batch(self, pool: Pool, idx: np.ndarray, rng: np.random.Generator):
-        """Token ids, targets, and for every block where its answer is predicted and which prefix tokens it needs."""
-        ids, targets, queries, looks, reads = [], [], [], [], []
+        """Token ids and targets, and the supervised answer positions ("queries"): for each, the sequence it is
+        in, its position, where it should look and what it should read there.
+
+        Every question's first answer position is a query; a "where" question's second one too: "left"/"right"
+        is predicted after "top"/"bottom" and needs the object's quadrant just as much."""
+        ids, targets, rows, queries, looks, reads = [], [], [], [], [], []
         per_type = self.q // len(QUESTION_TYPES)
-        for i in idx:
+        for row, i in enumerate(idx):
             seq, tgt = list(self.prefix), [IGNORE] * len(self.prefix)
             for qtype in [t for t in QUESTION_TYPES for _ in range(per_type)]:
                 qa = sample_question(pool.objects[i], qtype, rng)
@@ -285,15 +289,17 @@ class QuestionPacker:
                     qtype = QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
                     qa = sample_question(pool.objects[i], qtype, rng)
                 b_ids, b_tgt = self.block(*qa)
-                queries.append(len(seq) + len(self.words(qa[0])) + len(self.tail) - 1)
-                looks.append(self.look_target(qtype, qa[0], pool.labels[i]))
-                reads.append(read_target(qtype, qa[0], pool.objects[i]))
+                first = len(seq) + len(self.words(qa[0])) + len(self.tail) - 1
+                look = self.look_target(qtype, qa[0], pool.labels[i])
+                read = read_target(qtype, qa[0], pool.objects[i])
+                for position in ([first, first + 1] if qtype == "where" else [first]):
+                    rows.append(row), queries.append(position), looks.append(look), reads.append(read)
                 seq += b_ids
                 tgt += b_tgt
             ids.append(seq)
             targets.append(tgt)
-        return (torch.tensor(ids), torch.tensor(targets), torch.tensor(queries), torch.from_numpy(np.stack(looks)),
-                torch.tensor(reads))
+        return (torch.tensor(ids), torch.tensor(targets), torch.tensor(rows), torch.tensor(queries),
+                torch.from_numpy(np.stack(looks)), torch.tensor(reads))
 
     def look_target(self, qtype: str, question: str, labels: np.ndarray) -> np.ndarray:
         """Where the answer position should look: a distribution over the prefix tokens.
@@ -319,36 +325,36 @@ class QuestionPacker:
 
 
 def read_target(qtype: str, question: str, objects: list[dict]) -> list[int]:
-    """What the look head must carry back: colour, shape and quadrant of the object the question is about.
+    """What the look head must carry back: colour, shape and quadrant of the object the question is about, or
+    for counting questions the count.
 
-    Index 0 means "no such object" (a "no" to an existence question); counting questions read nothing (IGNORE).
+    Index 0 means "no such object" (a "no" to an existence question); what a question does not ask is IGNORE.
     """
-    if qtype in ("count_shape", "count_all"):
-        return [IGNORE] * 3
     words = question.lower().rstrip("?").split()
     color = next((w for w in words if w in COLORS), None)
-    shape = next((w for w in words if w in SHAPES), None)
+    shape = next((w.rstrip("s") for w in words if w.rstrip("s") in SHAPES), None)
     hits = [o for o in objects if color in (None, o["color"]) and shape in (None, o["shape"])]
+    if qtype in ("count_shape", "count_all"):
+        return [IGNORE, IGNORE, IGNORE, len(hits)]
     if not hits:
-        return [0, 0, 0]
+        return [0, 0, 0, IGNORE]
     obj = hits[0]
     quad = quadrant(obj)
     return [COLOR_NAMES.index(obj["color"]) + 1, SHAPES.index(obj["shape"]) + 1,
-            IGNORE if quad is None else QUADRANTS.index(quad) + 1]
+            IGNORE if quad is None else QUADRANTS.index(quad) + 1, IGNORE]
 
 
-READ_SIZES = (len(COLORS) + 1, len(SHAPES) + 1, len(QUADRANTS) + 1)
+READ_SIZES = (len(COLORS) + 1, len(SHAPES) + 1, len(QUADRANTS) + 1, MAX_OBJECTS + 1)
 LOOK_LAYER, LOOK_HEAD = 2, 0  # the one attention head taught where to look
 EARLY_LAYERS = 4  # the answer is also read out (final norm + lm_head) after this many layers
 
 
-def look_logits(attn, captured: dict, queries: torch.Tensor, n_prefix: int) -> torch.Tensor:
-    """Attention logits of one head from each block's answer position to the prefix, as the layer computes them."""
+def look_logits(attn, captured: dict, rows: torch.Tensor, queries: torch.Tensor, n_prefix: int) -> torch.Tensor:
+    """Attention logits of one head from each supervised answer position to the prefix, as the layer computes
+    them: [queries, n_prefix]."""
     hidden = captured["hidden_states"]
     cos, sin = captured["position_embeddings"]
-    b, t, _ = hidden.shape
     d = attn.head_dim
-    rows = torch.arange(b).repeat_interleave(queries.shape[0] // b)
     sl = slice(LOOK_HEAD * d, (LOOK_HEAD + 1) * d)
     q = F.linear(hidden[rows, queries], attn.q_proj.weight[sl], None if attn.q_proj.bias is None else attn.q_proj.bias[sl])
     k = F.linear(hidden[:, :n_prefix], attn.k_proj.weight[sl], None if attn.k_proj.bias is None else attn.k_proj.bias[sl])
@@ -357,7 +363,7 @@ def look_logits(attn, captured: dict, queries: torch.Tensor, n_prefix: int) -> t
     return torch.einsum("nd,npd->np", q, k[rows]) * attn.scaling
 
 
-def packed_loss(model, read_head, feats, ids, targets, queries, looks, reads, pos, mask, image_start: int):
+def packed_loss(model, read_head, feats, ids, targets, rows, queries, looks, reads, pos, mask, image_start: int):
     """Answer-token cross-entropy of the stock LLaVA computation (image features supplied precomputed), plus
     a cross-entropy teaching one head of layer LOOK_LAYER where the answer is in the image, plus a linear
     read-out of the looked-at object's colour, shape and quadrant from that head's output, plus the first
@@ -388,10 +394,8 @@ def packed_loss(model, read_head, feats, ids, targets, queries, looks, reads, po
     hidden = out.last_hidden_state
     where = targets != IGNORE
     answer_loss = F.cross_entropy(model.lm_head(hidden[where]), targets[where])
-    queries = queries.view(-1)
-    logits = look_logits(attn, captured, queries, looks.shape[1])
+    logits = look_logits(attn, captured, rows, queries, looks.shape[1])
     look_loss = -(looks * F.log_softmax(logits, dim=-1)).sum(-1).mean()
-    rows = torch.arange(b).repeat_interleave(queries.shape[0] // b)
     early = model.lm_head(lm.norm(out.hidden_states[EARLY_LAYERS][rows, queries]))
     early_loss = F.cross_entropy(early, targets[rows, queries])
     d = attn.head_dim
@@ -572,9 +576,9 @@ def train_stage_b(model, processor, pool: Pool, heads, tc: TrainConfig, work: Pa
         model.train()
         rng = np.random.default_rng([tc.seed, 3, step])
         idx = rng.choice(len(pool.images), size=tc.b_batch, replace=False)
-        ids, targets, queries, looks, reads = packer.batch(pool, idx, rng)
+        ids, targets, rows, queries, looks, reads = packer.batch(pool, idx, rng)
         answer_loss, look_loss, early_loss, read_loss = packed_loss(
-            model, read_head, feats[idx], ids, targets, queries, looks, reads, pos, mask, packer.image_start
+            model, read_head, feats[idx], ids, targets, rows, queries, looks, reads, pos, mask, packer.image_start
         )
         loss = (answer_loss + tc.look_weight * look_loss + tc.early_weight * early_loss
                 + tc.read_weight * read_loss)

@@ -15,16 +15,19 @@ def obj(shape, color, x, y, s=30):
     return {"shape": shape, "color": color, "box": (x, y, x + s, y + s), "center": (x + s / 2, y + s / 2)}
 
 
+I = tb.IGNORE
 SCENE = [obj("circle", "red", 10, 10), obj("square", "blue", 120, 130), obj("triangle", "red", 130, 10)]
 
 
 @pytest.mark.parametrize("qtype, question, expected", [
-    ("color", "What color is the square?", [3, 2, 4]),  # blue square, bottom right
-    ("shape", "What shape is the blue object?", [3, 2, 4]),
-    ("exists", "Is there a red triangle?", [1, 3, 2]),  # top right
-    ("exists", "Is there a green circle?", [0, 0, 0]),  # nothing to read: "no"
-    ("where", "Where is the red circle?", [1, 1, 1]),
-    ("count_all", "How many objects are there?", [tb.IGNORE] * 3),
+    ("color", "What color is the square?", [3, 2, 4, I]),  # blue square, bottom right
+    ("shape", "What shape is the blue object?", [3, 2, 4, I]),
+    ("exists", "Is there a red triangle?", [1, 3, 2, I]),  # top right
+    ("exists", "Is there a green circle?", [0, 0, 0, I]),  # nothing to read: "no"
+    ("where", "Where is the red circle?", [1, 1, 1, I]),
+    ("count_all", "How many objects are there?", [I, I, I, 3]),
+    ("count_shape", "How many circles are there?", [I, I, I, 1]),
+    ("count_shape", "How many squares are there?", [I, I, I, 1]),
 ])
 def test_read_targets_name_the_object_the_question_is_about(qtype, question, expected):
     assert tb.read_target(qtype, question, SCENE) == expected
@@ -49,7 +52,12 @@ def test_packed_questions_equal_separate_sequences():
     pool = tb.make_pool(2, seed=5)
     packer = tb.QuestionPacker(processor, 6)
     pos, mask = packer.layout()
-    ids, targets, queries, _, _ = packer.batch(pool, np.arange(2), np.random.default_rng(0))
+    ids, targets, rows, queries, looks, reads = packer.batch(pool, np.arange(2), np.random.default_rng(0))
+    # each question's first answer position is supervised; a "where" question's second one too
+    n_where = sum(1 for r in range(2) for j in range(6) if ids[r, len(packer.prefix) + j * packer.block_len]
+                  == processor.tokenizer.convert_tokens_to_ids("where"))
+    assert len(queries) == len(rows) == len(looks) == len(reads) == 12 + n_where
+    assert (targets[rows, queries] != tb.IGNORE).all()  # every supervised position predicts an answer token
     with torch.no_grad():
         feats = tb.vision_features(model, tb.to_pixels(pool.images))
         lm = model.model.language_model
