@@ -272,7 +272,8 @@ def query_loss(router, target: Target, train: TrainConfig, budgeter: Budgeter, e
 # ------------------------------------------------------------------------------------------------ Pareto
 def measure_pareto(router, targets: list[Target], engine, budgeter: Budgeter, budgets: list[float],
                    progress: bool = False) -> tuple[list[dict], list[dict]]:
-    """For each budget: the layer count whose router-pruned model is closest (KL) to the full model.
+    """For each budget: the layer count whose router-pruned model agrees most often with the full model's answer
+    (lowest KL among equals).
 
     Returns (pareto rows {budget, tokens, layers, kl, agreement}, every measured (budget, layers) row)."""
     cfg = budgeter.config
@@ -305,7 +306,8 @@ def measure_pareto(router, targets: list[Target], engine, budgeter: Budgeter, bu
             row = {"budget": round(budget, 4), "layers": n_protected + n_run, "tokens": int(np.median(kept)),
                    "kl": float(np.mean(kls)), "agreement": float(np.mean(agrees))}
             rows.append(row)
-            if best is None or (row["kl"], -row["agreement"]) < (best["kl"], -best["agreement"]):
+            # agreement with the full model's answer first (what accuracy measures), KL to break ties
+            if best is None or (-row["agreement"], row["kl"]) < (-best["agreement"], best["kl"]):
                 best = row
         if best is not None:
             pareto.append(best)
@@ -499,8 +501,8 @@ def check_args(args, train: TrainConfig) -> None:
         raise UserError("budgets must satisfy 0 < --budget-low <= --budget-high <= 1")
     if train.max_new_tokens < 1 or train.save_every < 1 or train.val < 0:
         raise UserError("--max-new-tokens and --save-every must be >= 1, --val >= 0")
-    if args.start_layer < 1:
-        raise UserError("--start-layer must be >= 1 (the attention prior is read at layer K-1)")
+    if args.start_layer < 0:
+        raise UserError("--start-layer must be >= 0")
     if args.width is not None and (args.width < 4 or args.width % 4):
         raise UserError("--width must be a multiple of 4, at least 4")
     if not 0 < args.pareto_low <= args.pareto_high <= 1 or args.pareto_step <= 0:

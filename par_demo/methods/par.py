@@ -9,6 +9,8 @@ For a budget b (fraction of the full prefill FLOPs, router included):
   3. the L - |protected| best-scored routable layers run (protected first/last layers always run), and as many
      top-scored visual tokens are kept as the budget then allows. When every token fits, more layers are tried.
 `--tokens T --layers L` are the paper's fixed versions (the router still chooses which ones).
+Visual tokens leave the sequence at the layer K the router was trained for (`start_layer` in its config; the
+`--start-layer` option applies to the attention heuristics, whose scores come from layer K-1).
 
 Ablations (same budget search, same Pareto split): `par-tokens` routes tokens only (every layer runs),
 `par-layers` routes layers only (every token kept), `par-prior` replaces the router's scores by the attention
@@ -195,10 +197,15 @@ class Par(Method):
         cost = self.flops.prefill(query.n_text, query.n_visual, kept, skip, start_layer)
         return min(1.0, cost / self.flops.full(query.n_text, query.n_visual))
 
+    def start_layer(self) -> int:
+        """K: where dropped tokens leave the sequence; the one the router's flows were trained and measured at."""
+        return self.config.start_layer
+
     def plan(self, query, budget=1.0, tokens=None, layers=None, start_layer=2):
         reason = self.available()
         if reason:
             raise UserError(reason)
+        start_layer = self.start_layer()
         self._budget = float(budget)
         if tokens is not None or layers is not None:
             try:
@@ -244,6 +251,9 @@ class ParPrior(Par):
 
     name = "par-prior"
     min_start_layer = 1
+
+    def start_layer(self):
+        return max(1, self.config.start_layer)  # FastV's row is read at layer K-1
 
     def route(self, query, budget):
         influence = torch.tensor(self.predictor.method("layerdrop").influence(), dtype=torch.float32)
