@@ -53,7 +53,8 @@ def build_demo(app: DemoApp) -> gr.Blocks:
                                            label="Decoder layers kept (0 = from the budget)")
                     start_layer = CheckedSlider(0, service.n_layers - 1, step=1, elem_id="start-layer",
                                                 value=min(DEFAULT_START_LAYER, service.n_layers - 1),
-                                                label="Prune visual tokens from layer")
+                                                label="FastV / random: prune visual tokens from layer "
+                                                      "(PAR uses the layer its router was trained for)")
                 with gr.Row():
                     run = gr.Button("Run", variant="primary", elem_id="run")
                     sweep = gr.Button("Sweep budgets 1.0 → 0.1", elem_id="sweep")

