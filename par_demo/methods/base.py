@@ -97,9 +97,11 @@ class Method:
     def plan(self, query: Query, budget: float = 1.0, tokens: int | None = None, layers: int | None = None,
              start_layer: int = 2) -> tuple[PruningPlan, Setting]:
         if tokens is not None and not self.uses_tokens:
-            raise UserError(f"{self.name} does not prune tokens; --tokens applies to: fastv, random, par")
+            raise UserError(f"{self.name} does not prune tokens; "
+                            "--tokens applies to: fastv, random, par, par-tokens, par-prior")
         if layers is not None and not self.uses_layers:
-            raise UserError(f"{self.name} does not skip layers; --layers applies to: layerdrop, par")
+            raise UserError(f"{self.name} does not skip layers; "
+                            "--layers applies to: layerdrop, par, par-layers, par-prior")
         if not 0 <= start_layer <= self.n_layers:
             raise UserError(f"pruning start layer must be in [0, {self.n_layers}], got {start_layer}")
         if tokens is not None or layers is not None:
