@@ -557,8 +557,8 @@ def train_stage_b(model, processor, pool: Pool, heads, tc: TrainConfig, work: Pa
     feats = precompute_features(model, pool)
     packer = QuestionPacker(processor, tc.b_questions)
     pos, mask = packer.layout()
-    read_head = torch.nn.Linear(model.config.text_config.hidden_size // model.config.text_config.num_attention_heads,
-                                sum(READ_SIZES))  # a training-only probe, not part of the saved model
+    head_dim = model.model.language_model.layers[LOOK_LAYER].self_attn.head_dim
+    read_head = torch.nn.Linear(head_dim, sum(READ_SIZES))  # a training-only probe, not part of the saved model
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
     params += list(read_head.parameters())
     # beta2 0.95: steadier second-moment estimates at the high learning rate a from-scratch LM this small wants

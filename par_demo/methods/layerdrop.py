@@ -52,8 +52,14 @@ class LayerDrop(Method):
     def __init__(self, predictor):
         super().__init__(predictor)
         self._order: list[int] | None = None  # layers, least influential first
+        self._influence: list[float] | None = None  # read once: every plan asks for it
 
     def influence(self) -> list[float]:
+        if self._influence is None:
+            self._influence = self._load_or_measure_influence()
+        return self._influence
+
+    def _load_or_measure_influence(self) -> list[float]:
         path = cache_dir() / "layerdrop" / (re.sub(r"[^\w.-]+", "_", self.predictor.cache_key) + ".json")
         if path.is_file():
             try:

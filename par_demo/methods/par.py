@@ -120,7 +120,8 @@ class Par(Method):
 
     # ---------------------------------------------------------------------------------------- layers
     def skip_for(self, layer_logits: torch.Tensor, kept_layers: int, start_layer: int = 0) -> frozenset[int]:
-        """Skip the lowest-scored routable layers so that `kept_layers` layers run in all."""
+        """Skip the lowest-scored routable layers so that `kept_layers` layers run in all (`start_layer` matters
+        to `par-prior`, which must keep layer K-1)."""
         routable = self.config.routable()
         n_skip = self.n_layers - kept_layers
         order = sorted(routable, key=lambda i: float(layer_logits[i]))
@@ -147,9 +148,9 @@ class Par(Method):
         A budget out of reach at K is searched again at K-1, ... as in `Method.choose`."""
         limit = check_budget(budget) * self.flops.full(query.n_text, query.n_visual) * (1 + 1e-9)
         _, layer_logits = self.route(query, self._budget)
-        target, n_v = self.target_layers(self._budget), query.n_visual
-        if not self.route_layers:
-            target = self.n_layers
+        n_v = query.n_visual
+        floor_layers = self.min_layers() if self.route_layers else self.n_layers  # par-tokens runs every layer
+        target = self.target_layers(self._budget) if self.route_layers else self.n_layers
         for k in range(start_layer, self.min_start_layer - 1, -1):
             def fits(tokens, skip):
                 return self.setting_flops(query, Setting(tokens, skip, k)) <= limit
@@ -158,7 +159,7 @@ class Par(Method):
                 skip = self.skip_for(layer_logits, layers, k)
                 if fits(n_v, skip):
                     return Setting(n_v, skip, k)
-            for layers in range(target, self.min_layers() - 1 if self.route_layers else target - 1, -1):
+            for layers in range(target, floor_layers - 1, -1):
                 skip = self.skip_for(layer_logits, layers, k)
                 if not self.route_tokens:
                     if fits(n_v, skip):
@@ -171,7 +172,6 @@ class Par(Method):
                     mid = (low + high + 1) // 2
                     low, high = (mid, high) if fits(mid, skip) else (low, mid - 1)
                 return Setting(low, skip, k)
-        floor_layers = self.min_layers() if self.route_layers else self.n_layers
         cheapest = self.setting_flops(query, Setting(0 if self.route_tokens else n_v,
                                                      self.skip_for(layer_logits, floor_layers, self.min_start_layer),
                                                      self.min_start_layer))
@@ -256,8 +256,7 @@ class ParPrior(Par):
         return max(1, self.config.start_layer)  # FastV's row is read at layer K-1
 
     def route(self, query, budget):
-        influence = torch.tensor(self.predictor.method("layerdrop").influence(), dtype=torch.float32)
-        return torch.zeros(query.n_visual), influence
+        return torch.zeros(query.n_visual), self.predictor.method("layerdrop").layer_scores().float()
 
     def skip_for(self, layer_logits, kept_layers, start_layer=0):
         # FastV's scores are read at layer K-1: it must run, so it is never a candidate for skipping
