@@ -19,6 +19,7 @@ from par_demo.images import load_image
 from par_demo.methods import METHODS, Method, method_class
 from par_demo.methods.base import check_budget
 from par_demo.models import DEFAULT_MODEL, LoadedModel, clip_question, encode_query, load_model
+from par_demo.router import fingerprint
 
 __all__ = ["METHODS", "Prediction", "Predictor"]
 
@@ -62,7 +63,10 @@ class Predictor:
 
     @property
     def cache_key(self) -> str:
-        return f"{self.loaded.name}-{self.loaded.quant}"
+        """Names this model's weights, so a cached measurement (layer drop's block influence) is not reused
+        after the model at the same path is retrained."""
+        weights = fingerprint(self.loaded)["weights"]
+        return f"{self.loaded.name}-{self.loaded.quant}-{weights}"
 
     def method(self, name: str) -> Method:
         cls = method_class(name)

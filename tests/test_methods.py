@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from par_demo.errors import UserError
 
@@ -88,3 +89,15 @@ def test_questions_cannot_add_image_slots(predictor, scene):
     assert p.n_visual_tokens == 144
     with pytest.raises(UserError, match="empty"):
         predictor.predict(scene, "  <image> ", "full")
+
+
+def test_layerdrop_calibration_is_not_reused_after_the_model_is_retrained():
+    from par_demo.models import load_model
+    from par_demo.predict import Predictor
+
+    first = Predictor(load_model("random:llava-tiny", device="cpu"))
+    again = Predictor(load_model("random:llava-tiny", device="cpu"))
+    assert first.cache_key == again.cache_key  # same weights: the cached block influence is valid
+    with torch.no_grad():
+        again.loaded.model.lm_head.weight.mul_(1.5)  # same name and architecture, other weights
+    assert first.cache_key != again.cache_key
