@@ -68,7 +68,6 @@ class TrainConfig:
     b_lr: float = 3e-3
     look_weight: float = 2.0  # weight of the "where to look" attention loss
     read_weight: float = 1.0  # weight of reading the looked-at object's attributes from that head's output
-    early_weight: float = 1.0  # weight of the early read-out of the first answer token
     warmup: int = 100
     weight_decay: float = 0.01
     eval_every: int = 275
@@ -346,7 +345,6 @@ def read_target(qtype: str, question: str, objects: list[dict]) -> list[int]:
 
 READ_SIZES = (len(COLORS) + 1, len(SHAPES) + 1, len(QUADRANTS) + 1, MAX_OBJECTS + 1)
 LOOK_LAYER, LOOK_HEAD = 2, 0  # the one attention head taught where to look
-EARLY_LAYERS = 4  # the answer is also read out (final norm + lm_head) after this many layers
 
 
 def look_logits(attn, captured: dict, rows: torch.Tensor, queries: torch.Tensor, n_prefix: int) -> torch.Tensor:
@@ -366,8 +364,7 @@ def look_logits(attn, captured: dict, rows: torch.Tensor, queries: torch.Tensor,
 def packed_loss(model, read_head, feats, ids, targets, rows, queries, looks, reads, pos, mask, image_start: int):
     """Answer-token cross-entropy of the stock LLaVA computation (image features supplied precomputed), plus
     a cross-entropy teaching one head of layer LOOK_LAYER where the answer is in the image, plus a linear
-    read-out of the looked-at object's colour, shape and quadrant from that head's output, plus the first
-    answer token read out early (after EARLY_LAYERS layers).
+    read-out of the looked-at object's colour, shape and quadrant from that head's output.
 
     Measured without the read-out: the head attended to the right patches (91% of its weight on colour
     questions) but its value projection carried almost no colour (a linear probe on it: 30%, against 86% on
@@ -386,7 +383,7 @@ def packed_loss(model, read_head, feats, ids, targets, rows, queries, looks, rea
     try:
         out = lm(
             inputs_embeds=embeds, position_ids=pos.unsqueeze(0).expand(b, -1),
-            attention_mask=mask.view(1, 1, *mask.shape).expand(b, 1, -1, -1), output_hidden_states=True,
+            attention_mask=mask.view(1, 1, *mask.shape).expand(b, 1, -1, -1),
         )
     finally:
         hook.remove()
@@ -396,13 +393,11 @@ def packed_loss(model, read_head, feats, ids, targets, rows, queries, looks, rea
     answer_loss = F.cross_entropy(model.lm_head(hidden[where]), targets[where])
     logits = look_logits(attn, captured, rows, queries, looks.shape[1])
     look_loss = -(looks * F.log_softmax(logits, dim=-1)).sum(-1).mean()
-    early = model.lm_head(lm.norm(out.hidden_states[EARLY_LAYERS][rows, queries]))
-    early_loss = F.cross_entropy(early, targets[rows, queries])
     d = attn.head_dim
     head_out = captured["heads_out"][rows, queries, LOOK_HEAD * d:(LOOK_HEAD + 1) * d]  # [questions, head_dim]
     read_logits = read_head(head_out).split(READ_SIZES, dim=-1)
     read_loss = sum(F.cross_entropy(lg, reads[:, j], ignore_index=IGNORE) for j, lg in enumerate(read_logits))
-    return answer_loss, look_loss, early_loss, read_loss
+    return answer_loss, look_loss, read_loss
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -577,14 +572,13 @@ def train_stage_b(model, processor, pool: Pool, heads, tc: TrainConfig, work: Pa
         rng = np.random.default_rng([tc.seed, 3, step])
         idx = rng.choice(len(pool.images), size=tc.b_batch, replace=False)
         ids, targets, rows, queries, looks, reads = packer.batch(pool, idx, rng)
-        answer_loss, look_loss, early_loss, read_loss = packed_loss(
+        answer_loss, look_loss, read_loss = packed_loss(
             model, read_head, feats[idx], ids, targets, rows, queries, looks, reads, pos, mask, packer.image_start
         )
-        loss = (answer_loss + tc.look_weight * look_loss + tc.early_weight * early_loss
-                + tc.read_weight * read_loss)
+        loss = answer_loss + tc.look_weight * look_loss + tc.read_weight * read_loss
         optimizer_step(opt, loss, params, lr_at(step, tc.b_steps, tc.b_lr, tc.warmup))
         bar.set_postfix(answer=f"{answer_loss.item():.3f}", look=f"{look_loss.item():.3f}",
-                        early=f"{early_loss.item():.3f}", read=f"{read_loss.item():.3f}")
+                        read=f"{read_loss.item():.3f}")
         if (step + 1) % tc.eval_every == 0 or step + 1 == tc.b_steps:
             acc = evaluate(model, processor, eval_rows)
             log(f"stage B step {step + 1}: answer loss {answer_loss.item():.3f}, look loss {look_loss.item():.3f}, "
@@ -608,9 +602,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     tc = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     mc = ModelConfig(**{f.name: getattr(args, f.name) for f in fields(ModelConfig) if f.name != "patch_size"})
-    if mc.text_layers <= max(LOOK_LAYER, EARLY_LAYERS):
-        raise UserError(f"--text-layers must be at least {max(LOOK_LAYER, EARLY_LAYERS) + 1} "
-                        f"(the look loss uses layer {LOOK_LAYER}, the early read-out layer {EARLY_LAYERS})")
+    if mc.text_layers <= LOOK_LAYER:
+        raise UserError(f"--text-layers must be at least {LOOK_LAYER + 1} (the look loss uses layer {LOOK_LAYER})")
     if tc.b_questions % len(QUESTION_TYPES):
         raise UserError(f"--b-questions must be a multiple of {len(QUESTION_TYPES)}")
     torch.set_num_threads(tc.threads)

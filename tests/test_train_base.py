@@ -97,5 +97,5 @@ def test_train_base_command_saves_a_loadable_model_and_resumes(tmp_path):
 def test_train_base_refuses_a_model_too_shallow_for_its_losses(tmp_path, capsys):
     from par_demo.cli import main
 
-    assert main(["train-base", "--out", str(tmp_path / "m"), "--text-layers", "3"]) == 2
-    assert "--text-layers must be at least 5" in capsys.readouterr().err
+    assert main(["train-base", "--out", str(tmp_path / "m"), "--text-layers", "2"]) == 2
+    assert "--text-layers must be at least 3" in capsys.readouterr().err
