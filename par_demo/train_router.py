@@ -20,7 +20,8 @@ Per query (image + question; answers in the data are never read):
      the better flow's kept fraction: without it the preference loss alone only sharpens the logits, and the
      scores lose their meaning as keep probabilities.
 At the end a Pareto table is measured on held-out queries: for each budget of a grid, the layer count L (and
-the tokens it leaves) whose router-pruned model has the lowest KL to the full model. It is saved with the router.
+the tokens it leaves) whose router-pruned model most often gives the full model's answer, the lower KL breaking
+ties. It is saved with the router.
 
 `accelerate` places the model and router (CPU, one GPU, or several with `accelerate launch`: each process takes
 its own queries, gradients are averaged). Checkpoints every `--save-every` steps; `--resume` continues one.
