@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from tqdm import tqdm
 
 from par_demo.bench import parse_list
-from par_demo.errors import UserError
+from par_demo.errors import BudgetOutOfReach, UserError
 from par_demo.images import load_image
 from par_demo.methods import method_class
 from par_demo.methods.base import check_budget
@@ -64,9 +64,7 @@ def evaluate(predictor: Predictor, samples: list[dict], pairs: list[tuple[str, f
             try:
                 p = predictor.predict(image, sample["question"], pair[0], pair[1], tokens, layers,
                                       max_new_tokens=max_new_tokens)
-            except UserError as exc:
-                if "below what" not in str(exc):
-                    raise
+            except BudgetOutOfReach as exc:
                 notes[pair] = str(exc)
                 continue
             kind = sample.get("type", "all")

@@ -203,7 +203,6 @@ def patch_loss(heads: torch.nn.Linear, feats: torch.Tensor, labels: torch.Tensor
     return sum(losses), accs
 
 
-
 def optimizer_step(opt, loss: torch.Tensor, params, lr: float) -> None:
     """One AdamW step at learning rate `lr`, gradients clipped to norm 1 (both stages train this way)."""
     for group in opt.param_groups:
@@ -212,6 +211,7 @@ def optimizer_step(opt, loss: torch.Tensor, params, lr: float) -> None:
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
+
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     if step < warmup:

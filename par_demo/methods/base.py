@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 
 from par_demo.engine import PruningPlan, Query
-from par_demo.errors import UserError
+from par_demo.errors import BudgetOutOfReach, UserError
 
 if TYPE_CHECKING:
     from par_demo.predict import Predictor
@@ -91,8 +91,7 @@ class Method:
                 cheapest = cost if cheapest is None else min(cheapest, cost)
         full = self.flops.full(query.n_text, query.n_visual)
         reach = f"{cheapest / full:.2f}" if cheapest is not None else "n/a"
-        raise UserError(f"budget {budget:g} is below what {self.name} can reach on this model "
-                        f"(its cheapest setting costs {reach} of the full prefill FLOPs)")
+        raise BudgetOutOfReach(self.name, budget, reach)
 
     def plan(self, query: Query, budget: float = 1.0, tokens: int | None = None, layers: int | None = None,
              start_layer: int = 2) -> tuple[PruningPlan, Setting]:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from par_demo.engine import PruningPlan
-from par_demo.errors import UserError
+from par_demo.errors import BudgetOutOfReach, UserError
 from par_demo.methods.base import Method, Setting, check_budget, check_count, top_indices
 from par_demo.router import CONFIG_FILE, load_router, sanitize
 
@@ -175,9 +175,7 @@ class Par(Method):
         cheapest = self.setting_flops(query, Setting(0 if self.route_tokens else n_v,
                                                      self.skip_for(layer_logits, floor_layers, self.min_start_layer),
                                                      self.min_start_layer))
-        reach = cheapest / self.flops.full(query.n_text, query.n_visual)
-        raise UserError(f"budget {budget:g} is below what {self.name} can reach on this model "
-                        f"(its cheapest setting costs {reach:.2f} of the full prefill FLOPs)")
+        raise BudgetOutOfReach(self.name, budget, f"{cheapest / self.flops.full(query.n_text, query.n_visual):.2f}")
 
     def fixed(self, query, tokens, layers, start_layer):
         n_tokens = query.n_visual if tokens is None else check_count(tokens, 0, query.n_visual, "tokens kept")
