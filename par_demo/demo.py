@@ -266,12 +266,13 @@ class Comparison:
 class DemoService:
     """The model side of the demo: one predictor, a bounded cache of full answers, a lock around the model."""
 
-    def __init__(self, predictor: Predictor, model_name: str, n_layers: int, grid: tuple[int, int],
-                 cache_items: int = DEFAULT_CACHE_ITEMS, max_new_tokens: int = 16):
+    def __init__(self, predictor: Predictor, model_name: str, n_layers: int, max_visual_tokens: int,
+                 cache_items: int = DEFAULT_CACHE_ITEMS, max_new_tokens: int = 16, description: str = ""):
         self.predictor = predictor
+        self.description = description  # the architecture in words (from the model's family)
         self.model_name = model_name
         self.n_layers = int(n_layers)
-        self.grid = (int(grid[0]), int(grid[1]))
+        self.max_visual_tokens = int(max_visual_tokens)  # per image; a dynamic-resolution model gives fewer
         self.max_new_tokens = max_new_tokens
         self.full_cache = LRUCache(cache_items)
         self.view_cache = LRUCache(cache_items)
@@ -285,11 +286,12 @@ class DemoService:
         from par_demo.predict import Predictor
 
         loaded = load_model(spec or DEFAULT_MODEL, quant=quant)
-        return cls(Predictor(loaded), loaded.name, loaded.n_layers, loaded.grid, **kwargs)
+        return cls(Predictor(loaded), loaded.name, loaded.n_layers, loaded.max_visual_tokens,
+                   description=loaded.family.describe(loaded), **kwargs)
 
     @property
     def n_visual_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return self.max_visual_tokens
 
     def available_methods(self) -> dict[str, str | None]:
         return dict(self._available)
@@ -589,7 +591,8 @@ class DemoApp:
 
     def status_markdown(self) -> str:
         s = self.service
-        lines = [f"**Model:** `{s.model_name}` · {s.n_visual_tokens} visual tokens ({s.grid[0]}×{s.grid[1]} patches)"
+        described = f" · {s.description}" if s.description else ""
+        lines = [f"**Model:** `{s.model_name}`{described} · up to {s.n_visual_tokens} visual tokens"
                  f" · {s.n_layers} decoder layers"]
         for label, value in METHOD_CHOICES:
             reason = s.available_methods().get(value)

@@ -50,7 +50,7 @@ SHORT_SWEEP = (1.0, 0.5, 0.2)  # the app sweeps ten budgets; three show the same
 @pytest.fixture(scope="module")
 def service(tiny, predictor):
     # The random model never stops early: 4 new tokens instead of 16 keep the tests fast.
-    return d.DemoService(CountingPredictor(predictor), tiny.name, tiny.n_layers, tiny.grid, cache_items=4,
+    return d.DemoService(CountingPredictor(predictor), tiny.name, tiny.n_layers, tiny.max_visual_tokens, cache_items=4,
                          max_new_tokens=4)
 
 
@@ -215,7 +215,7 @@ def test_out_of_memory_becomes_a_message_and_the_next_request_works(tiny, predic
                 raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
             return super().predict(image, question, method, **kwargs)
 
-    app = d.DemoApp(d.DemoService(RunsOutOnce(predictor), tiny.name, tiny.n_layers, tiny.grid, max_new_tokens=2))
+    app = d.DemoApp(d.DemoService(RunsOutOnce(predictor), tiny.name, tiny.n_layers, tiny.max_visual_tokens, max_new_tokens=2))
     args = (EXAMPLE, QUESTION, "random", 0.6, 0, 0, 2, d.PATCH_VIEWS[0])
     with pytest.raises(gr.Error, match="out of memory"):
         app.run(*args, progress=lambda *a, **k: None)
@@ -238,13 +238,12 @@ def par_app(tiny, tmp_path_factory):
     from par_demo.predict import Predictor
     from par_demo.router import MetaRouter, RouterConfig, fingerprint, save_router
 
-    rows, cols = tiny.grid
     config = RouterConfig(lm_width=tiny.config.text_config.hidden_size, n_layers=tiny.n_layers,
-                          n_visual=rows * cols, width=16, heads=1, model=fingerprint(tiny))
+                          width=16, heads=1, model=fingerprint(tiny))
     torch.manual_seed(0)
     predictor = Predictor(tiny)
     predictor.router_path = save_router(MetaRouter(config), tmp_path_factory.mktemp("router"))
-    service = d.DemoService(predictor, tiny.name, tiny.n_layers, tiny.grid, max_new_tokens=2)
+    service = d.DemoService(predictor, tiny.name, tiny.n_layers, tiny.max_visual_tokens, max_new_tokens=2)
     return d.DemoApp(service)
 
 

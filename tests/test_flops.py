@@ -13,7 +13,7 @@ def counted_prefill_flops(model, inputs, plan):
     # The math SDPA backend is decomposed into matmuls that the counter sees; fused CPU kernels are not counted.
     engine = Engine(model)
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        query = engine.prepare(inputs["input_ids"], inputs["pixel_values"])
+        query = engine.prepare(inputs)
         engine.prefill(query, plan)
     return counter.get_total_flops(), query
 
@@ -27,16 +27,18 @@ def counted_prefill_flops(model, inputs, plan):
 def test_analytic_prefill_flops_match_flop_counter_within_5_percent(tiny, predictor, scene, plan, kept, rows):
     inputs = predictor.encode(scene, "How many objects are there?")
     counted, query = counted_prefill_flops(tiny.model, inputs, plan)
-    analytic = FlopsModel.from_config(tiny.config).prefill(
-        query.n_text, query.n_visual, kept, plan.skip_layers, plan.start_layer, attention_rows=rows)
+    analytic = FlopsModel.from_config(tiny.config).prefill(query, kept, plan.skip_layers, plan.start_layer,
+                                                           attention_rows=rows)
     assert abs(analytic - counted) / counted < 0.05
 
 
 def test_llava_7b_full_prefill_is_in_the_published_range():
     # LLaVA-1.5-7B on ~600 tokens: about 2 x 6.7e9 parameters x 640 tokens, i.e. ~8-9 TFLOPs.
-    from par_demo.models import PRESETS, build_config
+    from par_demo.families.llava import PRESETS, Llava, build_config
+    from par_demo.flops import Shape
 
-    flops = FlopsModel.from_config(build_config(PRESETS["llava-1.5-7b"], image_token_id=32000))
-    total = flops.full(n_text=64, n_visual=576)
+    config = build_config(PRESETS["llava-1.5-7b"], image_token_id=32000)
+    vision = Llava.vision_flops(config)
+    total = FlopsModel.from_config(config).full(Shape(n_text=64, n_visual=576, vision_flops=vision))
     assert 7.5e12 < total < 9.5e12
-    assert flops.vision() / total < 0.06  # the vision tower is a small share; the LM dominates
+    assert vision / total < 0.06  # the vision tower is a small share; the LM dominates
