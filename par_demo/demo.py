@@ -281,11 +281,12 @@ class DemoService:
         self._available = dict(predictor.available_methods())
 
     @classmethod
-    def from_model(cls, spec: str | None = None, quant: str = "none", **kwargs: Any) -> DemoService:
+    def from_model(cls, spec: str | None = None, quant: str = "none", options: dict | None = None,
+                   **kwargs: Any) -> DemoService:
         from par_demo.models import DEFAULT_MODEL, load_model
         from par_demo.predict import Predictor
 
-        loaded = load_model(spec or DEFAULT_MODEL, quant=quant)
+        loaded = load_model(spec or DEFAULT_MODEL, quant=quant, options=options)
         return cls(Predictor(loaded), loaded.name, loaded.n_layers, loaded.max_visual_tokens,
                    description=loaded.family.describe(loaded), **kwargs)
 

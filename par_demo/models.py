@@ -160,6 +160,7 @@ def load_model(spec: str = DEFAULT_MODEL, quant: str = "none", device: str | Non
     if spec.startswith("random:"):
         model, processor, family = build_random_model(spec.split(":", 1)[1], dtype=torch_dtype)
         family.check_supported(model)
+        family.check_options(dict(options or {}))
         if quant == "none":
             return LoadedModel(model.to(device), processor, spec, quant, family, dict(options or {}))
         # bitsandbytes quantizes while loading, so a random model goes through a temporary checkpoint:
@@ -204,6 +205,7 @@ def _from_pretrained(spec: str, quant: str, device: str, dtype: torch.dtype, opt
     except (OSError, ValueError, KeyError) as exc:  # unknown model_type is a ValueError / KeyError
         raise UserError(f"cannot load model '{spec}' from its {where}: {_first_line(exc)}") from None
     family = family_for_model_type(config.model_type)  # an unsupported architecture stops here, in one line
+    family.check_options(dict(options or {}))
     kwargs = dict(dtype=dtype, local_files_only=offline, trust_remote_code=False)
     qconfig = quantization_config(quant, dtype, family.unquantized_modules())
     if qconfig is not None:

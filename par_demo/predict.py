@@ -170,9 +170,6 @@ def add_model_arguments(parser) -> None:
 def load_from_args(args) -> LoadedModel:
     """The model the shared model arguments name."""
     options = {k: getattr(args, k, None) for k in ("min_pixels", "max_pixels")}
-    for key, value in options.items():
-        if value is not None and value < 28 * 28:
-            raise UserError(f"--{key.replace('_', '-')} must be at least {28 * 28} (one 28 x 28 cell), got {value}")
     return load_model(args.model, args.quant, args.device, args.dtype,
                       options={k: v for k, v in options.items() if v is not None})
 

@@ -6,12 +6,16 @@ from the stock decoder layers with the tokens' original positions (prefill and t
 runs on images of three aspect ratios, which give three different token counts and grids.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from par_demo.engine import Engine, PruningPlan
 from par_demo.shapes import render_scene
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "assets" / "examples" / "shapes_color.png"
 
 # (preset, image size (width, height)); Qwen2.5-VL gives one token per 28 x 28 px, so each size its own grid.
 CASES = [
@@ -154,3 +158,46 @@ def test_max_pixels_trades_resolution_for_visual_tokens(models):
     query = Engine(small.model).prepare(encode(small, (448, 224)))
     assert query.n_visual <= 32 and query.layout.grid[1] > query.layout.grid[0]  # still wide
     assert small.max_visual_tokens == 32 < loaded.max_visual_tokens
+
+
+def test_a_saved_qwen_folder_loads_offline_and_answers_alike(models, tmp_path):
+    """A save_pretrained folder (weights, image processor, tokenizer, chat template) loads with no network."""
+    from par_demo.models import load_model
+
+    loaded = models("qwen2.5-vl-tiny")
+    loaded.model.save_pretrained(tmp_path)
+    loaded.processor.save_pretrained(tmp_path)
+    again = load_model(str(tmp_path), device="cpu")
+    assert again.family.name == "qwen2.5-vl"
+    inputs, inputs_again = encode(loaded, (448, 224)), encode(again, (448, 224))
+    assert torch.equal(inputs["input_ids"], inputs_again["input_ids"])
+    assert Engine(again.model).generate(inputs_again, max_new_tokens=4).tokens == \
+        Engine(loaded.model).generate(inputs, max_new_tokens=4).tokens
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"model_type": "gemma3"}, "model type 'gemma3' is not supported; par-demo runs: llava, qwen2_5_vl"),
+    ({"model_type": "no-such-architecture"}, "cannot load model"),
+])
+def test_an_unsupported_model_folder_is_one_clear_line(tmp_path, capsys, config, message):
+    import json
+
+    from par_demo.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code = main(["predict", "--model", str(tmp_path), "--image", str(EXAMPLE),
+                 "--question", "What color is the circle?"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_pixel_limits_are_checked_before_any_query(tmp_path):
+    from par_demo.errors import UserError
+    from par_demo.models import load_model
+
+    with pytest.raises(UserError, match="llava models resize every image to one size"):
+        load_model("random:llava-tiny", device="cpu", options={"max_pixels": 50_000})
+    with pytest.raises(UserError, match="at least 784"):
+        load_model("random:qwen2.5-vl-tiny", device="cpu", options={"max_pixels": 100})
+    with pytest.raises(UserError, match="above --max-pixels"):
+        load_model("random:qwen2.5-vl-tiny", device="cpu", options={"min_pixels": 90_000, "max_pixels": 50_000})

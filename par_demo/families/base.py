@@ -107,6 +107,13 @@ class Family:
             if attn is None or not all(hasattr(attn, p) for p in parts) or hasattr(attn, "q_norm"):
                 raise UserError(f"unsupported decoder layer {type(layer).__name__}: the engine runs Llama-style layers")
 
+    def check_options(self, options: dict) -> None:
+        """Refuse image options this family has no use for (a fixed-size family resizes every image alike)."""
+        if options:
+            names = ", ".join("--" + key.replace("_", "-") for key in options)
+            raise UserError(f"{names}: {self.name} models resize every image to one size; "
+                            f"only dynamic-resolution models (qwen2.5-vl) take pixel limits")
+
     # ---- one query
     def encode(self, loaded, image: Image.Image, question: str) -> dict:
         """(image, question) -> model inputs on the model's device, exactly as the stock processor makes them.

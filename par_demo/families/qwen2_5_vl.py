@@ -171,6 +171,17 @@ class Qwen2_5_VL(Family):
     def unquantized_modules(self):
         return ["model.visual", "lm_head"]
 
+    def check_options(self, options):
+        unknown = set(options) - {"min_pixels", "max_pixels"}
+        if unknown:
+            raise UserError(f"unknown image options for {self.name}: {', '.join(sorted(unknown))}")
+        for key, value in options.items():
+            if not isinstance(value, int) or value < 28 * 28:
+                raise UserError(f"--{key.replace('_', '-')} must be a whole number of pixels, at least {28 * 28} "
+                                f"(one 28 x 28 cell), got {value!r}")
+        if options.get("min_pixels", 0) > options.get("max_pixels", float("inf")):
+            raise UserError(f"--min-pixels ({options['min_pixels']}) is above --max-pixels ({options['max_pixels']})")
+
     def check_supported(self, model):
         super().check_supported(model)
         if getattr(model.config.text_config, "use_sliding_window", False):
