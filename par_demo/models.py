@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from par_demo.errors import UserError
-from par_demo.families import Family, family_for_model_type, family_of, preset_builders
+from par_demo.families import Family, family_for_model_type, family_of, preset_families
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = str(PROJECT_ROOT / "assets" / "models" / "shapes-llava")
@@ -85,11 +85,11 @@ def parse_dtype(name: str | None, device: str) -> torch.dtype:
 
 def build_random_model(preset_name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
     """(model, processor, family) for a preset with random weights; deterministic for a given seed."""
-    builders = preset_builders()
-    if preset_name not in builders:
-        raise UserError(f"unknown preset '{preset_name}'; choose one of: {', '.join(builders)}")
-    family, build = builders[preset_name]
-    config, processor = build(dtype)
+    families = preset_families()
+    if preset_name not in families:
+        raise UserError(f"unknown preset '{preset_name}'; choose one of: {', '.join(families)}")
+    family = families[preset_name]
+    config, processor = family.build_random(preset_name)
     torch.manual_seed(seed)
     with _default_dtype(dtype):
         model = family.model_class()(config)

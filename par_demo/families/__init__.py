@@ -30,10 +30,10 @@ def family_of(model) -> Family:
     return family_for_model_type(model.config.model_type)
 
 
-def preset_builders() -> dict:
-    """`random:<name>` -> (family, builder(dtype) -> (config, processor))."""
-    return {name: (family, build) for family in FAMILIES for name, build in family.presets().items()}
+def preset_families() -> dict[str, Family]:
+    """`random:<name>` preset -> the family that builds it."""
+    return {name: family for family in FAMILIES for name in family.preset_names}
 
 
-__all__ = ["FAMILIES", "Family", "Layout", "Query", "family_for_model_type", "family_of", "preset_builders",
+__all__ = ["FAMILIES", "Family", "Layout", "Query", "family_for_model_type", "family_of", "preset_families",
            "supported_model_types"]

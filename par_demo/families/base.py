@@ -91,9 +91,11 @@ class Family:
     def load_processor(self, path: str, local_files_only: bool):
         raise NotImplementedError
 
-    def presets(self) -> dict:
-        """`random:<name>` presets: name -> callable(dtype) -> (model, processor) with random weights."""
-        return {}
+    preset_names: tuple[str, ...] = ()  # `random:<name>` presets: the exact architecture, random weights
+
+    def build_random(self, name: str):
+        """(config, processor) of a preset; the loader makes the model from the config, no download."""
+        raise NotImplementedError
 
     def unquantized_modules(self) -> list[str]:
         """Modules kept in full precision when the decoder is quantized (vision path and LM head)."""

@@ -86,10 +86,9 @@ class Llava(Family):
 
         return AutoProcessor.from_pretrained(path, local_files_only=local_files_only, trust_remote_code=False)
 
-    def presets(self):
-        return {name: (lambda dtype, name=name: self.build_random(name, dtype)) for name in PRESETS}
+    preset_names = tuple(PRESETS)
 
-    def build_random(self, name: str, dtype: torch.dtype):
+    def build_random(self, name):
         from par_demo.tokenizer import build_processor
 
         preset = PRESETS[name]

@@ -158,10 +158,9 @@ class Qwen2_5_VL(Family):
     def load_processor(self, path, local_files_only):
         return Processor.from_pretrained(path, local_files_only=local_files_only)
 
-    def presets(self):
-        return {name: (lambda dtype, name=name: self.build_random(name)) for name in PRESETS}
+    preset_names = tuple(PRESETS)
 
-    def build_random(self, name: str):
+    def build_random(self, name):
         processor = build_processor()
         tokenizer = processor.tokenizer
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (IMAGE_TOKEN, VISION_START, VISION_END, IM_END,
