@@ -47,10 +47,13 @@ EXAMPLES_DIR = ROOT / "assets" / "examples"
 # (label shown in the UI, method name of the engine). "full" is the reference, never a choice in the UI.
 METHOD_CHOICES: list[tuple[str, str]] = [
     ("PAR", "par"), ("FastV", "fastv"), ("random tokens", "random"), ("layer drop", "layerdrop"),
+    ("VisionZip", "visionzip"), ("DivPrune", "divprune"), ("CDPruner", "cdpruner"),
+    ("downsample (pooled)", "downsample"),
 ]
 METHOD_LABELS = dict((value, label) for label, value in METHOD_CHOICES) | {"full": "full model"}
-# What the per-patch and per-layer scores of each method are (shown on hover and in the colour bar).
-TOKEN_SCORE_NAMES = {"par": "router score"}  # other methods' patch scores are attention to the image
+# What the per-patch and per-layer scores of each method are (shown on hover and in the colour bar). FastV's patch
+# scores are attention to the image (the default name); DivPrune and downsampling have none.
+TOKEN_SCORE_NAMES = {"par": "router score", "visionzip": "vision-tower attention", "cdpruner": "question relevance"}
 LAYER_SCORE_NAMES = {"par": "router score", "layerdrop": "block influence"}
 SWEEP_BUDGETS = tuple(round(1.0 - 0.1 * i, 1) for i in range(10))  # 1.0, 0.9, ..., 0.1
 DEFAULT_START_LAYER = 2  # the paper prunes tokens from layer K=2 on

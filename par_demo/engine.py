@@ -34,6 +34,10 @@ class PruningPlan:
     start_layer: int = 2  # K: visual tokens are dropped before layer K runs (layers < K see every token)
     keep_visual: torch.Tensor | None = None  # indices into the visual tokens (row-major patches); None = keep all
     keep_visual_count: int | None = None  # FastV rule: keep the top-k by layer K-1 attention (when keep_visual is None)
+    # Merging methods (VisionZip's contextual tokens, pooled downsampling) give a kept token new input features: row i
+    # replaces the features of visual token keep_visual[i], which keeps its own position. Input features only make
+    # sense before the first layer, so only at K = 0.
+    visual_features: torch.Tensor | None = None  # (len(keep_visual), D)
     skip_layers: frozenset[int] = frozenset()  # decoder layers that are not run at all
     token_scores: torch.Tensor | None = None  # per visual token, for display (router logits, attention, ...)
     layer_scores: torch.Tensor | None = None  # per layer, for display
@@ -143,6 +147,11 @@ class Engine:
                 raise UserError("attention-ranked token pruning needs a start layer >= 1 (it ranks at layer K-1)")
             if plan.start_layer - 1 in plan.skip_layers:
                 raise UserError(f"attention-ranked token pruning needs layer {plan.start_layer - 1} to run")
+        if plan.visual_features is not None:
+            n_keep = -1 if plan.keep_visual is None else plan.keep_visual.numel()
+            if plan.start_layer != 0 or plan.visual_features.shape != (n_keep, query.image_features.shape[1]):
+                raise UserError("replacement visual features need start layer 0 and one row of the model's width per "
+                                "kept visual token")
 
     # ----------------------------------------------------------------------------------------- inputs
     @torch.inference_mode()
@@ -216,9 +225,11 @@ class Engine:
         hidden = []
         for i in range(self.n_layers + 1):
             if i == plan.start_layer and plan.prunes_tokens:
-                kept_visual = self._choose_visual(plan, query, attention_to_image)
+                kept_visual, features = self._choose_visual(plan, query, attention_to_image)
                 keep = self._kept_positions(query, kept_visual)
                 h = h[:, keep]  # the gather: dropped tokens leave the sequence here
+                if features is not None:  # merged / pooled tokens take their representative token's place
+                    h[0, torch.searchsorted(keep, query.image_positions[kept_visual])] = features.to(h.dtype)
                 positions = positions[..., keep]  # ... and keep their original (1-D or 3-D) positions
                 rope = self.rope(h, positions)
             if i == self.n_layers:
@@ -237,11 +248,14 @@ class Engine:
         return Prefill(logits, cache, kept_visual, query.next_position, attention_to_image, hidden)
 
     @staticmethod
-    def _choose_visual(plan: PruningPlan, query: Query, attention_to_image) -> torch.Tensor:
+    def _choose_visual(plan: PruningPlan, query: Query, attention_to_image):
+        """(kept visual token indices in sequence order, their replacement features in the same order or None)."""
         if plan.keep_visual is not None:
-            return plan.keep_visual.to(query.image_positions.device).sort().values
+            kept, order = plan.keep_visual.to(query.image_positions.device).sort()
+            features = None if plan.visual_features is None else plan.visual_features.to(kept.device)[order]
+            return kept, features
         top = torch.topk(attention_to_image, plan.keep_visual_count).indices
-        return top.sort().values
+        return top.sort().values, None
 
     @staticmethod
     def _kept_positions(query: Query, kept_visual: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,9 @@ Norms, activations and RoPE are elementwise and left out. Attention is counted a
 FLOPs counters and the FastV/PAR papers do, although a causal kernel may skip half of it.
 
 Prefill = vision path (the family's count for this image: tower + connector) + every decoder layer that runs
-(full sequence before layer K, the kept sequence from K on) + the LM head at the last position + the router (when
-one is used). The decoder part is the same for every family here (Llama-style layers); the vision part differs per
-image, so it travels with the query (`Query.vision_flops`).
+(full sequence before layer K, the kept sequence from K on) + the LM head at the last position + the router or the
+method's own selection work (when there is one). The decoder part is the same for every family here (Llama-style
+layers); the vision part differs per image, so it travels with the query (`Query.vision_flops`).
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ class FlopsModel:
     # ------------------------------------------------------------------------------------------ totals
     def prefill(self, query: QueryShape, kept_visual: int | None = None, skip_layers: Iterable[int] = (),
                 start_layer: int = 2, router: float = 0.0, attention_rows: int = 0) -> float:
-        """FLOPs of one prefill. `kept_visual` None keeps all visual tokens; `router` adds the router's own FLOPs."""
+        """FLOPs of one prefill. `kept_visual` None keeps all visual tokens; `router` adds the router's own FLOPs
+        (or whatever work a method does to choose its tokens: VisionZip's attention row, DivPrune's distances)."""
         skip = set(skip_layers)
         n_full = query.n_text + query.n_visual
         n_kept = query.n_text + (query.n_visual if kept_visual is None else kept_visual)

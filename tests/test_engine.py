@@ -58,6 +58,9 @@ def test_image_tokens_are_found_anywhere_in_the_prompt(tiny, inputs):
     (PruningPlan(keep_visual=torch.tensor([144])), "distinct"),
     (PruningPlan(start_layer=0, keep_visual_count=3), "start layer >= 1"),
     (PruningPlan(keep_visual_count=500), "visual tokens kept"),
+    (PruningPlan(start_layer=2, keep_visual=torch.arange(3), visual_features=torch.zeros(3, 128)), "start layer 0"),
+    (PruningPlan(start_layer=0, keep_visual=torch.arange(3), visual_features=torch.zeros(2, 128)), "one row"),
+    (PruningPlan(start_layer=0, visual_features=torch.zeros(144, 128)), "one row"),
 ])
 def test_bad_plans_are_refused_with_a_clear_message(tiny, inputs, plan, message):
     engine = Engine(tiny.model)

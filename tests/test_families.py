@@ -70,6 +70,9 @@ def reference_logits(model, query, plan, extra_tokens=()):
         embeds = torch.cat([embeds, lm.embed_tokens(torch.tensor([list(extra_tokens)]))], dim=1)
         steps = query.next_position + torch.arange(len(extra_tokens))
         positions = torch.cat([positions, steps.expand(*positions.shape[:-1], len(extra_tokens))], dim=-1)
+    if plan.visual_features is not None:  # merged tokens: new input features at their representatives' places
+        embeds = embeds.clone()
+        embeds[0, query.image_positions[plan.keep_visual]] = plan.visual_features
     keep = torch.ones(embeds.shape[1], dtype=torch.bool)
     if plan.keep_visual is not None:
         keep[query.image_positions] = False
@@ -129,6 +132,29 @@ def test_gathered_tokens_and_skipped_layers_match_stock_layers(models, preset, s
         torch.testing.assert_close(logits, reference_logits(loaded.model, query, plan, generated),
                                    atol=1e-4, rtol=1e-4)
         token, position = int(logits.argmax()), position + 1
+
+
+@pytest.mark.parametrize("preset, size", CASES)
+def test_merged_tokens_replace_their_representatives_like_stock_layers(models, preset, size):
+    """A plan may give kept tokens new input features (VisionZip's merged tokens, pooled tokens) at K = 0; they keep
+    their representatives' positions. Given in any order, each row goes with its own index."""
+    loaded = models(preset)
+    engine = Engine(loaded.model)
+    query = engine.prepare(encode(loaded, size))
+    keep = torch.tensor([query.n_visual - 1, 5, 0, 33, query.n_visual // 2])  # not sorted on purpose
+    features = torch.randn(keep.numel(), query.image_features.shape[1], generator=torch.Generator().manual_seed(3))
+    plan = PruningPlan(start_layer=0, keep_visual=keep, visual_features=features, skip_layers=frozenset({1}))
+    pre = engine.prefill(query, plan, reserve=3)
+    torch.testing.assert_close(pre.logits, reference_logits(loaded.model, query, plan), atol=1e-4, rtol=1e-4)
+    generated, token, position = [], int(pre.logits.argmax()), pre.next_position
+    for _ in range(3):
+        logits = engine.decode_step(token, position, pre.cache, plan)
+        generated.append(token)
+        torch.testing.assert_close(logits, reference_logits(loaded.model, query, plan, generated),
+                                   atol=1e-4, rtol=1e-4)
+        token, position = int(logits.argmax()), position + 1
+    plain = engine.prefill(query, PruningPlan(start_layer=0, keep_visual=keep, skip_layers=frozenset({1})))
+    assert not torch.allclose(plain.logits, pre.logits)  # the features were used
 
 
 def test_image_shape_sets_the_qwen_grid_and_token_count(models):

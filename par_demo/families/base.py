@@ -10,12 +10,16 @@ the FLOPs the vision path spent. A family (one small file in this folder) produc
     view     = family.model_view(loaded, image)              # the image as the model saw it (for the patch grid)
 
 plus the few facts the loader and the decoder loop need (`check_supported`, presets, FLOPs of the vision path).
+A query may also carry how much the vision tower attends to each visual token (`Query.dominance`, what VisionZip
+ranks by), computed on demand from the queries and keys the tower produced while it ran (`recorded_calls`).
 Everything else in a family is the stock transformers model; a family never copies a layer.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -62,6 +66,10 @@ class Query:
     next_position: int  # position of the first generated token; decode step i uses next_position + i
     layout: Layout
     vision_flops: float  # vision tower + connector for this image (images of different sizes cost differently)
+    # How much the vision tower itself attends to each visual token (VisionZip's "dominant" tokens), computed on demand
+    # from what the tower kept of its own run, and what computing it costs. None where the family gives none.
+    dominance: Callable[[], torch.Tensor] | None = None  # -> (n_v,), higher = more attended
+    dominance_flops: float = 0.0
 
     @property
     def n_visual(self) -> int:
@@ -160,3 +168,29 @@ def embed_with_features(model, input_ids: torch.Tensor, image_token_id: int, fea
 def check_prompt_length(input_ids: torch.Tensor, context: int) -> None:
     if input_ids.shape[1] > context:
         raise UserError(f"the prompt is {input_ids.shape[1]} tokens long; this model reads at most {context}")
+
+
+@dataclass
+class Call:
+    """One recorded call of a module: what it was given and what it returned."""
+
+    args: tuple
+    kwargs: dict
+    output: object
+
+
+@contextmanager
+def recorded_calls(*modules):
+    """Record each module's calls while the block runs: what a vision tower computes anyway (an attention layer's
+    queries and keys) is kept instead of being computed again. Yields one list of `Call`s per module."""
+    calls: list[list[Call]] = [[] for _ in modules]
+
+    def recorder(store):
+        return lambda _module, args, kwargs, output: store.append(Call(args, kwargs, output))
+
+    handles = [m.register_forward_hook(recorder(store), with_kwargs=True) for m, store in zip(modules, calls)]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -2,17 +2,19 @@
 
 What differs from other families: the image is resized and centre-cropped to one square size, so every image
 gives the same rows x cols grid (24 x 24 = 576 tokens for LLaVA-1.5-7B); the tower runs up to
-`vision_feature_layer` and drops its CLS token; positions are 1-D (0 .. L-1) and decoding continues at L.
+`vision_feature_layer` and drops its CLS token; positions are 1-D (0 .. L-1) and decoding continues at L. The
+tower's "dominance" score of a patch (VisionZip's ranking) is the CLS token's attention to it at the feature layer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from PIL import Image
 
-from par_demo.families.base import Family, Layout, Query, check_prompt_length, embed_with_features
+from par_demo.families.base import Family, Layout, Query, check_prompt_length, embed_with_features, recorded_calls
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,18 @@ class Llava(Family):
 
     @torch.inference_mode()
     def prepare(self, model, inputs):
-        features = self.image_features(model, inputs["pixel_values"])
+        n_run = tower_layers_run(model.config)
+        attention = model.model.vision_tower.encoder.layers[n_run - 1].self_attn if n_run else None
+        watched = (attention.q_proj, attention.k_proj) if attention is not None else ()
+        with recorded_calls(*watched) as calls:
+            features = self.image_features(model, inputs["pixel_values"])
+        dominance, dominance_flops = None, 0.0
+        if attention is not None:
+            keys = calls[1][0].output[0]  # (n + 1, d): every token's key at the feature layer, CLS first
+            cls_query = calls[0][0].output[0, 0].clone()  # (d,): only the CLS row is needed
+            drop_cls = model.config.vision_feature_select_strategy == "default"
+            dominance = partial(cls_attention, cls_query, keys, attention.num_heads, attention.scale, drop_cls)
+            dominance_flops = 2.0 * keys.numel()  # one query row against n + 1 keys, every head
         input_ids = inputs["input_ids"]
         embeds, image_positions = embed_with_features(model, input_ids, model.config.image_token_id, features)
         side = model.config.vision_config.image_size // model.config.vision_config.patch_size
@@ -133,6 +146,7 @@ class Llava(Family):
             next_position=input_ids.shape[1],
             layout=Layout.row_major(side, side, device=input_ids.device),
             vision_flops=self.vision_flops(model.config),
+            dominance=dominance, dominance_flops=dominance_flops,
         )
 
     @staticmethod
@@ -177,3 +191,13 @@ class Llava(Family):
         n_out = n_patches if config.vision_feature_select_strategy == "default" else n
         projector = 2 * n_out * (d * d_lm + d_lm * d_lm)
         return float(patch_embed + tower_layers_run(config) * per_layer + projector)
+
+
+def cls_attention(cls_query: torch.Tensor, keys: torch.Tensor, heads: int, scale: float, drop_cls: bool):
+    """VisionZip's dominance: the CLS token's softmax attention over every token at the feature layer, averaged over
+    heads. Only the CLS row is computed, from the query and keys the tower produced while it ran. -> (n_v,)"""
+    q = cls_query.float().view(heads, 1, -1)  # (H, 1, hd)
+    k = keys.float().view(keys.shape[0], heads, -1).transpose(0, 1)  # (H, n + 1, hd)
+    weights = torch.softmax((q @ k.transpose(1, 2)).squeeze(1) * scale, dim=-1)  # (H, n + 1)
+    scores = weights.mean(0)
+    return scores[1:] if drop_cls else scores

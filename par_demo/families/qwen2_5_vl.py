@@ -5,7 +5,9 @@ What differs from LLaVA:
   one visual token per 28 x 28 px (14-px patches merged 2 x 2), so the token count and the grid vary per image;
 - the vision tower (window attention in most blocks) and the merger run whole: `get_image_features`;
 - positions are 3-D (temporal, row, column) from the model's own `get_rope_index`: text tokens count up on all
-  three axes, visual tokens take their grid cell; decoding resumes at max(prompt positions) + 1 on all three.
+  three axes, visual tokens take their grid cell; decoding resumes at max(prompt positions) + 1 on all three;
+- the tower has no CLS token, so the tower's own "dominance" score of a visual token (VisionZip's ranking) is the
+  mean attention its 2 x 2 patches receive from every patch in the last full-attention block (`received_attention`).
 The stock processor cannot be built where torchvision is missing (it needs a video processor), so inputs are made
 from the image processor and the tokenizer exactly as it would: the chat template's one `<|image_pad|>` becomes
 prod(image_grid_thw) / merge_size**2 of them.
@@ -15,13 +17,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from par_demo.errors import UserError
-from par_demo.families.base import Family, Layout, Query, check_prompt_length, embed_with_features
+from par_demo.families.base import Family, Layout, Query, check_prompt_length, embed_with_features, recorded_calls
 
 IMAGE_TOKEN, VISION_START, VISION_END = "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"
 IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
@@ -207,7 +210,14 @@ class Qwen2_5_VL(Family):
     @torch.inference_mode()
     def prepare(self, model, inputs):
         grid = inputs["image_grid_thw"]
-        features = model.model.get_image_features(inputs["pixel_values"], grid).pooler_output[0]  # (n_v, D)
+        visual = model.model.visual
+        last_full = visual.blocks[max(visual.fullatt_block_indexes)].attn  # the tower has no CLS token: see below
+        with recorded_calls(last_full, last_full.qkv) as (attention_calls, qkv_calls):
+            features = model.model.get_image_features(inputs["pixel_values"], grid).pooler_output[0]  # (n_v, D)
+        width = visual.config.hidden_size
+        query_keys = qkv_calls[0].output[:, :2 * width].clone()  # (n_patches, 2d): values are not needed
+        dominance = partial(received_attention, query_keys, attention_calls[0].kwargs["position_embeddings"],
+                            last_full.num_heads, last_full.scaling, self.window_order(model.config, grid))
         input_ids = inputs["input_ids"]
         embeds, image_positions = embed_with_features(model, input_ids, model.config.image_token_id, features)
         positions, deltas = model.model.get_rope_index(input_ids, inputs["mm_token_type_ids"], image_grid_thw=grid)
@@ -219,7 +229,17 @@ class Qwen2_5_VL(Family):
             next_position=input_ids.shape[1] + int(deltas[0, 0]),  # = max(positions) + 1, as `generate` continues
             layout=Layout.row_major(rows // merge, cols // merge, device=input_ids.device),
             vision_flops=self.vision_flops(model.config, grid),
+            dominance=dominance, dominance_flops=2.0 * query_keys.shape[0] ** 2 * width,  # all score rows
         )
+
+    @staticmethod
+    def window_order(config, grid_thw: torch.Tensor) -> torch.Tensor:
+        """The tower reorders merged tokens window by window; entry i is the merged token at the tower's place i."""
+        from transformers.vision_utils import get_vision_window_index
+
+        v = config.vision_config
+        window_index, _ = get_vision_window_index(grid_thw.cpu(), v.spatial_merge_size, v.window_size, v.patch_size)
+        return window_index
 
     def model_view(self, loaded, image):
         _, rows, cols = (int(x) for x in loaded.processor.images(image, loaded.options)["image_grid_thw"][0])
@@ -254,3 +274,22 @@ class Qwen2_5_VL(Family):
         wide = d * v.spatial_merge_size ** 2
         merger = 2 * merged * (wide * wide + wide * v.out_hidden_size)
         return float(patch_embed + blocks + merger)
+
+
+def received_attention(query_keys: torch.Tensor, position_embeddings, heads: int, scale: float,
+                       window_index: torch.Tensor, rows_at_once: int = 1024) -> torch.Tensor:
+    """VisionZip's dominance for a tower without a CLS token: the mean softmax attention each merged token receives
+    (summed over its 2 x 2 patches, averaged over heads and every query patch) in the tower's last full-attention
+    block. Rows of scores are made a few at a time, so the patches x patches matrix never exists whole. -> (n_v,)"""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    n = query_keys.shape[0]
+    q, k = query_keys.reshape(n, 2, heads, -1).unbind(1)  # (n, H, hd) each, as the block computed them
+    q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
+    q, k = q.transpose(0, 1).float(), k.transpose(0, 1).float()  # (H, n, hd)
+    received = torch.zeros(heads, n, device=q.device)
+    for start in range(0, n, rows_at_once):
+        received += torch.softmax(q[:, start:start + rows_at_once] @ k.transpose(1, 2) * scale, dim=-1).sum(1)
+    per_patch = received.mean(0) / n
+    per_token = per_patch.view(window_index.numel(), -1).sum(1)  # the tower keeps each token's patches together
+    return per_token[torch.argsort(window_index.to(per_token.device))]  # back to row-major order

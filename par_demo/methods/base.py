@@ -72,8 +72,8 @@ class Method:
     def make_plan(self, query: Query, setting: Setting) -> PruningPlan:
         raise NotImplementedError
 
-    def extra_flops(self, query: Query) -> float:
-        """FLOPs this method adds to the prefill (a router)."""
+    def extra_flops(self, query: Query, setting: Setting) -> float:
+        """FLOPs this method adds to the prefill to choose what it keeps (a router, a similarity search)."""
         return 0.0
 
     def attention_rows(self) -> int:
@@ -84,7 +84,7 @@ class Method:
         kept = None if setting.tokens >= query.n_visual else setting.tokens
         rows = self.attention_rows() if kept is not None else 0
         return self.flops.prefill(query, kept, setting.skip, setting.start_layer,
-                                  router=self.extra_flops(query), attention_rows=rows)
+                                  router=self.extra_flops(query, setting), attention_rows=rows)
 
     def choose(self, query: Query, budget: float, start_layer: int) -> Setting:
         """The first (most expensive) candidate whose prefill FLOPs fit the budget.
@@ -108,7 +108,8 @@ class Method:
              start_layer: int = 2) -> tuple[PruningPlan, Setting]:
         if tokens is not None and not self.uses_tokens:
             raise UserError(f"{self.name} does not prune tokens; "
-                            "--tokens applies to: fastv, random, par, par-tokens, par-prior")
+                            "--tokens applies to: fastv, random, visionzip, divprune, cdpruner, downsample, par, "
+                            "par-tokens, par-prior")
         if layers is not None and not self.uses_layers:
             raise UserError(f"{self.name} does not skip layers; "
                             "--layers applies to: layerdrop, par, par-layers, par-prior")
@@ -146,3 +147,35 @@ class TokenMethod(Method):
 
 def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(scores, k).indices.sort().values
+
+
+@dataclass
+class Selection:
+    """What a pre-LLM method keeps: visual token indices, new input features for them (merged or pooled tokens; None
+    = their own), and a per-token score to show (None = the method has none)."""
+
+    keep: torch.Tensor
+    features: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+
+
+class PreLLMMethod(TokenMethod):
+    """Chooses visual tokens before the language model (K = 0) from what the vision path gave: VisionZip, DivPrune,
+    CDPruner, downsampling. The start layer asked for does not apply; the method's own work counts in its FLOPs
+    (`extra_flops`), and none is done when every token is kept."""
+
+    def plan(self, query, budget=1.0, tokens=None, layers=None, start_layer=2):
+        return super().plan(query, budget, tokens, layers, start_layer=0)
+
+    def select(self, query: Query, tokens: int) -> Selection:
+        raise NotImplementedError
+
+    def make_plan(self, query, setting):
+        if setting.tokens >= query.n_visual:
+            return PruningPlan(start_layer=0)
+        device = query.image_positions.device
+        if setting.tokens == 0:  # nothing to choose: no work done, none counted
+            return PruningPlan(start_layer=0, keep_visual=torch.zeros(0, dtype=torch.long, device=device))
+        chosen = self.select(query, setting.tokens)
+        return PruningPlan(start_layer=0, keep_visual=chosen.keep.to(device), visual_features=chosen.features,
+                           token_scores=chosen.scores)

@@ -116,7 +116,7 @@ class Par(Method):
         self._routed = (query, budget, tokens[0].float(), layers[0].float())
         return self._routed[2], self._routed[3]
 
-    def extra_flops(self, query):
+    def extra_flops(self, query, setting):
         return self.router.flops(query.n_visual, query.n_text)
 
     # ---------------------------------------------------------------------------------------- layers
@@ -263,7 +263,7 @@ class ParPrior(Par):
         n_skip = min(self.n_layers - kept_layers, len(routable))
         return frozenset(sorted(routable, key=lambda i: float(layer_logits[i]))[:n_skip])
 
-    def extra_flops(self, query):
+    def extra_flops(self, query, setting):
         return 0.0
 
     def attention_rows(self):
