@@ -46,6 +46,9 @@ class RouterConfig:
     protected_first: int = 1  # layers 0 .. protected_first-1 always run
     protected_last: int = 1  # the last protected_last layers always run
     start_layer: int = 2  # K: the layer from which dropped visual tokens leave the sequence
+    # How kept tokens follow from the token scores: "top" = the T best-scored; "dpp" = a diverse set weighted by the
+    # scores (greedy DPP, as CDPruner with the router's scores as the relevance; see methods/par.py `select_tokens`)
+    token_selection: str = "top"
     model: dict = field(default_factory=dict)  # fingerprint of the model this router belongs to
 
     def protected(self) -> list[int]:

@@ -70,6 +70,12 @@ def greedy_dpp(features: torch.Tensor, quality: torch.Tensor, k: int) -> torch.T
     return torch.tensor(chosen, dtype=torch.long)
 
 
+def dpp_flops(n: int, k: int, width: int) -> float:
+    """FLOPs of `greedy_dpp` choosing k of n tokens of `width` features: one kernel row per choice, 2 n D, and the
+    updates against the earlier choices, n k (k - 1) in all (fewer if the features' rank runs out first)."""
+    return 2.0 * k * n * width + float(n * k * (k - 1))
+
+
 class CDPruner(PreLLMMethod):
     name = "cdpruner"
 
@@ -78,7 +84,7 @@ class CDPruner(PreLLMMethod):
         if not 0 < t < n:
             return 0.0
         m = query.length - 1 - int(query.image_positions.max())  # instruction tokens
-        return 2.0 * n * m * width + 2.0 * t * n * width + float(n * t * (t - 1))
+        return 2.0 * n * m * width + dpp_flops(n, t, width)
 
     def select(self, query, tokens):
         r = relevance(query.image_features, instruction_tokens(query))

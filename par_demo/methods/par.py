@@ -32,7 +32,8 @@ import torch
 from par_demo.engine import PruningPlan
 from par_demo.errors import BudgetOutOfReach, UserError
 from par_demo.methods.base import Method, Setting, check_budget, check_count, top_indices
-from par_demo.router import CONFIG_FILE, load_router, sanitize
+from par_demo.methods.cdpruner import dpp_flops, greedy_dpp
+from par_demo.router import CONFIG_FILE, RouterConfig, load_router, sanitize
 
 ROUTERS_DIR = Path(__file__).resolve().parent.parent.parent / "assets" / "routers"
 
@@ -48,6 +49,25 @@ def router_inputs(query) -> tuple[torch.Tensor, torch.Tensor]:
     is_text[query.image_positions] = False
     # clone(): the engine makes inference-mode tensors, which autograd may not save (training needs this).
     return query.image_features.clone(), query.inputs_embeds[0, is_text].clone()
+
+
+def standardise(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean()) / (x.std() + 1e-6)
+
+
+def select_tokens(config: RouterConfig, visual: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k visual tokens kept for token scores (n_v,), in sequence order: the k best-scored ("top"), or a greedy
+    DPP over the tokens' cosine similarities with sigmoid(standardised score) as each token's quality ("dpp"), which
+    keeps high-scored tokens that are unlike each other (one patch of each object rather than three of one)."""
+    if config.token_selection == "dpp":
+        quality = torch.sigmoid(standardise(scores.float()))
+        return greedy_dpp(visual, quality.to(visual.device), k).sort().values
+    return top_indices(scores, k)
+
+
+def selection_flops(config: RouterConfig, n_visual: int, k: int, width: int) -> float:
+    """What `select_tokens` adds to the prefill (top-k: nothing counted; DPP: its kernel rows and updates)."""
+    return dpp_flops(n_visual, k, width) if config.token_selection == "dpp" and 0 < k < n_visual else 0.0
 
 
 def router_folders(context) -> list[Path]:
@@ -117,7 +137,8 @@ class Par(Method):
         return self._routed[2], self._routed[3]
 
     def extra_flops(self, query, setting):
-        return self.router.flops(query.n_visual, query.n_text)
+        return self.router.flops(query.n_visual, query.n_text) + selection_flops(
+            self.config, query.n_visual, setting.tokens, query.image_features.shape[1])
 
     # ---------------------------------------------------------------------------------------- layers
     def skip_for(self, layer_logits: torch.Tensor, kept_layers: int, start_layer: int = 0) -> frozenset[int]:
@@ -220,7 +241,8 @@ class Par(Method):
         layer_scores[self.config.protected()] = 1.0  # protected layers always run
         keep = None
         if setting.tokens < query.n_visual:
-            keep = top_indices(token_logits, setting.tokens).to(query.image_positions.device)
+            keep = select_tokens(self.config, query.image_features, token_logits, setting.tokens)
+            keep = keep.to(query.image_positions.device)
         return PruningPlan(start_layer=setting.start_layer, keep_visual=keep, skip_layers=setting.skip,
                            token_scores=torch.sigmoid(token_logits), layer_scores=layer_scores)
 
