@@ -115,6 +115,20 @@ def test_empty_plan_logits_match_stock_forward_at_every_step(models, preset, siz
     torch.testing.assert_close(torch.stack(ours), stock, atol=1e-4, rtol=1e-4)
 
 
+def check_against_stock_layers(loaded, engine, query, plan, steps: int = 3):
+    """The engine's prefill and `steps` decode steps under `plan` equal the stock-layer reference. -> the prefill."""
+    pre = engine.prefill(query, plan, reserve=steps)
+    torch.testing.assert_close(pre.logits, reference_logits(loaded.model, query, plan), atol=1e-4, rtol=1e-4)
+    generated, token, position = [], int(pre.logits.argmax()), pre.next_position
+    for _ in range(steps):
+        logits = engine.decode_step(token, position, pre.cache, plan)
+        generated.append(token)
+        torch.testing.assert_close(logits, reference_logits(loaded.model, query, plan, generated),
+                                   atol=1e-4, rtol=1e-4)
+        token, position = int(logits.argmax()), position + 1
+    return pre
+
+
 @pytest.mark.parametrize("preset, size", CASES)
 @pytest.mark.parametrize("start_layer", [0, 2])
 def test_gathered_tokens_and_skipped_layers_match_stock_layers(models, preset, size, start_layer):
@@ -123,15 +137,7 @@ def test_gathered_tokens_and_skipped_layers_match_stock_layers(models, preset, s
     query = engine.prepare(encode(loaded, size))
     keep = torch.tensor(sorted({0, 3, 17, 40, 41, query.n_visual // 2, query.n_visual - 1}))
     plan = PruningPlan(start_layer=start_layer, keep_visual=keep, skip_layers=frozenset({1, 4}))
-    pre = engine.prefill(query, plan, reserve=3)
-    torch.testing.assert_close(pre.logits, reference_logits(loaded.model, query, plan), atol=1e-4, rtol=1e-4)
-    generated, token, position = [], int(pre.logits.argmax()), pre.next_position
-    for _ in range(3):
-        logits = engine.decode_step(token, position, pre.cache, plan)
-        generated.append(token)
-        torch.testing.assert_close(logits, reference_logits(loaded.model, query, plan, generated),
-                                   atol=1e-4, rtol=1e-4)
-        token, position = int(logits.argmax()), position + 1
+    check_against_stock_layers(loaded, engine, query, plan)
 
 
 @pytest.mark.parametrize("preset, size", CASES)
@@ -144,15 +150,7 @@ def test_merged_tokens_replace_their_representatives_like_stock_layers(models, p
     keep = torch.tensor([query.n_visual - 1, 5, 0, 33, query.n_visual // 2])  # not sorted on purpose
     features = torch.randn(keep.numel(), query.image_features.shape[1], generator=torch.Generator().manual_seed(3))
     plan = PruningPlan(start_layer=0, keep_visual=keep, visual_features=features, skip_layers=frozenset({1}))
-    pre = engine.prefill(query, plan, reserve=3)
-    torch.testing.assert_close(pre.logits, reference_logits(loaded.model, query, plan), atol=1e-4, rtol=1e-4)
-    generated, token, position = [], int(pre.logits.argmax()), pre.next_position
-    for _ in range(3):
-        logits = engine.decode_step(token, position, pre.cache, plan)
-        generated.append(token)
-        torch.testing.assert_close(logits, reference_logits(loaded.model, query, plan, generated),
-                                   atol=1e-4, rtol=1e-4)
-        token, position = int(logits.argmax()), position + 1
+    pre = check_against_stock_layers(loaded, engine, query, plan)
     plain = engine.prefill(query, PruningPlan(start_layer=0, keep_visual=keep, skip_layers=frozenset({1})))
     assert not torch.allclose(plain.logits, pre.logits)  # the features were used
 
