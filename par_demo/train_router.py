@@ -46,6 +46,7 @@ from par_demo.engine import PruningPlan
 from par_demo.errors import UserError
 from par_demo.flops import Shape
 from par_demo.images import load_image
+from par_demo.methods.cdpruner import instruction_tokens, relevance
 from par_demo.methods.par import router_inputs, select_tokens, selection_flops, standardise
 from par_demo.router import (
     MetaRouter, RouterConfig, auto_width, fingerprint, load_router, read_meta, router_flops, save_router,
@@ -68,6 +69,9 @@ class TrainConfig:
     warmup: int = 60  # steps over which flows move from the attention prior to the router's own scores
     beta: float = 5.0
     fraction_weight: float = 1.0  # the kept-fraction regulariser
+    pairs: str = "extremes"  # preference pairs per budget: best vs worst flow ("extremes"), or every ordered pair ("all")
+    prior: str = "attention"  # warm-up token prior: "attention" (last prompt row at `prior_layer`) or "relevance"
+    prior_layer: int = -1  # decoder layer of the attention prior; -1 = K-1 (FastV's row)
     lr: float = 1e-3
     weight_decay: float = 0.01
     max_new_tokens: int = 8
@@ -112,7 +116,7 @@ class Target:
     m: int  # answer tokens scored
     log_p: torch.Tensor  # (m, vocab) full model's log-probabilities
     answer: list[int]
-    prior: torch.Tensor  # (n_v,) attention of the last prompt position to the image at layer K-1
+    prior: torch.Tensor  # (n_v,) > 0: the warm-up token prior (attention row, or CDPruner's question relevance)
     visual: torch.Tensor  # (n_v, D) router input
     text: torch.Tensor  # (n_t, D) router input
     layout: object  # each visual token's row and column (router input)
@@ -122,12 +126,15 @@ class Target:
         return self.shape.n_text
 
 
-def make_target(predictor, image_path: str, question: str, start_layer: int, max_new_tokens: int) -> Target:
+def make_target(predictor, image_path: str, question: str, start_layer: int, max_new_tokens: int,
+                prior: str = "attention", prior_layer: int = -1) -> Target:
     engine = predictor.engine
     inputs = predictor.encode(load_image(image_path), question)
     query = engine.prepare(inputs)
-    # keep_visual_count = every token: nothing is pruned, but the engine computes the attention row at K-1.
-    prior_plan = PruningPlan(start_layer=max(start_layer, 1), keep_visual_count=query.n_visual)
+    # keep_visual_count = every token: nothing is pruned, but the engine computes the attention row at the layer
+    # before the start layer (K-1 by default, or the layer asked for).
+    row_layer = prior_layer if prior_layer >= 0 else max(start_layer, 1) - 1
+    prior_plan = PruningPlan(start_layer=row_layer + 1, keep_visual_count=query.n_visual)
     pre = engine.prefill(query, prior_plan, reserve=max_new_tokens)
     eos = predictor.loaded.processor.tokenizer.eos_token_id
     answer = [int(pre.logits.argmax())]
@@ -139,8 +146,11 @@ def make_target(predictor, image_path: str, question: str, start_layer: int, max
     m = len(answer)
     logits = engine.prefill(forced, PruningPlan(), n_logits=m).logits.reshape(m, -1)
     visual, text = router_inputs(query)
-    return Target(forced, Shape.of(query), m, F.log_softmax(logits, dim=-1), answer,
-                  pre.attention_to_image.float(), visual, text, query.layout)
+    token_prior = pre.attention_to_image.float()
+    if prior == "relevance":  # CDPruner's score: the best training-free one on the embedded model
+        token_prior = relevance(query.image_features, instruction_tokens(query)).float()
+    return Target(forced, Shape.of(query), m, F.log_softmax(logits, dim=-1), answer, token_prior, visual, text,
+                  query.layout)
 
 
 def flow_kl(engine, target: Target, keep: torch.Tensor | None, skip: frozenset[int], start_layer: int):
@@ -263,9 +273,12 @@ def query_loss(router, target: Target, train: TrainConfig, budgeter: Budgeter, e
         stats["kl_best"].append(best[0])
         if worst[0] - best[0] < 1e-6:
             continue  # no preference to learn from
-        margin = log_pi(token_logits[b], layer_logits[b], best[1], best[2], routable) \
-            - log_pi(token_logits[b], layer_logits[b], worst[1], worst[2], routable)
-        preference = -F.logsigmoid(train.beta * margin)
+        # every ordered pair tells the router something; best vs worst alone uses 1 of F (F - 1) / 2 of them
+        pairs = [(a, z) for a in noisy for z in noisy if z[0] - a[0] >= 1e-6] if train.pairs == "all" \
+            else [(best, worst)]
+        log_p = {id(s): log_pi(token_logits[b], layer_logits[b], s[1], s[2], routable) for s in noisy}
+        margins = torch.stack([log_p[id(a)] - log_p[id(z)] for a, z in pairs])
+        preference = -F.logsigmoid(train.beta * margins).mean()
         fraction = kept_fraction_loss(token_logits[b], layer_logits[b], best[3], best[4], routable, n_protected)
         losses.append(preference + train.fraction_weight * fraction)
         stats["preference"].append(float(preference.detach()))
@@ -363,7 +376,8 @@ class TargetCache:
         if index in self.store:
             return self.store[index]
         image, question = self.queries[index]
-        target = make_target(self.predictor, image, question, self.start_layer, self.train.max_new_tokens)
+        target = make_target(self.predictor, image, question, self.start_layer, self.train.max_new_tokens,
+                             self.train.prior, self.train.prior_layer)
         size = target.log_p.numel() * 4 + target.query.inputs_embeds.numel() * target.query.inputs_embeds.element_size()
         if self.used + size <= self.limit:
             self.store[index] = target
@@ -457,7 +471,8 @@ def validate(router, predictor, val_queries, train: TrainConfig, budgeter: Budge
     """Pareto table + KL of the router vs the attention prior and random tokens on held-out queries."""
     if not val_queries:
         return {"pareto": []}
-    targets = [make_target(predictor, image, question, args.start_layer, train.max_new_tokens)
+    targets = [make_target(predictor, image, question, args.start_layer, train.max_new_tokens, train.prior,
+                           train.prior_layer)
                for image, question in val_queries]
     grid = [round(b, 2) for b in np.arange(args.pareto_low, args.pareto_high + 1e-9, args.pareto_step)]
     pareto, rows = measure_pareto(router, targets, predictor.engine, budgeter, grid, progress)
@@ -482,10 +497,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N queries")
     parser.add_argument("--questions-per-image", type=int, default=2, help="for an image folder")
     for name in ("steps", "batch", "budgets_per_query", "flows", "warmup", "max_new_tokens", "val", "save_every",
-                 "seed"):
+                 "seed", "prior_layer"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     for name in ("budget_low", "budget_high", "noise", "beta", "fraction_weight", "lr", "weight_decay"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
+    parser.add_argument("--pairs", choices=["extremes", "all"], default=defaults.pairs,
+                        help="preference pairs per budget: best vs worst flow, or every ordered pair of flows")
+    parser.add_argument("--prior", choices=["attention", "relevance"], default=defaults.prior,
+                        help="warm-up token prior: an attention row (--prior-layer) or CDPruner's question relevance")
     parser.add_argument("--width", type=int, default=None, help="router width (default: widest within 1%% FLOPs)")
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--protected-first", type=int, default=None, help="default: max(1, N/16)")

@@ -172,10 +172,14 @@ def test_flows_fit_their_budget_and_keep_protected_layers(par_predictor, config,
             assert cost <= budget * par_predictor.flops.full(target.shape) * (1 + 1e-9)
 
 
-def test_a_training_step_changes_the_weights(par_predictor, config, target):
+@pytest.mark.parametrize("pairs", ["extremes", "all"])
+def test_a_training_step_changes_the_weights(par_predictor, config, target, pairs):
+    from dataclasses import replace
+
     from par_demo.train_router import query_loss
 
     train, budgeter = train_parts(par_predictor, config)
+    train = replace(train, pairs=pairs)
     torch.manual_seed(0)
     router = MetaRouter(config)
     before = {k: v.clone() for k, v in router.state_dict().items()}
@@ -295,3 +299,38 @@ def test_ablations_refuse_overrides_of_the_part_they_do_not_route(par_predictor,
         par_predictor.predict(scene, QUESTION, "par-tokens", 1.0, tokens=10, layers=4, max_new_tokens=1)
     with pytest.raises(UserError, match="par-layers does not prune tokens"):
         par_predictor.predict(scene, QUESTION, "par-layers", 1.0, tokens=10, max_new_tokens=1)
+
+
+def test_the_relevance_prior_is_cdpruner_s_question_relevance(par_predictor, image_file):
+    from par_demo.images import load_image
+    from par_demo.methods.cdpruner import instruction_tokens, relevance
+    from par_demo.train_router import make_target
+
+    target = make_target(par_predictor, image_file, QUESTION, start_layer=0, max_new_tokens=2, prior="relevance")
+    query = par_predictor.engine.prepare(par_predictor.encode(load_image(image_file), QUESTION))
+    torch.testing.assert_close(target.prior, relevance(query.image_features, instruction_tokens(query)))
+    deeper = make_target(par_predictor, image_file, QUESTION, start_layer=0, max_new_tokens=2, prior_layer=3)
+    assert deeper.prior.shape == (144,) and not torch.allclose(deeper.prior, target.prior)
+
+
+def test_a_dpp_router_keeps_a_diverse_set_of_its_best_tokens_and_pays_for_choosing(tiny, config, scene, tmp_path):
+    from dataclasses import replace
+
+    from par_demo.methods.base import Setting
+    from par_demo.methods.cdpruner import dpp_flops, greedy_dpp
+    from par_demo.methods.par import standardise
+    from par_demo.predict import Predictor
+
+    torch.manual_seed(0)
+    predictor = Predictor(tiny)
+    predictor.router_path = save_router(MetaRouter(replace(config, token_selection="dpp", start_layer=0)), tmp_path)
+    p = predictor.predict(scene, QUESTION, "par", 0.4, max_new_tokens=1)
+    assert p.flops_ratio <= 0.4
+    par = predictor.method("par")
+    query = predictor.engine.prepare(predictor.encode(scene, QUESTION))
+    tokens, _ = par.route(query, 0.4)
+    kept = len(p.kept_visual_tokens)
+    expected = greedy_dpp(query.image_features, torch.sigmoid(standardise(tokens)), kept).sort().values
+    assert p.kept_visual_tokens == expected.tolist()  # the 12 x 12 grid is row-major: cell = token index
+    assert par.extra_flops(query, Setting(kept, frozenset(), 0)) == \
+        par.router.flops(144, query.n_text) + dpp_flops(144, kept, 128)
