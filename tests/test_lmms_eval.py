@@ -127,13 +127,15 @@ def test_two_processes_under_accelerate_give_the_single_process_result(shapes, e
 
 # ------------------------------------------------------------------------------------------------- plugin
 @needs_lmms_eval
-def test_plugin_is_registered_through_the_entry_point_group():
-    names = {ep.name: ep.value for ep in entry_points(group="lmms_eval.models")}
-    assert names.get(MODEL_ID) == "par_demo.lmms:manifest", (
-        f"lmms-eval cannot find --model {MODEL_ID}: install par-demo (pip install -e .), found {names}")
-    from par_demo.lmms import manifest
+def test_lmms_eval_registry_finds_the_plugin_through_its_entry_point():
+    names = [ep.name for ep in entry_points(group="lmms_eval.models")]
+    assert MODEL_ID in names, f"lmms-eval cannot find --model {MODEL_ID}: install par-demo (pip install -e .)"
+    from lmms_eval.models import get_model
 
-    assert manifest().simple_class_path == MODEL_CLASS
+    from par_demo.lmms.model import ParDemo
+
+    assert get_model(MODEL_ID) is ParDemo
+    assert f"{ParDemo.__module__}.{ParDemo.__name__}" == MODEL_CLASS
 
 
 @needs_lmms_eval

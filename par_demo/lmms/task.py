@@ -2,11 +2,13 @@
 
     python -m par_demo make-shapes data/shapes-eval --n 60 --seed 777
     python -m par_demo lmms-task data/shapes-eval/data.jsonl      # writes data/shapes-eval/shapesvqa.yaml
-    lmms-eval --model par_demo --model_args method=par,budget=0.5 --tasks data/shapes-eval/shapesvqa.yaml
+    lmms-eval --model par_demo --model_args method=par,budget=0.5 --include_path data/shapes-eval --tasks shapesvqa
 
 The file includes the task shipped with the package (`shapesvqa/shapesvqa.yaml`) and adds where the samples are:
 lmms-eval reads the JSONL with `datasets`, which knows nothing of the image paths in it being relative to it.
 Paths are written absolute, so the file works from any folder (write it again after moving the data).
+lmms-eval 0.7.3 loads a task file given to --tasks by its path but then reports it as not found, hence
+--include_path (the folder) and the task's name.
 """
 
 from __future__ import annotations
@@ -54,5 +56,5 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     path = write_task(args.data, args.out, args.name)
     print(f"wrote {path}\nrun it with: lmms-eval --model par_demo --model_args method=par,budget=0.5 "
-          f"--tasks {path} --batch_size 1")
+          f"--include_path {path.parent} --tasks {args.name} --batch_size 1")
     return 0
