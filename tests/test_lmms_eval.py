@@ -13,13 +13,19 @@ from importlib.metadata import entry_points
 from importlib.util import find_spec
 from pathlib import Path
 
+from dataclasses import asdict
+
 import pytest
+import torch
 import yaml
 
 from par_demo.errors import UserError
+from par_demo.evaluate import evaluate, settings
 from par_demo.lmms import MODEL_CLASS, MODEL_ID
 from par_demo.lmms.task import PACKAGED_TASK, write_task
-from par_demo.shapes import make_dataset
+from par_demo.models import DEFAULT_MODEL, load_model
+from par_demo.predict import Predictor
+from par_demo.shapes import load_jsonl, make_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 N_SAMPLES = 60
@@ -66,12 +72,17 @@ def harness(shapes, env, out: Path, model_args: str, launcher: list[str] = ()) -
 
 
 @pytest.fixture(scope="module")
-def our_eval(shapes, env) -> dict:
-    """`python -m par_demo eval` on the same samples: {(method, budget): row}."""
-    output = run([sys.executable, "-m", "par_demo", "eval", "--data", str(shapes / "data.jsonl"), "--methods",
-                  "full,par", "--budgets", "0.5", "--device", "cpu", "--json"], env)
-    rows = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
-    return {(row["method"], row["budget"]): row for row in rows}
+def our_eval(shapes) -> dict:
+    """`eval` (its function, with its defaults) on the same samples, one thread as in the harness's processes:
+    {(method, budget): row}."""
+    predictor = Predictor(load_model(DEFAULT_MODEL, device="cpu"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = evaluate(predictor, load_jsonl(shapes / "data.jsonl"), settings(["full", "par"], [0.5]))
+    finally:
+        torch.set_num_threads(threads)
+    return {(row.method, row.budget): asdict(row) for row in rows}
 
 
 @pytest.fixture(scope="module")
