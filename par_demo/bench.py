@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from par_demo.errors import UserError
+from par_demo.errors import BudgetOutOfReach, UserError
 from par_demo.images import load_image
 from par_demo.methods import method_class
 from par_demo.methods.base import check_budget
@@ -134,6 +134,21 @@ def run_bench(predictor: Predictor, rows: list[Row], image, question: str, new_t
     return rows
 
 
+def reachable_rows(predictor: Predictor, rows: list[Row], image, question: str) -> tuple[list[Row], list[str]]:
+    """The rows whose budget the method can meet on this query, and one line for each it cannot (on a model whose
+    vision path is a large share, e.g. Qwen2.5-VL, low budgets are out of reach for methods inside the decoder)."""
+    query = predictor.engine.prepare(predictor.encode(image, question))
+    kept, notes = [], []
+    for row in rows:
+        try:
+            predictor.method(row.method).plan(query, row.budget or 1.0, row.tokens, row.layers)
+        except BudgetOutOfReach as exc:
+            notes.append(f"{row.label}: {exc}")
+            continue
+        kept.append(row)
+    return kept, notes
+
+
 def build_rows(methods: list[str], budgets: list[float], versions: list[tuple[int, int]]) -> list[Row]:
     rows = [Row("full", 1.0)]
     for name in methods:
@@ -182,13 +197,13 @@ def run(args) -> int:
         image = load_image(args.image)
     question = args.question or question
     predictor = Predictor(load_from_args(args))
-    rows = run_bench(predictor, build_rows(methods, budgets, versions), image, question, args.new_tokens,
-                     args.repeats, progress=sys.stderr.isatty())
+    rows, unreachable = reachable_rows(predictor, build_rows(methods, budgets, versions), image, question)
+    rows = run_bench(predictor, rows, image, question, args.new_tokens, args.repeats, progress=sys.stderr.isatty())
     if args.json:
         print(json.dumps({"environment": environment(predictor), "new_tokens": args.new_tokens,
-                          "repeats": args.repeats, "rows": [asdict(r) for r in rows]}))
+                          "repeats": args.repeats, "rows": [asdict(r) for r in rows], "unreachable": unreachable}))
     else:
-        print(format_table(rows))
+        print("\n".join([format_table(rows)] + [f"not reachable: {line}" for line in unreachable]))
     return 0
 
 
