@@ -79,6 +79,14 @@ def test_bad_input_shows_no_traceback_from_the_real_process(image_file, tmp_path
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "error: 'fake.png' is not an image" in result.stderr
+    assert "torchvision" not in result.stderr  # the model loads with no false alarm either
+
+
+def test_help_prints_no_torchvision_warning():
+    """The first line a user sees is the usage, not transformers' "torchvision not installed" fallback notice."""
+    result = subprocess.run([sys.executable, "-m", "par_demo", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("usage:")
+    assert "torchvision" not in result.stderr + result.stdout
 
 
 def test_offline_hub_miss_is_one_line(monkeypatch, capsys):
