@@ -9,9 +9,12 @@ side, panels.py and viz.py: what the page shows).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import socket
 import time
+from collections.abc import Iterator
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default: no telemetry calls
 
@@ -148,6 +151,21 @@ def build_demo(app: DemoApp) -> gr.Blocks:
 def launch_options() -> dict:
     """Options of `demo.launch` that are part of the app's look (tests launch with the same ones)."""
     return dict(css=CSS, footer_links=["api", "gradio"])
+
+
+@contextlib.contextmanager
+def served_locally(app: DemoApp) -> Iterator[str]:
+    """The app launched in this process on a free 127.0.0.1 port (tests and benchmarks); yields its URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    blocks = build_demo(app)
+    blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                  **launch_options())
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        blocks.close()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -9,7 +9,6 @@ to docs/screenshots/ (the committed ones).
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -31,12 +30,6 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (Python) is not installed")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def model_spec() -> str:
     from par_demo.models import DEFAULT_MODEL
 
@@ -51,14 +44,8 @@ def server():
 
     service = DemoService.from_model(model_spec())
     service.warm_up()
-    blocks = app_module.build_demo(DemoApp(service))
-    port = free_port()
-    blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                  **app_module.launch_options())
-    try:
-        yield f"http://127.0.0.1:{port}/", service
-    finally:
-        blocks.close()
+    with app_module.served_locally(DemoApp(service)) as url:
+        yield url, service
 
 
 @pytest.fixture(scope="module")
