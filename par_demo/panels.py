@@ -224,6 +224,8 @@ def all_methods_summary(state: AllMethods) -> str:
         parts.append(f"times: medians of {rounds} rounds, every method in turns with the full model (fastest–"
                      "slowest round in brackets)")
     text = " · ".join(parts)
+    for notice in state.notices:  # e.g. a photo shown to a model that knows only shape scenes: said next to answers
+        text += f"  \n⚠ {notice}"
     if state.timed and any(p.timing and p.timing.noise for p in state.results.values()):
         text += f"  \n{NOISE_NOTE}"
     return text

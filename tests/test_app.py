@@ -158,6 +158,8 @@ def test_an_uploaded_photo_on_a_synthetic_only_model_gets_a_notice(tiny, predict
     assert service.compare(EXAMPLE, QUESTION, "fastv", 0.6).image_notice is None  # an example: no notice
     notice = service.compare(str(photo), QUESTION, "fastv", 0.6).image_notice
     assert "synthetic shape scenes only" in notice and "guesses" in notice
+    *_, every = service.compare_all(str(photo), QUESTION, 0.6, rounds=1)  # ...and next to all methods' answers
+    assert every.notices == [notice] and notice in panels.all_methods_summary(every)
 
 
 # ------------------------------------------------------------------------------------------- handlers and figures
