@@ -40,6 +40,7 @@ TOKEN_SCORE_NAMES = {"par": "router score", "par-tokens": "router score"}  # the
 LAYER_SCORE_NAMES = {"par": "router score", "par-layers": "router score", "layerdrop": "block influence",
                      "par-prior": "block influence"}
 PATCH_VIEWS = ("kept / dropped", "per-patch scores")
+KEPT_DOWNLOADS = 64  # all-methods runs kept as JSON files for the download button
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ class DemoApp:
         if s.card is not None:
             lines = [panels.model_card_markdown(s.card)]
         else:
-            lines = [f"**Model: {Path(s.model_name).name}** · {s.n_visual_tokens} visual tokens "
+            lines = [f"**Model: {self.shown_model_name()}** · {s.n_visual_tokens} visual tokens "
                      f"({s.grid[0]}×{s.grid[1]} patches) · {s.n_layers} decoder layers"]
         for label, value in METHOD_CHOICES:
             reason = s.available_methods().get(value)
@@ -317,12 +318,16 @@ class DemoApp:
 
     def save_run(self, state: Any) -> Path:
         """The run as JSON (the `/compare_all` reply), in a file for the download button."""
-        data = {"model": self.model_name(), **state.to_json()}
-        path = self.downloads / f"all-methods-budget-{state.budget:.2f}-{time.strftime('%H%M%S')}.json"
+        data = {"model": self.shown_model_name(), **state.to_json()}
+        path = self.downloads / f"all-methods-budget-{state.budget:.2f}-{time.strftime('%H%M%S')}-{id(state)}.json"
         path.write_text(json.dumps(data, indent=1))
+        # A public demo runs for weeks: keep the newest files only, so the folder stays small.
+        for old in sorted(self.downloads.glob("*.json"), key=lambda f: f.stat().st_mtime)[:-KEPT_DOWNLOADS]:
+            old.unlink(missing_ok=True)
         return path
 
-    def model_name(self) -> str:
+    def shown_model_name(self) -> str:
+        """The model as the page names it: the model card's name, never a file path."""
         card = self.service.card
         return card.name if card is not None else Path(self.service.model_name).name
 
@@ -335,7 +340,7 @@ class DemoApp:
         state = None
         for state in self.service.compare_all(image, question, budget):
             pass
-        return {"model": self.model_name(), **state.to_json()}
+        return {"model": self.shown_model_name(), **state.to_json()}
 
     # -- one method over many budgets
     def sweep(self, image: Any, question: Any, method: Any, start_layer: Any,

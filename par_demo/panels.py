@@ -90,8 +90,11 @@ def sweep_table(points: Sequence[dict], started: float, n_budgets: int) -> str:
         rows.append(f"| {p['budget']:.1f} | {p['flops_ratio']:.0%} | {spread_seconds(t.prefill_s)} "
                     f"| {speedup_text(t)} | {p['agreement']:.2f} | {_escape(display_answer(p['answer']))} |")
     full_answer = points[0]["full_answer"] if points else ""
-    head = (f"Full answer: **{_escape(display_answer(full_answer))}** · {len(points)}/{n_budgets} budgets in "
-            f"{time.perf_counter() - started:.1f} s · each budget timed in turns with the full model\n\n"
+    full_prefill = [p["full_timing"].prefill_s.median for p in points if "full_timing" in p]
+    full_line = (f" · full model prefill {spread_seconds(Spread.of(full_prefill))} along the sweep"
+                 if full_prefill else "")
+    head = (f"Full answer: **{_escape(display_answer(full_answer))}**{full_line} · {len(points)}/{n_budgets} budgets "
+            f"in {time.perf_counter() - started:.1f} s · each budget timed in turns with the full model\n\n"
             "| budget | FLOPs | prefill | speed‑up | agreement | answer |\n|---|---|---|---|---|---|\n")
     noisy = any("timing" in p and p["timing"].noise for p in points)
     return head + "\n".join(rows) + (f"\n\n{NOISE_NOTE}" if noisy else "")

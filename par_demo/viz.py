@@ -245,11 +245,10 @@ def sweep_latency_figure(points: Sequence[dict], method_label: str, height: int 
             error_y=dict(type="data", symmetric=False, array=[s.high - s.median for s in spreads],
                          arrayminus=[s.median - s.low for s in spreads], thickness=1, width=3),
             hovertemplate=f"{method_label} {stage}, " + "FLOPs %{x:.2f}: %{y:.4f} s<br>%{customdata}<extra></extra>"))
-        full = [getattr(p["full_timing"], f"{stage}_s").median for p in points]
-        if full:
-            middle = sorted(full)[len(full) // 2]
-            fig.add_hrect(y0=min(full), y1=max(full), fillcolor=FULL_COLOR, opacity=0.15, line_width=0)
-            fig.add_trace(go.Scatter(x=[0, 1.05], y=[middle, middle], mode="lines", name=f"full model {stage}",
+        if points:
+            full = Spread.of([getattr(p["full_timing"], f"{stage}_s").median for p in points])
+            fig.add_hrect(y0=full.low, y1=full.high, fillcolor=FULL_COLOR, opacity=0.15, line_width=0)
+            fig.add_trace(go.Scatter(x=[0, 1.05], y=[full.median] * 2, mode="lines", name=f"full model {stage}",
                                      line=dict(color=FULL_COLOR, dash=dash),
                                      hovertemplate=f"full model {stage}: %{{y:.4f}} s<extra></extra>"))
     fig.update_xaxes(title_text="FLOPs (fraction of full)", range=[0, 1.05], gridcolor="#eee")
