@@ -66,3 +66,14 @@ def test_measure_replaces_single_run_times_by_medians(predictor, scene):
     assert timed.answer == pruned.answer and timed.kept_visual_tokens == pruned.kept_visual_tokens
     assert timed.prefill_s == timed.timing.prefill_s.median and timed.timing.rounds == 3
     assert timed_full.timing.prefill_speedup is None and timed.timing.prefill_speedup is not None
+
+
+def test_the_page_marks_noise_and_says_why_in_one_line(predictor, scene):
+    import dataclasses
+
+    pruned = predictor.predict(scene, "What color is the circle?", "random", 0.5, max_new_tokens=2)
+    noisy = Timing(5, Spread(0.02, 0.02, 0.03), Spread(0.03, 0.03, 0.04), Spread(4.0, 3.0, 5.0),
+                   Spread(3.0, 2.5, 3.5), 2.0, noise=True)
+    text = panels.timing_markdown(dataclasses.replace(pruned, timing=noisy))
+    assert "⚠ 4.00× (3.00–5.00): noise" in text and text.endswith(panels.NOISE_NOTE)
+    assert "faster" not in text.split("·")[0]  # the prefill figure is not presented as a result
