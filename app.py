@@ -178,6 +178,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="address to listen on (0.0.0.0 to serve the network)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
+    for name, what in (("min", "smallest"), ("max", "largest")):
+        env = f"PAR_{name.upper()}_PIXELS"
+        parser.add_argument(f"--{name}-pixels", type=int, default=int(os.environ[env]) if os.environ.get(env) else None,
+                            help=f"dynamic-resolution models (Qwen2.5-VL): {what} image area in pixels; one visual "
+                                 f"token per 28 x 28 px, so fewer pixels answer faster (env {env})")
     return parser.parse_args(argv)
 
 
@@ -188,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own HTTP calls are not news
     started = time.perf_counter()
     try:  # the model is loaded at start-up, outside any request (ZeroGPU requires this)
-        service = DemoService.from_model(args.model, quant=args.quant)
+        options = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
+        service = DemoService.from_model(args.model, quant=args.quant, options=options)
     except UserError as exc:
         raise SystemExit(f"error: {exc}") from None
     print(f"model {service.model_name} loaded in {time.perf_counter() - started:.1f} s", flush=True)

@@ -25,8 +25,7 @@ from par_demo.errors import UserError
 from par_demo.images import load_image
 from par_demo.methods import method_class
 from par_demo.methods.base import check_budget
-from par_demo.models import load_model
-from par_demo.predict import Predictor, add_model_arguments
+from par_demo.predict import Predictor, add_model_arguments, load_from_args
 from par_demo.timing import time_interleaved
 
 
@@ -91,11 +90,13 @@ def default_query():
     from par_demo.shapes import render_scene
 
     image, _ = render_scene(np.random.default_rng(0))
-    return image, "What color is the circle?"
+    # 448 x 448 px: a fixed-grid model resizes it to its own size anyway; a dynamic-resolution one (Qwen2.5-VL)
+    # gives 16 x 16 = 256 visual tokens, a realistic load rather than a thumbnail's few dozen.
+    return image.resize((448, 448)), "What color is the circle?"
 
 
 def time_row(predictor: Predictor, row: Row, image, question: str, new_tokens: int):
-    generation, flops, full = predictor.generate(image, question, row.method, row.budget or 1.0, row.tokens,
+    generation, flops, full, _ = predictor.generate(image, question, row.method, row.budget or 1.0, row.tokens,
                                                  row.layers, max_new_tokens=new_tokens, stop_at_eos=False)
     return generation, flops / full
 
@@ -183,7 +184,7 @@ def run(args) -> int:
     if args.image:
         image = load_image(args.image)
     question = args.question or question
-    predictor = Predictor(load_model(args.model, args.quant, args.device, args.dtype))
+    predictor = Predictor(load_from_args(args))
     rows = run_bench(predictor, build_rows(methods, budgets, versions), image, question, args.new_tokens,
                      args.repeats, progress=sys.stderr.isatty())
     if args.json:

@@ -222,8 +222,9 @@ class DemoApp:
         if s.card is not None:
             lines = [panels.model_card_markdown(s.card)]
         else:
-            lines = [f"**Model: {self.shown_model_name()}** · {s.n_visual_tokens} visual tokens "
-                     f"({s.grid[0]}×{s.grid[1]} patches) · {s.n_layers} decoder layers"]
+            described = f" · {s.description}" if s.description else ""
+            lines = [f"**Model: {self.shown_model_name()}**{described} · up to {s.n_visual_tokens} visual tokens "
+                     f"per image · {s.n_layers} decoder layers"]
         for label, value in METHOD_CHOICES:
             reason = s.available_methods().get(value)
             if reason:

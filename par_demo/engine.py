@@ -1,4 +1,4 @@
-"""Pruned inference for a stock Hugging Face LLaVA: prefill and greedy decode under a `PruningPlan`.
+"""Pruned inference for a stock Hugging Face VLM: prefill and greedy decode under a `PruningPlan`.
 
 Nothing is masked. From layer K on, dropped visual tokens are gathered *out* of the hidden states, so every later
 layer works on a shorter sequence; skipped decoder layers are not called at all, in prefill and in every decode
@@ -6,20 +6,25 @@ step, and hold no KV cache. Attention is always `scaled_dot_product_attention`; 
 explicitly are the few rows FastV needs (the last position against all keys at layer K-1).
 
 The decoder loop is written out here (norm -> q/k/v -> RoPE -> cache -> SDPA -> o_proj -> MLP) using the model's
-own modules, so the reader sees every layer call, every gather and every position id. It supports Llama-style
-decoders (LLaVA-1.5's Vicuna, Mistral/Qwen2-like layers) and CLIP-style vision towers, batch size 1.
+own modules, so the reader sees every layer call, every gather and every position id. It runs Llama-style
+decoders (LLaVA-1.5's Vicuna, Qwen2.5's layers with q/k/v biases), batch size 1. Everything before the decoder
+(processor, vision path, where the visual tokens sit, rotary position ids) comes from the model's family
+(`par_demo.families`): the engine never asks which family it runs. Position ids are whatever the family gives,
+(1, L) for 1-D RoPE or (3, 1, L) for M-RoPE; the gather and the decode steps treat both alike.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from par_demo.errors import UserError
+from par_demo.families import family_of
+from par_demo.families.base import Query, language_model
 
 
 @dataclass
@@ -36,28 +41,6 @@ class PruningPlan:
     @property
     def prunes_tokens(self) -> bool:
         return self.keep_visual is not None or self.keep_visual_count is not None
-
-
-@dataclass
-class Query:
-    """A prepared input: embeddings with the projected image features already in place."""
-
-    input_ids: torch.Tensor  # (1, L)
-    inputs_embeds: torch.Tensor  # (1, L, D)
-    image_positions: torch.Tensor  # (n_visual,) positions of the image tokens in the sequence
-    image_features: torch.Tensor  # (n_visual, D) projected visual tokens
-
-    @property
-    def n_visual(self) -> int:
-        return self.image_positions.numel()
-
-    @property
-    def length(self) -> int:
-        return self.input_ids.shape[1]
-
-    @property
-    def n_text(self) -> int:
-        return self.length - self.n_visual
 
 
 class KVCache:
@@ -98,7 +81,7 @@ class Prefill:
     logits: torch.Tensor  # (vocab,) next-token logits at the last position
     cache: KVCache
     kept_visual: torch.Tensor  # indices of the visual tokens that reached layers >= K
-    next_position: int  # RoPE position of the first generated token (= unpruned prompt length)
+    next_position: int  # position of the first generated token (the unpruned prompt's, from the family)
     attention_to_image: torch.Tensor | None = None  # FastV scores (n_visual,), when computed
     hidden_states: list[torch.Tensor] = field(default_factory=list)  # per-layer outputs, when asked for
 
@@ -131,33 +114,18 @@ def synchronize(device: torch.device) -> None:
 
 
 class Engine:
-    """Runs one LlavaForConditionalGeneration under pruning plans. Holds references to its parts, no copies."""
+    """Runs one stock VLM under pruning plans. Holds references to its parts, no copies."""
 
-    def __init__(self, model):
+    def __init__(self, model, family=None):
         self.model = model
-        llava = model.model
-        self.vision = llava.vision_tower
-        self.projector = llava.multi_modal_projector
-        self.lm = llava.language_model
+        self.family = family or family_of(model)
+        self.family.check_supported(model)
+        self.lm = language_model(model)
         self.lm_head = model.lm_head
-        self.config = model.config
         self.layers = list(self.lm.layers)
         self.n_layers = len(self.layers)
-        self.image_token_id = self.config.image_token_id
-        self._check_supported()
 
     # ----------------------------------------------------------------------------------------- checks
-    def _check_supported(self) -> None:
-        for layer in self.layers:
-            attn = getattr(layer, "self_attn", None)
-            parts = ("q_proj", "k_proj", "v_proj", "o_proj")
-            if attn is None or not all(hasattr(attn, p) for p in parts) or hasattr(attn, "q_norm"):
-                raise UserError(f"unsupported decoder layer {type(layer).__name__}: the engine runs Llama-style layers")
-        if not (hasattr(self.vision, "embeddings") and hasattr(self.vision, "encoder")):
-            raise UserError(f"unsupported vision tower {type(self.vision).__name__}: the engine runs CLIP-style towers")
-        if not isinstance(self.config.vision_feature_layer, int):
-            raise UserError("vision towers that concatenate several feature layers are not supported")
-
     def validate_plan(self, plan: PruningPlan, query: Query) -> None:
         if not 0 <= plan.start_layer <= self.n_layers:
             raise UserError(f"pruning start layer must be in [0, {self.n_layers}], got {plan.start_layer}")
@@ -178,45 +146,24 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------- inputs
     @torch.inference_mode()
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Vision tower up to the feature layer (later layers are never run) -> projector. (n_visual, D)."""
-        vt = self.vision
-        n_tower = len(vt.encoder.layers)
-        feature_layer = self.config.vision_feature_layer
-        # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i.
-        n_run = feature_layer if feature_layer >= 0 else n_tower + 1 + feature_layer
-        h = vt.embeddings(pixel_values.to(vt.embeddings.patch_embedding.weight.dtype))
-        if hasattr(vt, "pre_layrnorm"):
-            h = vt.pre_layrnorm(h)
-        for layer in vt.encoder.layers[:n_run]:
-            h = layer(h, attention_mask=None)
-            h = h[0] if isinstance(h, tuple) else h
-        if self.config.vision_feature_select_strategy == "default":
-            h = h[:, 1:]  # drop CLS
-        return self.projector(h)[0]
-
-    @torch.inference_mode()
-    def prepare(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> Query:
-        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise UserError("the engine runs one query at a time (batch size 1)")
-        features = self.encode_image(pixel_values)
-        image_positions = (input_ids[0] == self.image_token_id).nonzero().squeeze(1)
-        if image_positions.numel() != features.shape[0]:
-            raise UserError(f"the prompt has {image_positions.numel()} image tokens but the image gives "
-                            f"{features.shape[0]} features")
-        embeds = self.lm.embed_tokens(input_ids)
-        embeds[0, image_positions] = features.to(embeds.dtype)
-        return Query(input_ids, embeds, image_positions, features)
+    def prepare(self, inputs: dict) -> Query:
+        """Model inputs (from the family's `encode`) -> embeddings, visual tokens and positions (family's `prepare`)."""
+        return self.family.prepare(self.model, inputs)
 
     @torch.inference_mode()
     def extend(self, query: Query, token_ids: list[int]) -> Query:
-        """The query with text tokens appended after the prompt (an answer, for teacher forcing)."""
+        """The query with text tokens appended after the prompt (an answer, for teacher forcing). They take the
+        positions decoding would give them: next_position, next_position + 1, ... on every rotary axis."""
         if not token_ids:
             return query
         ids = torch.tensor([token_ids], device=query.input_ids.device)
         embeds = self.lm.embed_tokens(ids).to(query.inputs_embeds.dtype)
-        return Query(torch.cat([query.input_ids, ids], dim=1), torch.cat([query.inputs_embeds, embeds], dim=1),
-                     query.image_positions, query.image_features)
+        steps = query.next_position + torch.arange(len(token_ids), device=ids.device)
+        new_positions = steps.expand(*query.positions.shape[:-1], len(token_ids))
+        return replace(query, input_ids=torch.cat([query.input_ids, ids], dim=1),
+                       inputs_embeds=torch.cat([query.inputs_embeds, embeds], dim=1),
+                       positions=torch.cat([query.positions, new_positions], dim=-1),
+                       next_position=query.next_position + len(token_ids))
 
     # ----------------------------------------------------------------------------------------- layers
     def run_layer(self, index: int, h: torch.Tensor, rope, cache: KVCache, score_rows: int = 0):
@@ -259,9 +206,8 @@ class Engine:
                 score_rows: int = 1, n_logits: int = 1) -> Prefill:
         """`n_logits` > 1 returns logits (n_logits, vocab) for the last n_logits positions (teacher forcing)."""
         self.validate_plan(plan, query)
-        n_full = query.length
         h = query.inputs_embeds
-        positions = torch.arange(n_full, device=h.device).unsqueeze(0)  # (1, L)
+        positions = query.positions  # (1, L) or (3, 1, L)
         rope = self.rope(h, positions)
         cache = KVCache(self.n_layers)
         cache.reserve(reserve)
@@ -273,7 +219,7 @@ class Engine:
                 kept_visual = self._choose_visual(plan, query, attention_to_image)
                 keep = self._kept_positions(query, kept_visual)
                 h = h[:, keep]  # the gather: dropped tokens leave the sequence here
-                positions = positions[:, keep]  # ... and keep their original RoPE positions
+                positions = positions[..., keep]  # ... and keep their original (1-D or 3-D) positions
                 rope = self.rope(h, positions)
             if i == self.n_layers:
                 break
@@ -288,7 +234,7 @@ class Engine:
             if keep_hidden:
                 hidden.append(h)
         logits = self.logits(h[:, -1]) if n_logits == 1 else self.lm_head(self.lm.norm(h[0, -n_logits:])).float()
-        return Prefill(logits, cache, kept_visual, n_full, attention_to_image, hidden)
+        return Prefill(logits, cache, kept_visual, query.next_position, attention_to_image, hidden)
 
     @staticmethod
     def _choose_visual(plan: PruningPlan, query: Query, attention_to_image) -> torch.Tensor:
@@ -307,7 +253,8 @@ class Engine:
     # ----------------------------------------------------------------------------------------- decode
     @torch.inference_mode()
     def decode_step(self, token: int, position: int, cache: KVCache, plan: PruningPlan) -> torch.Tensor:
-        """One new token through every non-skipped layer; its RoPE position continues the *unpruned* length."""
+        """One new token through every non-skipped layer; its position continues the *unpruned* prompt's. A (1, 1)
+        position id serves 1-D RoPE and M-RoPE alike (M-RoPE's rotary module repeats it on its three axes)."""
         h = self.lm.embed_tokens(torch.tensor([[token]], device=self.lm_head.weight.device))
         rope = self.rope(h, torch.tensor([[position]], device=h.device))
         for i in range(self.n_layers):
@@ -316,15 +263,14 @@ class Engine:
         return self.logits(h[:, -1])
 
     @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-                 planner: Callable[[Query], PruningPlan] | None = None, max_new_tokens: int = 16,
+    def generate(self, inputs: dict, planner: Callable[[Query], PruningPlan] | None = None, max_new_tokens: int = 16,
                  eos_token_id: int | list[int] | None = None) -> Generation:
         """Greedy generation. Timing covers everything from pixels to tokens (vision, planning, prefill, decode)."""
         device = self.lm_head.weight.device
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
         synchronize(device)
         start = time.perf_counter()
-        query = self.prepare(input_ids, pixel_values)
+        query = self.prepare(inputs)
         plan = planner(query) if planner is not None else PruningPlan()
         pre = self.prefill(query, plan, reserve=max_new_tokens)
         token = int(pre.logits.argmax())

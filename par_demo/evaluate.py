@@ -20,8 +20,7 @@ from par_demo.errors import BudgetOutOfReach, UserError
 from par_demo.images import load_image
 from par_demo.methods import method_class
 from par_demo.methods.base import check_budget
-from par_demo.models import load_model
-from par_demo.predict import Predictor, add_model_arguments
+from par_demo.predict import Predictor, add_model_arguments, load_from_args
 from par_demo.shapes import is_correct, load_jsonl
 
 
@@ -111,7 +110,7 @@ def run(args) -> int:
         samples = samples[: args.limit]
     if not samples:
         raise UserError(f"{args.data} holds no samples")
-    predictor = Predictor(load_model(args.model, args.quant, args.device, args.dtype))
+    predictor = Predictor(load_from_args(args))
     rows = evaluate(predictor, samples, pairs, args.tokens, args.layers, args.max_new_tokens,
                     progress=sys.stderr.isatty())
     if args.json:

@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SHAPES_TASK = "shapesvqa"  # the `task` of a model that only knows ShapesVQA scenes (par_demo/shapes.py)
-FAMILIES = {"llava": "LLaVA", "llava_next": "LLaVA-NeXT", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
 QUANT_NAMES = {"4bit": "4-bit NF4 (bitsandbytes)", "8bit": "8-bit LLM.int8 (bitsandbytes)"}
 
 EMBEDDED_CARD = """---
@@ -48,10 +47,9 @@ position of shapes in such scenes; on any other picture its answers are guesses.
 class ModelCard:
     name: str  # a name, never a file path
     source: str  # "embedded", "local folder", "Hugging Face hub" or "random weights"
-    family: str
+    family: str  # the architecture in words (the family's own description)
     parameters: int
-    visual_tokens: int
-    grid: tuple[int, int]  # (rows, cols) of patches of one image
+    visual_tokens: int  # the most one image gives (a dynamic-resolution model gives fewer for small images)
     layers: int
     trained_on: str
     hub_id: str | None = None
@@ -77,9 +75,8 @@ def card_for(loaded: LoadedModel) -> ModelCard:
     spec = loaded.name
     metadata = _card_metadata(spec)
     ours = metadata.get("par_demo") or {}
-    rows, cols = loaded.grid
-    facts = dict(family=_family(loaded.config), parameters=_parameters(loaded.model), visual_tokens=rows * cols,
-                 grid=(rows, cols), layers=loaded.n_layers, quant=loaded.quant)
+    facts = dict(family=loaded.family.describe(loaded), parameters=_parameters(loaded.model),
+                 visual_tokens=loaded.max_visual_tokens, layers=loaded.n_layers, quant=loaded.quant)
     if spec.startswith("random:"):
         return ModelCard(name=spec, source="random weights", trained_on="nothing: random weights (the architecture "
                          "only, for speed measurements); its answers mean nothing", **facts)
@@ -130,13 +127,6 @@ def _datasets(metadata: dict) -> str | None:
     if isinstance(datasets, str):
         datasets = [datasets]
     return ", ".join(str(d) for d in datasets) if datasets else None
-
-
-def _family(config) -> str:
-    name = FAMILIES.get(config.model_type, config.model_type)
-    vision = getattr(getattr(config, "vision_config", None), "model_type", "?").replace("_vision_model", "")
-    text = getattr(getattr(config, "text_config", None), "model_type", "?")
-    return f"{name} ({vision.upper() if len(vision) <= 4 else vision} vision tower, {text.capitalize()} decoder)"
 
 
 def _parameters(model) -> int:

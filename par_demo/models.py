@@ -1,4 +1,4 @@
-"""Loading LLaVA models: local checkpoints, hub ids, random-weight presets, and bitsandbytes quantization.
+"""Loading vision-language models: local checkpoints, hub ids, random-weight presets, bitsandbytes quantization.
 
 One function, `load_model`, turns a model spec into a `LoadedModel` (model + processor + the few facts the rest
 of the project needs). Specs:
@@ -14,56 +14,32 @@ import os
 import re
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from par_demo.errors import UserError
+from par_demo.families import Family, family_for_model_type, family_of, preset_families
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = str(PROJECT_ROOT / "assets" / "models" / "shapes-llava")
 QUANT_CHOICES = ("none", "4bit", "8bit")
-# Kept in full precision when quantizing: small, and quality-critical (the paper's deployments do the same).
-UNQUANTIZED_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Architecture of a random-weight LLaVA: CLIP vision tower -> 2-layer MLP projector -> Llama decoder."""
-
-    image_size: int
-    patch_size: int
-    vision_width: int
-    vision_layers: int
-    vision_heads: int
-    vision_mlp: int
-    lm_width: int
-    lm_layers: int
-    lm_heads: int
-    lm_kv_heads: int
-    lm_mlp: int
-    vocab_size: int
-    vision_feature_layer: int = -2
-
-
-PRESETS: dict[str, Preset] = {
-    # LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (576 image tokens) + Vicuna-7B (32 layers x 4096).
-    "llava-1.5-7b": Preset(336, 14, 1024, 24, 16, 4096, 4096, 32, 32, 32, 11008, 32064),
-    # CPU-sized stand-in with the same 576 image tokens, for benchmarks on a laptop.
-    "llava-mid": Preset(336, 14, 256, 4, 4, 1024, 768, 12, 12, 12, 2048, 8192),
-    # Tiny, for tests: 12x12 = 144 image tokens, grouped-query attention, 8 layers.
-    "llava-tiny": Preset(96, 8, 32, 2, 2, 64, 128, 8, 4, 2, 256, 512),
-}
 
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module  # LlavaForConditionalGeneration
-    processor: object  # LlavaProcessor
+    model: torch.nn.Module  # a stock transformers VLM (LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
+    processor: object  # what its family's `encode` reads (tokenizer, image processor, chat template)
     name: str
     quant: str = "none"
+    family: Family | None = None  # set by load_model from the config
+    options: dict = field(default_factory=dict)  # image options (Qwen2.5-VL: min_pixels, max_pixels)
+
+    def __post_init__(self):
+        if self.family is None:
+            self.family = family_of(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -78,14 +54,12 @@ class LoadedModel:
         return self.config.text_config.num_hidden_layers
 
     @property
-    def grid(self) -> tuple[int, int]:
-        vision = self.config.vision_config
-        side = vision.image_size // vision.patch_size
-        return side, side
-
-    @property
     def image_token_id(self) -> int:
         return self.config.image_token_id
+
+    @property
+    def max_visual_tokens(self) -> int:
+        return self.family.max_visual_tokens(self)
 
 
 def default_device() -> str:
@@ -109,46 +83,20 @@ def parse_dtype(name: str | None, device: str) -> torch.dtype:
     return table[name]
 
 
-def build_config(preset: Preset, image_token_id: int):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    vision = CLIPVisionConfig(
-        hidden_size=preset.vision_width, intermediate_size=preset.vision_mlp,
-        num_hidden_layers=preset.vision_layers, num_attention_heads=preset.vision_heads,
-        image_size=preset.image_size, patch_size=preset.patch_size, projection_dim=preset.vision_width,
-    )
-    text = LlamaConfig(
-        hidden_size=preset.lm_width, intermediate_size=preset.lm_mlp, num_hidden_layers=preset.lm_layers,
-        num_attention_heads=preset.lm_heads, num_key_value_heads=preset.lm_kv_heads,
-        vocab_size=preset.vocab_size, max_position_embeddings=4096,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
-    return LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=image_token_id,
-        vision_feature_layer=preset.vision_feature_layer, vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-
-
 def build_random_model(preset_name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
-    """(model, processor) for a preset with random weights; deterministic for a given seed."""
-    from transformers import LlavaForConditionalGeneration
-
-    from par_demo.tokenizer import build_processor
-
-    if preset_name not in PRESETS:
-        raise UserError(f"unknown preset '{preset_name}'; choose one of: {', '.join(PRESETS)}")
-    preset = PRESETS[preset_name]
-    processor = build_processor(image_size=preset.image_size, patch_size=preset.patch_size)
-    image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    config = build_config(preset, image_token_id)
-    config.text_config.eos_token_id = processor.tokenizer.eos_token_id
+    """(model, processor, family) for a preset with random weights; deterministic for a given seed."""
+    families = preset_families()
+    if preset_name not in families:
+        raise UserError(f"unknown preset '{preset_name}'; choose one of: {', '.join(families)}")
+    family = families[preset_name]
+    config, processor = family.build_random(preset_name)
     torch.manual_seed(seed)
     with _default_dtype(dtype):
-        model = LlavaForConditionalGeneration(config)
-    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
-    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    return model.eval(), processor
+        model = family.model_class()(config)
+    tokenizer = processor.tokenizer
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), processor, family
 
 
 class _default_dtype:
@@ -165,14 +113,16 @@ class _default_dtype:
         torch.set_default_dtype(self.previous)
 
 
-def quantization_config(quant: str, compute_dtype: torch.dtype):
+def quantization_config(quant: str, compute_dtype: torch.dtype, keep: list[str]):
+    """bitsandbytes for the decoder; `keep` (the family's vision path and LM head) stays in full precision:
+    small, and quality-critical (the paper's deployments do the same)."""
     from transformers import BitsAndBytesConfig
 
     if quant == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
-                                  llm_int8_skip_modules=UNQUANTIZED_MODULES)
+                                  llm_int8_skip_modules=keep)
     if quant == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTIZED_MODULES)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
     return None
 
 
@@ -196,8 +146,9 @@ def resolve_spec(spec: str) -> str:
 
 
 def load_model(spec: str = DEFAULT_MODEL, quant: str = "none", device: str | None = None,
-               dtype: str | None = None) -> LoadedModel:
-    """Load a model for inference. Never runs remote code; offline hub misses become one clear UserError."""
+               dtype: str | None = None, options: dict | None = None) -> LoadedModel:
+    """Load a model for inference. Never runs remote code; offline hub misses and unsupported architectures
+    become one clear UserError."""
     spec = resolve_spec(spec)
     if quant not in QUANT_CHOICES:
         raise UserError(f"unknown quantization '{quant}'; choose one of: {', '.join(QUANT_CHOICES)}")
@@ -207,19 +158,21 @@ def load_model(spec: str = DEFAULT_MODEL, quant: str = "none", device: str | Non
         _check_bitsandbytes(device)
 
     if spec.startswith("random:"):
-        model, processor = build_random_model(spec.split(":", 1)[1], dtype=torch_dtype)
+        model, processor, family = build_random_model(spec.split(":", 1)[1], dtype=torch_dtype)
+        family.check_supported(model)
+        family.check_options(dict(options or {}))
         if quant == "none":
-            return LoadedModel(model.to(device), processor, spec, quant)
+            return LoadedModel(model.to(device), processor, spec, quant, family, dict(options or {}))
         # bitsandbytes quantizes while loading, so a random model goes through a temporary checkpoint:
         # one code path for every quantized model.
         with tempfile.TemporaryDirectory(prefix="par-demo-") as tmp:
             model.save_pretrained(tmp)
             processor.save_pretrained(tmp)
             del model
-            loaded = _from_pretrained(tmp, quant, device, torch_dtype)
+            loaded = _from_pretrained(tmp, quant, device, torch_dtype, options)
         loaded.name = spec
         return loaded
-    return _from_pretrained(spec, quant, device, torch_dtype)
+    return _from_pretrained(spec, quant, device, torch_dtype, options)
 
 
 def _check_bitsandbytes(device: str) -> None:
@@ -233,47 +186,47 @@ def _check_bitsandbytes(device: str) -> None:
         raise UserError(f"quantization needs a working bitsandbytes ({exc.__class__.__name__}: {exc})") from None
 
 
-def _from_pretrained(spec: str, quant: str, device: str, dtype: torch.dtype) -> LoadedModel:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+def _from_pretrained(spec: str, quant: str, device: str, dtype: torch.dtype, options: dict | None) -> LoadedModel:
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a loading bar per small checkpoint is noise in a CLI's output
 
     local = Path(spec).exists()
     offline = local or os.environ.get("HF_HUB_OFFLINE") == "1"
+    where = "local folder" if local else "hub id (not in the local cache, and it cannot be downloaded here?)"
+    try:
+        config = AutoConfig.from_pretrained(spec, local_files_only=offline, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:  # unknown model_type is a ValueError / KeyError
+        raise UserError(f"cannot load model '{spec}' from its {where}: {_first_line(exc)}") from None
+    family = family_for_model_type(config.model_type)  # an unsupported architecture stops here, in one line
+    family.check_options(dict(options or {}))
     kwargs = dict(dtype=dtype, local_files_only=offline, trust_remote_code=False)
-    qconfig = quantization_config(quant, dtype)
+    qconfig = quantization_config(quant, dtype, family.unquantized_modules())
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
         kwargs["device_map"] = {"": device}
     try:
-        processor = AutoProcessor.from_pretrained(spec, local_files_only=offline, trust_remote_code=False)
-        model = LlavaForConditionalGeneration.from_pretrained(spec, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        where = "local folder" if local else "hub id (not in the local cache, and it cannot be downloaded here?)"
-        raise UserError(f"cannot load model '{spec}' from its {where}: {first_line}") from None
+        processor = family.load_processor(spec, local_files_only=offline)
+        model = family.model_class().from_pretrained(spec, **kwargs)
+    except (OSError, ValueError, EnvironmentError, ImportError) as exc:
+        raise UserError(f"cannot load model '{spec}' from its {where}: {_first_line(exc)}") from None
     if qconfig is None:
         model = model.to(device)
+    family.check_supported(model)
     # bitsandbytes' 8-bit matmul logs on every call that it casts fp32 inputs to fp16: expected, not news.
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
-    return LoadedModel(model.eval(), processor, spec, quant)
+    return LoadedModel(model.eval(), processor, spec, quant, family, dict(options or {}))
 
 
 def encode_query(loaded: LoadedModel, image: Image.Image, question: str) -> dict[str, torch.Tensor]:
-    """Chat-formatted prompt + image -> `input_ids` (1, L) and `pixel_values` (1, 3, H, W) on the model's device."""
-    question = clean_question(question, loaded.processor)
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    prompt = loaded.processor.apply_chat_template(conversation, add_generation_prompt=True)
-    batch = loaded.processor(images=image.convert("RGB"), text=prompt, return_tensors="pt")
-    context = loaded.config.text_config.max_position_embeddings
-    if batch["input_ids"].shape[1] > context:
-        raise UserError(f"the prompt is {batch['input_ids'].shape[1]} tokens long; this model reads at most {context}")
-    vision_dtype = loaded.model.model.vision_tower.embeddings.patch_embedding.weight.dtype
-    return {
-        "input_ids": batch["input_ids"].to(loaded.device),
-        "pixel_values": batch["pixel_values"].to(loaded.device, vision_dtype),
-    }
+    """Chat-formatted prompt + image -> the model's inputs (`input_ids` (1, L), pixels, ...) on its device."""
+    return loaded.family.encode(loaded, image, clean_question(question, loaded.processor))
 
 
 MAX_QUESTION_CHARS = 1000  # longer questions are clipped (with a notice): no real question needs more

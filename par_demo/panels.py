@@ -110,11 +110,10 @@ def _escape(text: str) -> str:
 
 def model_card_markdown(card: ModelCard) -> str:
     """A short plain description of the loaded model (never a file path)."""
-    rows, cols = card.grid
     where = f"`{card.hub_id}` on the Hugging Face hub" if card.hub_id else card.source
     lines = [
         f"**Model: {card.name}** ({where}) · {card.family} · {_count(card.parameters)} parameters · "
-        f"{card.visual_tokens} visual tokens per image ({rows}×{cols} patches) · {card.layers} decoder layers"
+        f"up to {card.visual_tokens} visual tokens per image · {card.layers} decoder layers"
         + (f" · quantization: {card.quantization}" if card.hub_id or card.quant != "none" else ""),
         f"**Trained on:** {card.trained_on}.",
     ]

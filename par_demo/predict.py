@@ -18,6 +18,7 @@ from PIL import Image
 
 from par_demo.engine import Engine, Generation
 from par_demo.errors import UserError
+from par_demo.families import Layout
 from par_demo.flops import FlopsModel
 from par_demo.images import load_image
 from par_demo.methods import METHODS, Method, method_class
@@ -37,9 +38,9 @@ class Prediction:
     flops: float
     flops_full: float
     flops_ratio: float
-    n_visual_tokens: int
-    kept_visual_tokens: list[int]  # row-major patch indices
-    grid: tuple[int, int]  # (rows, cols) of patches
+    n_visual_tokens: int  # what this image gave (it varies with the image for dynamic-resolution models)
+    kept_visual_tokens: list[int]  # row-major cell indices (row * cols + col) in `grid`
+    grid: tuple[int, int]  # (rows, cols) of image cells, one visual token each
     n_layers: int
     kept_layers: list[int]  # 0-based
     start_layer: int  # K: the layer from which dropped visual tokens left the sequence
@@ -49,6 +50,7 @@ class Prediction:
     token_scores: list[float] | None = None
     layer_scores: list[float] | None = None
     kv_cache_bytes: int = 0
+    family: str = ""  # the model family (llava, qwen2.5-vl, ...)
     notices: list[str] = field(default_factory=list)  # things the user should know (e.g. a clipped question)
     # Rounds, spread and speed-up over the full model timed in the same rounds (`par_demo.timing`); None when the
     # prediction was run once and not timed against anything (then prefill_s / total_s are that one run's).
@@ -65,7 +67,7 @@ class Predictor:
 
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
-        self.engine = Engine(loaded.model)
+        self.engine = Engine(loaded.model, loaded.family)
         self.flops = FlopsModel.from_config(loaded.config)
         self.methods: dict[str, Method] = {}
 
@@ -89,19 +91,13 @@ class Predictor:
         return encode_query(self.loaded, image, question)
 
     def model_view(self, image: Image.Image) -> Image.Image:
-        """The image as the model saw it (resized and centre-cropped), aligned with the patch grid."""
-        pixels = self.loaded.processor.image_processor(images=image.convert("RGB"), return_tensors="pt")
-        pixels = pixels["pixel_values"][0]
-        proc = self.loaded.processor.image_processor
-        mean = torch.tensor(proc.image_mean).view(3, 1, 1)
-        std = torch.tensor(proc.image_std).view(3, 1, 1)
-        array = ((pixels * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        return Image.fromarray(array)
+        """The image as the model saw it (resized, and cropped where the family crops), aligned with its grid."""
+        return self.loaded.family.model_view(self.loaded, image)
 
     def generate(self, image: Image.Image, question: str, method: str = "full", budget: float = 1.0,
                  tokens: int | None = None, layers: int | None = None, start_layer: int = 2,
-                 max_new_tokens: int = 16, stop_at_eos: bool = True) -> tuple[Generation, float, float]:
-        """Run one query; returns the generation and its (flops, flops_full)."""
+                 max_new_tokens: int = 16, stop_at_eos: bool = True) -> tuple[Generation, float, float, Layout]:
+        """Run one query; returns the generation, its (flops, flops_full) and where its visual tokens came from."""
         budget = check_budget(budget)
         if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= 1024:
             raise UserError(f"max new tokens must be an integer in [1, 1024], got {max_new_tokens!r}")
@@ -115,13 +111,13 @@ class Predictor:
         def planner(query):
             plan, setting = chosen.plan(query, budget, tokens, layers, start_layer)
             costs["flops"] = chosen.setting_flops(query, setting)
-            costs["full"] = self.flops.full(query.n_text, query.n_visual)
+            costs["full"] = self.flops.full(query)
+            costs["layout"] = query.layout
             return plan
 
         eos = self.loaded.processor.tokenizer.eos_token_id if stop_at_eos else None
-        generation = self.engine.generate(inputs["input_ids"], inputs["pixel_values"], planner,
-                                          max_new_tokens=max_new_tokens, eos_token_id=eos)
-        return generation, costs["flops"], costs["full"]
+        generation = self.engine.generate(inputs, planner, max_new_tokens=max_new_tokens, eos_token_id=eos)
+        return generation, costs["flops"], costs["full"], costs["layout"]
 
     def decode(self, tokens: list[int]) -> str:
         return self.loaded.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
@@ -130,11 +126,10 @@ class Predictor:
                 tokens: int | None = None, layers: int | None = None, start_layer: int = 2,
                 max_new_tokens: int = 16) -> Prediction:
         question, notices = clip_question(question)
-        generation, flops, flops_full = self.generate(image, question, method, budget, tokens, layers,
-                                                      start_layer, max_new_tokens)
+        generation, flops, flops_full, layout = self.generate(image, question, method, budget, tokens, layers,
+                                                              start_layer, max_new_tokens)
         plan = generation.plan
         scores = plan.token_scores if plan.token_scores is not None else generation.attention_to_image
-        n_visual = self.loaded.grid[0] * self.loaded.grid[1]
         return Prediction(
             answer=self.decode(generation.tokens),
             method=self.method(method).name,
@@ -142,20 +137,28 @@ class Predictor:
             flops=float(flops),
             flops_full=float(flops_full),
             flops_ratio=float(flops / flops_full),
-            n_visual_tokens=n_visual,
-            kept_visual_tokens=generation.kept_visual.tolist(),
-            grid=self.loaded.grid,
+            n_visual_tokens=layout.n_visual,
+            kept_visual_tokens=layout.patch_indices(generation.kept_visual),
+            grid=layout.grid,
             n_layers=self.engine.n_layers,
             kept_layers=[i for i in range(self.engine.n_layers) if i not in plan.skip_layers],
             start_layer=plan.start_layer,
             prefill_s=generation.prefill_s,
             total_s=generation.total_s,
             new_tokens=len(generation.tokens),
-            token_scores=None if scores is None else [float(s) for s in scores.float().cpu()],
+            token_scores=None if scores is None else cell_order(layout, scores),
             layer_scores=None if plan.layer_scores is None else [float(s) for s in plan.layer_scores.float().cpu()],
             kv_cache_bytes=generation.kv_cache_bytes,
+            family=self.loaded.family.name,
             notices=notices,
         )
+
+
+def cell_order(layout: Layout, scores: torch.Tensor) -> list[float]:
+    """Per-token scores rearranged into the grid's row-major cell order (what the patch view draws)."""
+    cells = torch.full((layout.grid[0] * layout.grid[1],), float("nan"))
+    cells[layout.patch_indices(torch.arange(layout.n_visual))] = scores.float().cpu()
+    return cells.tolist()
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -165,6 +168,18 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--quant", default="none", choices=["none", "4bit", "8bit"], help="bitsandbytes quantization")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="auto, fp32, bf16, fp16 (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--min-pixels", type=int, default=None,
+                        help="dynamic-resolution models (Qwen2.5-VL): smallest image area the model is given")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="dynamic-resolution models (Qwen2.5-VL): largest image area; fewer pixels, fewer "
+                             "visual tokens, faster (one token per 28 x 28 px)")
+
+
+def load_from_args(args) -> LoadedModel:
+    """The model the shared model arguments name."""
+    options = {k: getattr(args, k, None) for k in ("min_pixels", "max_pixels")}
+    return load_model(args.model, args.quant, args.device, args.dtype,
+                      options={k: v for k, v in options.items() if v is not None})
 
 
 def add_arguments(parser) -> None:
@@ -209,7 +224,7 @@ def run(args) -> int:
     if not 1 <= args.rounds <= 100:
         raise UserError(f"--rounds must be between 1 and 100, got {args.rounds}")
     image = load_image(args.image)
-    predictor = Predictor(load_model(args.model, args.quant, args.device, args.dtype))
+    predictor = Predictor(load_from_args(args))
     method = choose_method(predictor, args.method, args.budget, args.tokens, args.layers)
     result = predictor.predict(image, args.question, method, args.budget, args.tokens, args.layers,
                                args.start_layer, args.max_new_tokens)

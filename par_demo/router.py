@@ -2,6 +2,8 @@
 
 Inputs (for one query):
   - the projected visual tokens  (n_v, D)   what the LM would see of the image
+  - their places in the image    (n_v, 16)  2-D sinusoids of each token's (row, column) centre, scaled to [0, 1],
+                                            so one router takes any number of tokens on any grid (square or not)
   - the question's text embeddings (n_t, D) embed_tokens of the prompt's non-image tokens
   - N learnable layer tokens      (N, W)    one per decoder layer
   - a budget embedding            (W,)      added to every token, so one router serves every budget
@@ -30,14 +32,13 @@ from par_demo.errors import UserError
 
 WEIGHTS_FILE = "router.safetensors"
 CONFIG_FILE = "router.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: positions from (row, column) for any grid; 1 had one learned vector per patch
 
 
 @dataclass
 class RouterConfig:
     lm_width: int  # D of the language model (visual tokens are already projected to it)
     n_layers: int  # N decoder layers = N layer tokens
-    n_visual: int  # visual tokens per image (the grid), for the learned patch positions
     width: int = 32  # W: small on purpose (see `auto_width`)
     depth: int = 2
     heads: int = 2
@@ -79,6 +80,22 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+POSITION_FREQUENCIES = 4  # sin/cos at pi, 2 pi, 4 pi, 8 pi per axis: 16 features, a cell is told from its neighbours
+
+
+def position_features(layout) -> torch.Tensor:
+    """(n_v, 16) features of each visual token's cell centre, in [0, 1] along rows and columns of its grid.
+
+    Relative coordinates make the same place of an image look the same to the router on a 12 x 12, a 24 x 24 or a
+    tall 30 x 18 grid, which a learned table per patch cannot do."""
+    rows, cols = layout.grid
+    y = (layout.rows.float() + 0.5) / rows
+    x = (layout.cols.float() + 0.5) / cols
+    freqs = math.pi * 2.0 ** torch.arange(POSITION_FREQUENCIES, device=y.device)
+    angles = torch.cat([y[:, None] * freqs, x[:, None] * freqs], dim=1)  # (n_v, 8)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
 def budget_features(budgets: torch.Tensor) -> torch.Tensor:
     """(B,) budgets in (0, 1] -> (B, 8) smooth features, so nearby budgets get nearby embeddings."""
     b = budgets.float().unsqueeze(1)
@@ -94,24 +111,27 @@ class MetaRouter(nn.Module):
         self.down = nn.Linear(config.lm_width, w, bias=False)  # shared by visual and text tokens
         self.input_norm = nn.LayerNorm(config.lm_width)  # visual and text embeddings live at different scales
         self.kind = nn.Parameter(torch.zeros(3, w))  # type embedding: 0 visual, 1 text, 2 layer
-        self.patch_position = nn.Parameter(torch.zeros(config.n_visual, w))
+        self.position = nn.Linear(4 * POSITION_FREQUENCIES, w)
         self.layer_tokens = nn.Parameter(torch.randn(config.n_layers, w) * 0.02)
         self.budget = nn.Sequential(nn.Linear(8, w), nn.GELU(), nn.Linear(w, w))
         self.blocks = nn.ModuleList(Block(w, config.heads, config.mlp_ratio) for _ in range(config.depth))
         self.norm = nn.LayerNorm(w)
         self.token_head = nn.Linear(w, 1)
         self.layer_head = nn.Linear(w, 1)
-        nn.init.normal_(self.patch_position, std=0.02)
+        nn.init.normal_(self.position.weight, std=0.02)
+        nn.init.zeros_(self.position.bias)
 
-    def forward(self, visual: torch.Tensor, text: torch.Tensor, budgets: torch.Tensor):
-        """visual (n_v, D), text (n_t, D), budgets (B,) -> token logits (B, n_v), layer logits (B, N).
+    def forward(self, visual: torch.Tensor, text: torch.Tensor, budgets: torch.Tensor, layout):
+        """visual (n_v, D), text (n_t, D), budgets (B,), layout (each visual token's row and column)
+        -> token logits (B, n_v), layer logits (B, N).
 
         One forward scores the same query at several budgets (they share everything but the budget embedding).
         """
         cfg = self.config
         n_v, n_t, n_l, b = visual.shape[0], text.shape[0], cfg.n_layers, budgets.shape[0]
         dtype = self.down.weight.dtype
-        vis = self.down(self.input_norm(visual.to(dtype))) + self.kind[0] + self.patch_position[:n_v]  # (n_v, W)
+        where = self.position(position_features(layout).to(visual.device, dtype))  # (n_v, W)
+        vis = self.down(self.input_norm(visual.to(dtype))) + self.kind[0] + where  # (n_v, W)
         txt = self.down(self.input_norm(text.to(dtype))) + self.kind[1]  # (n_t, W)
         lay = self.layer_tokens + self.kind[2]  # (N, W)
         x = torch.cat([vis, txt, lay], dim=0).unsqueeze(0)  # (1, n, W)
@@ -132,7 +152,7 @@ class MetaRouter(nn.Module):
 def router_flops(config: RouterConfig, n_visual: int, n_text: int) -> float:
     """Matrix-product FLOPs of one router forward at one budget (2 per multiply-add, like `FlopsModel`)."""
     w, n = config.width, n_visual + n_text + config.n_layers
-    down = 2 * (n_visual + n_text) * config.lm_width * w
+    down = 2 * (n_visual + n_text) * config.lm_width * w + 2 * n_visual * 4 * POSITION_FREQUENCIES * w
     per_block = 2 * n * w * 3 * w + 2 * n * w * w + 2 * 2 * n * n * w + 2 * 2 * n * w * config.mlp_ratio * w
     heads = 2 * (n_visual + config.n_layers) * w
     return float(down + config.depth * per_block + heads)
@@ -142,7 +162,7 @@ def auto_width(lm_width: int, n_layers: int, n_visual: int, n_text: int, full_fl
                share: float = 0.01, depth: int = 2, mlp_ratio: int = 2) -> int:
     """The widest router (of 128, 96, 64, 48, 32, 16) whose FLOPs stay within `share` of the full prefill."""
     for width in (128, 96, 64, 48, 32, 16):
-        cfg = RouterConfig(lm_width, n_layers, n_visual, width=width, depth=depth, mlp_ratio=mlp_ratio)
+        cfg = RouterConfig(lm_width, n_layers, width=width, depth=depth, mlp_ratio=mlp_ratio)
         if router_flops(cfg, n_visual, n_text) <= share * full_flops:
             return width
     return 16
@@ -167,7 +187,6 @@ def fingerprint(loaded) -> dict:
         "n_layers": int(text.num_hidden_layers),
         "lm_width": int(text.hidden_size),
         "vocab": int(text.vocab_size),
-        "grid": list(loaded.grid),
         # A retrained model keeps its architecture but not its weights; a few rounded statistics tell them
         # apart without depending on the dtype it was loaded in. Checked softly (a warning), see `check_model`.
         "weights": f"{weight.mean().item():.3e}/{weight.std().item():.3e}",
@@ -178,7 +197,7 @@ def check_model(config: RouterConfig, loaded, where: str = "") -> None:
     """Refuse a router built for another model (architecture); warn if the weights look retrained."""
     have = fingerprint(loaded)
     want = config.model
-    hard = ("name", "n_layers", "lm_width", "vocab", "grid")
+    hard = ("name", "n_layers", "lm_width", "vocab")
     diff = [f"{k}: router {want.get(k)!r} vs model {have[k]!r}" for k in hard if want.get(k) != have[k]]
     if diff:
         raise UserError(f"the router{where} was trained for another model ({'; '.join(diff)}); "
@@ -211,7 +230,13 @@ def read_meta(folder) -> dict:
     path = Path(folder) / CONFIG_FILE
     try:
         meta = json.loads(path.read_text())
+        if meta.get("format") != FORMAT_VERSION:
+            raise UserError(f"the router in {folder} has format {meta.get('format')}, this version reads format "
+                            f"{FORMAT_VERSION} (positions for any grid); retrain it with: python -m par_demo "
+                            f"train-router")
         meta["config"] = RouterConfig(**meta["config"])
+    except UserError:
+        raise
     except FileNotFoundError:
         raise UserError(f"no router in {folder} (expected {CONFIG_FILE} and {WEIGHTS_FILE})") from None
     except (ValueError, KeyError, TypeError) as exc:

@@ -181,13 +181,14 @@ class AllMethods:
 class DemoService:
     """The model side of the demo: one predictor, a bounded cache of full answers, a lock around the model."""
 
-    def __init__(self, predictor: Predictor, model_name: str, n_layers: int, grid: tuple[int, int],
-                 cache_items: int = DEFAULT_CACHE_ITEMS, max_new_tokens: int = 16, card: ModelCard | None = None,
-                 rounds: int = timing.DEFAULT_ROUNDS):
+    def __init__(self, predictor: Predictor, model_name: str, n_layers: int, max_visual_tokens: int,
+                 cache_items: int = DEFAULT_CACHE_ITEMS, max_new_tokens: int = 16, description: str = "",
+                 card: ModelCard | None = None, rounds: int = timing.DEFAULT_ROUNDS):
         self.predictor = predictor
+        self.description = description  # the architecture in words (from the model's family)
         self.model_name = model_name
         self.n_layers = int(n_layers)
-        self.grid = (int(grid[0]), int(grid[1]))
+        self.max_visual_tokens = int(max_visual_tokens)  # per image; a dynamic-resolution model gives fewer
         self.max_new_tokens = max_new_tokens
         self.card = card
         self.rounds = rounds
@@ -199,17 +200,19 @@ class DemoService:
         self._example_prints: set[str] | None = None
 
     @classmethod
-    def from_model(cls, spec: str | None = None, quant: str = "none", **kwargs: Any) -> DemoService:
+    def from_model(cls, spec: str | None = None, quant: str = "none", options: dict | None = None,
+                   **kwargs: Any) -> DemoService:
         from par_demo.model_card import card_for
         from par_demo.models import DEFAULT_MODEL, load_model
         from par_demo.predict import Predictor
 
-        loaded = load_model(spec or DEFAULT_MODEL, quant=quant)
-        return cls(Predictor(loaded), loaded.name, loaded.n_layers, loaded.grid, card=card_for(loaded), **kwargs)
+        loaded = load_model(spec or DEFAULT_MODEL, quant=quant, options=options)
+        return cls(Predictor(loaded), loaded.name, loaded.n_layers, loaded.max_visual_tokens,
+                   description=loaded.family.describe(loaded), card=card_for(loaded), **kwargs)
 
     @property
     def n_visual_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return self.max_visual_tokens
 
     def available_methods(self) -> dict[str, str | None]:
         return dict(self._available)

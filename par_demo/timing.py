@@ -129,7 +129,7 @@ def measure(predictor: Predictor, image: Any, question: str, predictions: Sequen
     question, _ = clip_question(question)  # exactly the text `Predictor.predict` answered
 
     def run(setting: dict) -> Sample:
-        generation, _, _ = predictor.generate(image, question, max_new_tokens=max_new_tokens, **setting)
+        generation = predictor.generate(image, question, max_new_tokens=max_new_tokens, **setting)[0]
         return generation.prefill_s, generation.total_s
 
     samples = time_interleaved(run, settings, rounds, warm_up)

@@ -43,18 +43,30 @@ def vocabulary() -> list[str]:
     return SPECIAL_TOKENS + unique
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(vocabulary())}
-    tok = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
+def build_word_tokenizer(special_tokens: list[str], unk: str, pad: str, eos: str, bos: str | None = None,
+                         extra_words: list[str] = (), image_token: str | None = None) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer: `special_tokens` first (ids 0..), then the task's words and `extra_words`.
+
+    Used for the embedded model and for every random-weight preset, so no tokenizer is ever downloaded."""
+    words = list(dict.fromkeys(vocabulary()[len(SPECIAL_TOKENS):] + [w.lower() for w in extra_words]))
+    vocab = {w: i for i, w in enumerate(list(special_tokens) + words)}
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token=unk))
     tok.normalizer = normalizers.Lowercase()  # "What" and "what" are one word; answers are lower-case anyway
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=PAD,
-        extra_special_tokens={"image_token": IMAGE}, padding_side="left",
-    )
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
+        )
+    extra = {"image_token": image_token} if image_token else {}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=unk, pad_token=pad,
+                                   extra_special_tokens=extra, padding_side="left")
+    fast.add_special_tokens({"additional_special_tokens": [t for t in special_tokens if t not in (bos, eos, unk, pad)]})
+    return fast
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """The embedded model's tokenizer (LLaVA-1.5 format)."""
+    fast = build_word_tokenizer(SPECIAL_TOKENS, unk=UNK, pad=PAD, eos=EOS, bos=BOS, image_token=IMAGE)
     fast.chat_template = CHAT_TEMPLATE
     return fast
 

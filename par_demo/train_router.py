@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from par_demo.engine import PruningPlan
 from par_demo.errors import UserError
+from par_demo.flops import Shape
 from par_demo.images import load_image
 from par_demo.methods.par import router_inputs
 from par_demo.router import (
@@ -107,19 +108,24 @@ class Target:
     """One query with the full model's answer teacher-forced, and everything training needs from it."""
 
     query: object  # Query with the answer appended (all but its last token)
-    n_text: int  # prompt text tokens (what the FLOPs of a pruned prefill count)
+    shape: Shape  # the prompt's token counts and vision FLOPs (what the FLOPs of a pruned prefill count)
     m: int  # answer tokens scored
     log_p: torch.Tensor  # (m, vocab) full model's log-probabilities
     answer: list[int]
     prior: torch.Tensor  # (n_v,) attention of the last prompt position to the image at layer K-1
     visual: torch.Tensor  # (n_v, D) router input
     text: torch.Tensor  # (n_t, D) router input
+    layout: object  # each visual token's row and column (router input)
+
+    @property
+    def n_text(self) -> int:
+        return self.shape.n_text
 
 
 def make_target(predictor, image_path: str, question: str, start_layer: int, max_new_tokens: int) -> Target:
     engine = predictor.engine
     inputs = predictor.encode(load_image(image_path), question)
-    query = engine.prepare(inputs["input_ids"], inputs["pixel_values"])
+    query = engine.prepare(inputs)
     # keep_visual_count = every token: nothing is pruned, but the engine computes the attention row at K-1.
     prior_plan = PruningPlan(start_layer=max(start_layer, 1), keep_visual_count=query.n_visual)
     pre = engine.prefill(query, prior_plan, reserve=max_new_tokens)
@@ -133,8 +139,8 @@ def make_target(predictor, image_path: str, question: str, start_layer: int, max
     m = len(answer)
     logits = engine.prefill(forced, PruningPlan(), n_logits=m).logits.reshape(m, -1)
     visual, text = router_inputs(query)
-    return Target(forced, query.n_text, m, F.log_softmax(logits, dim=-1), answer,
-                  pre.attention_to_image.float(), visual, text)
+    return Target(forced, Shape.of(query), m, F.log_softmax(logits, dim=-1), answer,
+                  pre.attention_to_image.float(), visual, text, query.layout)
 
 
 def flow_kl(engine, target: Target, keep: torch.Tensor | None, skip: frozenset[int], start_layer: int):
@@ -158,11 +164,11 @@ class Budgeter:
         """The most visual tokens that fit `budget` with `skip` skipped; -1 when even none fit."""
         n_v = target.visual.shape[0]
         extra = router_flops(self.config, n_v, target.n_text)
-        limit = budget * self.flops.full(target.n_text, n_v)
+        limit = budget * self.flops.full(target.shape)
 
         def cost(tokens):
             kept = None if tokens >= n_v else tokens
-            return self.flops.prefill(target.n_text, n_v, kept, skip, self.config.start_layer, router=extra)
+            return self.flops.prefill(target.shape, kept, skip, self.config.start_layer, router=extra)
 
         if cost(0) > limit:
             return -1
@@ -239,7 +245,8 @@ def query_loss(router, target: Target, train: TrainConfig, budgeter: Budgeter, e
     u = torch.rand(train.budgets_per_query, generator=generator)
     budgets = train.budget_low + (train.budget_high - train.budget_low) * u
     device = next(router.parameters()).device
-    token_logits, layer_logits = router(target.visual.to(device), target.text.to(device), budgets.to(device))
+    token_logits, layer_logits = router(target.visual.to(device), target.text.to(device), budgets.to(device),
+                                        target.layout)
     losses = []
     for b, budget in enumerate(budgets.tolist()):
         if float(torch.rand(1, generator=generator)) < use_router_prob:
@@ -284,7 +291,8 @@ def measure_pareto(router, targets: list[Target], engine, budgeter: Budgeter, bu
     logits = []
     with torch.no_grad():
         for t in targets:
-            z_tok, z_lay = router(t.visual.to(device), t.text.to(device), torch.tensor(budgets, device=device))
+            z_tok, z_lay = router(t.visual.to(device), t.text.to(device), torch.tensor(budgets, device=device),
+                                  t.layout)
             logits.append((z_tok.float().cpu(), z_lay.float().cpu()))
     rows, pareto = [], []
     bar = tqdm(total=len(budgets) * (len(routable) + 1), desc="pareto", disable=not progress, file=sys.stderr)
@@ -338,13 +346,12 @@ def build_router_config(predictor, args, sample: Target) -> RouterConfig:
     n_layers = predictor.engine.n_layers
     n_visual = sample.visual.shape[0]
     width = args.width or auto_width(loaded.config.text_config.hidden_size, n_layers, n_visual, sample.n_text,
-                                     predictor.flops.full(sample.n_text, n_visual), share=0.01)
+                                     predictor.flops.full(sample.shape), share=0.01)
     heads = max(1, width // 16)
     protected_first = args.protected_first if args.protected_first is not None else max(1, round(n_layers / 16))
-    return RouterConfig(lm_width=loaded.config.text_config.hidden_size, n_layers=n_layers, n_visual=n_visual,
-                        width=width, depth=args.depth, heads=heads, protected_first=protected_first,
-                        protected_last=args.protected_last, start_layer=args.start_layer,
-                        model=fingerprint(loaded))
+    return RouterConfig(lm_width=loaded.config.text_config.hidden_size, n_layers=n_layers, width=width,
+                        depth=args.depth, heads=heads, protected_first=protected_first,
+                        protected_last=args.protected_last, start_layer=args.start_layer, model=fingerprint(loaded))
 
 
 class TargetCache:
@@ -514,8 +521,7 @@ def check_args(args, train: TrainConfig) -> None:
 
 
 def run(args) -> int:
-    from par_demo.models import load_model
-    from par_demo.predict import Predictor
+    from par_demo.predict import Predictor, load_from_args
 
     train = train_config_from_args(args)
     check_args(args, train)
@@ -529,7 +535,8 @@ def run(args) -> int:
     accelerator = make_accelerator(train, args.device)
     # Under `accelerate launch` each process loads the frozen model onto its own device.
     device = args.device or str(accelerator.device)
-    predictor = Predictor(load_model(args.model, args.quant, device, args.dtype))
+    args.device = device
+    predictor = Predictor(load_from_args(args))
     if predictor.engine.n_layers < 2:
         raise UserError("a router needs a model with at least 2 decoder layers")
     for p in predictor.loaded.model.parameters():

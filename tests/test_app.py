@@ -55,8 +55,8 @@ SHORT_SWEEP = (1.0, 0.5, 0.2)  # the app sweeps ten budgets; three show the same
 @pytest.fixture(scope="module")
 def service(tiny, predictor):
     # The random model never stops early: 4 new tokens instead of 16 keep the tests fast.
-    return s.DemoService(CountingPredictor(predictor), tiny.name, tiny.n_layers, tiny.grid, cache_items=4,
-                         max_new_tokens=4, rounds=ROUNDS)
+    return s.DemoService(CountingPredictor(predictor), tiny.name, tiny.n_layers, tiny.max_visual_tokens,
+                         cache_items=4, max_new_tokens=4, rounds=ROUNDS)
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +151,9 @@ def test_compare_all_lists_what_could_not_run_and_why(service):
 
 def test_an_uploaded_photo_on_a_synthetic_only_model_gets_a_notice(tiny, predictor, scene, tmp_path):
     card = ModelCard(name="ShapesVQA LLaVA", source="embedded", family="LLaVA", parameters=1, visual_tokens=144,
-                     grid=(12, 12), layers=8, trained_on="synthetic shape scenes only", synthetic_only=True)
-    service = s.DemoService(predictor, tiny.name, tiny.n_layers, tiny.grid, max_new_tokens=2, card=card, rounds=1)
+                     layers=8, trained_on="synthetic shape scenes only", synthetic_only=True)
+    service = s.DemoService(predictor, tiny.name, tiny.n_layers, tiny.max_visual_tokens, max_new_tokens=2, card=card,
+                            rounds=1)
     photo = tmp_path / "mine.png"
     scene.save(photo)
     assert service.compare(EXAMPLE, QUESTION, "fastv", 0.6).image_notice is None  # an example: no notice
@@ -200,8 +201,8 @@ def test_out_of_memory_becomes_a_message_and_the_next_request_works(tiny, predic
                 raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
             return super().predict(image, question, method, **kwargs)
 
-    app = d.DemoApp(s.DemoService(RunsOutOnce(predictor), tiny.name, tiny.n_layers, tiny.grid, max_new_tokens=2,
-                                  rounds=1))
+    app = d.DemoApp(s.DemoService(RunsOutOnce(predictor), tiny.name, tiny.n_layers, tiny.max_visual_tokens,
+                                  max_new_tokens=2, rounds=1))
     args = (EXAMPLE, QUESTION, "random", 0.6, 0, 0, 2, d.PATCH_VIEWS[0])
     with pytest.raises(gr.Error, match="out of memory"):
         app.run(*args, **NO_PROGRESS)
@@ -253,13 +254,12 @@ def par_app(tiny, tmp_path_factory):
     from par_demo.predict import Predictor
     from par_demo.router import MetaRouter, RouterConfig, fingerprint, save_router
 
-    rows, cols = tiny.grid
     config = RouterConfig(lm_width=tiny.config.text_config.hidden_size, n_layers=tiny.n_layers,
-                          n_visual=rows * cols, width=16, heads=1, model=fingerprint(tiny))
+                          width=16, heads=1, model=fingerprint(tiny))
     torch.manual_seed(0)
     predictor = Predictor(tiny)
     predictor.router_path = save_router(MetaRouter(config), tmp_path_factory.mktemp("router"))
-    service = s.DemoService(predictor, tiny.name, tiny.n_layers, tiny.grid, max_new_tokens=2, rounds=1)
+    service = s.DemoService(predictor, tiny.name, tiny.n_layers, tiny.max_visual_tokens, max_new_tokens=2, rounds=1)
     return d.DemoApp(service)
 
 
@@ -326,3 +326,31 @@ def test_layer_figure_colours():
     by_name = {trace.name: trace for trace in fig.data}
     assert list(by_name["skipped"].x) == [3, 4, 5, 6] and by_name["skipped"].marker.color == viz.SKIPPED_COLOR
     assert "ran 4/8" in fig.layout.title.text
+
+
+def test_compare_all_draws_each_method_on_its_own_grid_for_another_family(tmp_path):
+    """Qwen2.5-VL gives a tall photo a tall grid (13 x 9 cells): every cell of the grid view follows it."""
+    import base64
+    import io
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    from par_demo.models import load_model
+    from par_demo.predict import Predictor
+    from par_demo.shapes import render_scene
+
+    qwen = load_model("random:qwen2.5-vl-tiny", device="cpu")
+    service = s.DemoService(Predictor(qwen), qwen.name, qwen.n_layers, qwen.max_visual_tokens, max_new_tokens=2,
+                            rounds=1)
+    image, _ = render_scene(np.random.default_rng(5))
+    path = tmp_path / "tall.png"
+    image.resize((252, 364)).save(path)
+    *_, state = service.compare_all(str(path), "What color is the circle?", 0.9, rounds=1)
+    assert "fastv" in state.results and all(tuple(p.grid) == (13, 9) for p in state.results.values())
+    thumbnails = re.findall(r'src="data:image/png;base64,([^"]+)"', panels.all_methods_html(state))
+    assert len(thumbnails) == 1 + len(state.results)
+    for data in thumbnails:
+        width, height = Image.open(io.BytesIO(base64.b64decode(data))).size
+        assert height > width  # tall like the image the model saw

@@ -23,8 +23,8 @@ PREDICT_JSON_KEYS = {f.name for f in dataclasses.fields(Prediction)}  # what `pr
 
 @pytest.fixture(scope="module")
 def client(tiny, predictor):
-    service = s.DemoService(predictor, tiny.name, tiny.n_layers, tiny.grid, cache_items=4, max_new_tokens=4,
-                            rounds=2)
+    service = s.DemoService(predictor, tiny.name, tiny.n_layers, tiny.max_visual_tokens, cache_items=4,
+                            max_new_tokens=4, rounds=2)
     with served(d.DemoApp(service, sweep_budgets=(1.0, 0.5))) as api:
         yield api
 

@@ -1,5 +1,6 @@
 """The analytic FLOPs model against torch's FlopCounterMode on a real prefill."""
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -13,7 +14,7 @@ def counted_prefill_flops(model, inputs, plan):
     # The math SDPA backend is decomposed into matmuls that the counter sees; fused CPU kernels are not counted.
     engine = Engine(model)
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        query = engine.prepare(inputs["input_ids"], inputs["pixel_values"])
+        query = engine.prepare(inputs)
         engine.prefill(query, plan)
     return counter.get_total_flops(), query
 
@@ -27,16 +28,50 @@ def counted_prefill_flops(model, inputs, plan):
 def test_analytic_prefill_flops_match_flop_counter_within_5_percent(tiny, predictor, scene, plan, kept, rows):
     inputs = predictor.encode(scene, "How many objects are there?")
     counted, query = counted_prefill_flops(tiny.model, inputs, plan)
-    analytic = FlopsModel.from_config(tiny.config).prefill(
-        query.n_text, query.n_visual, kept, plan.skip_layers, plan.start_layer, attention_rows=rows)
+    analytic = FlopsModel.from_config(tiny.config).prefill(query, kept, plan.skip_layers, plan.start_layer,
+                                                           attention_rows=rows)
     assert abs(analytic - counted) / counted < 0.05
 
 
 def test_llava_7b_full_prefill_is_in_the_published_range():
     # LLaVA-1.5-7B on ~600 tokens: about 2 x 6.7e9 parameters x 640 tokens, i.e. ~8-9 TFLOPs.
-    from par_demo.models import PRESETS, build_config
+    from par_demo.families.llava import PRESETS, Llava, build_config
+    from par_demo.flops import Shape
 
-    flops = FlopsModel.from_config(build_config(PRESETS["llava-1.5-7b"], image_token_id=32000))
-    total = flops.full(n_text=64, n_visual=576)
+    config = build_config(PRESETS["llava-1.5-7b"], image_token_id=32000)
+    vision = Llava.vision_flops(config)
+    total = FlopsModel.from_config(config).full(Shape(n_text=64, n_visual=576, vision_flops=vision))
     assert 7.5e12 < total < 9.5e12
-    assert flops.vision() / total < 0.06  # the vision tower is a small share; the LM dominates
+    assert vision / total < 0.06  # the vision tower is a small share; the LM dominates
+
+
+@pytest.mark.parametrize("size", [(448, 224), (252, 364)])
+@pytest.mark.parametrize("plan, rows", [
+    (PruningPlan(), 0),
+    (PruningPlan(start_layer=2, keep_visual=torch.arange(0, 100, 3), skip_layers=frozenset({3})), 0),
+    (PruningPlan(start_layer=1, keep_visual_count=20, skip_layers=frozenset({4})), 1),
+    (PruningPlan(start_layer=0, keep_visual=torch.arange(7)), 0),
+])
+def test_qwen2_5_vl_flops_match_flop_counter_within_5_percent(size, plan, rows):
+    """Vision tower (window and full attention blocks), merger, decoder and a router, on images of two shapes."""
+    from par_demo.models import encode_query, load_model
+    from par_demo.router import MetaRouter, RouterConfig
+    from par_demo.shapes import render_scene
+
+    loaded = load_model("random:qwen2.5-vl-tiny", device="cpu")
+    image, _ = render_scene(np.random.default_rng(2))
+    inputs = encode_query(loaded, image.resize(size), "How many objects are there?")
+    engine = Engine(loaded.model)
+    router = MetaRouter(RouterConfig(lm_width=64, n_layers=6, width=16, heads=1)).eval()
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        query = engine.prepare(inputs)
+        text = query.inputs_embeds[0, : query.n_text]  # any n_text rows: the router's cost depends on counts only
+        router(query.image_features, text, torch.tensor([0.5]), query.layout)
+        engine.prefill(query, plan)
+    kept = None if plan.keep_visual is None and plan.keep_visual_count is None else (
+        plan.keep_visual.numel() if plan.keep_visual is not None else plan.keep_visual_count)
+    analytic = FlopsModel.from_config(loaded.config).prefill(
+        query, kept, plan.skip_layers, plan.start_layer, router=router.flops(query.n_visual, query.n_text),
+        attention_rows=rows)
+    counted = counter.get_total_flops()
+    assert abs(analytic - counted) / counted < 0.05, (analytic, counted)

@@ -16,7 +16,7 @@ def test_the_embedded_model_says_it_knows_synthetic_shape_scenes_only():
 
     card = card_for(load_model(DEFAULT_MODEL, device="cpu"))
     assert card.name == "ShapesVQA LLaVA" and card.source == "embedded" and card.synthetic_only
-    assert (card.visual_tokens, card.grid, card.layers) == (144, (12, 12), 12)
+    assert (card.visual_tokens, card.layers) == (144, 12) and "12×12" in card.family
     assert 3e6 < card.parameters < 4e6
     assert [kind for kind, _ in card.question_types] == list(QUESTION_TYPES)
     text = model_card_markdown(card)
@@ -35,4 +35,4 @@ def test_a_hub_model_shows_its_hub_id_and_quantization(tiny):
 def test_random_weights_say_their_answers_mean_nothing(tiny):
     card = card_for(tiny)
     assert card.name == "random:llava-tiny" and "random weights" in card.trained_on
-    assert "LLaVA (CLIP vision tower, Llama decoder)" in model_card_markdown(card)
+    assert "LLaVA (CLIP tower" in model_card_markdown(card)

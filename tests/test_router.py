@@ -16,7 +16,7 @@ QUESTION = "What shape is the red object?"
 
 @pytest.fixture(scope="module")
 def config(tiny):
-    return RouterConfig(lm_width=128, n_layers=8, n_visual=144, width=16, heads=1, protected_first=1,
+    return RouterConfig(lm_width=128, n_layers=8, width=16, heads=1, protected_first=1,
                         protected_last=1, model=fingerprint(tiny))
 
 
@@ -53,22 +53,22 @@ def target(par_predictor, image_file):
 # ------------------------------------------------------------------------------------------------ router
 def test_router_shapes_and_budget_conditioning(config, target):
     router = MetaRouter(config)
-    tokens, layers = router(target.visual, target.text, torch.tensor([0.2, 0.8]))
+    tokens, layers = router(target.visual, target.text, torch.tensor([0.2, 0.8]), target.layout)
     assert tokens.shape == (2, 144) and layers.shape == (2, 8)
     assert not torch.allclose(tokens[0], tokens[1])  # the budget embedding reaches the scores
     assert target.visual.shape == (144, 128) and target.text.shape[1] == 128
 
 
 def test_router_overhead_is_under_one_percent_for_llava_7b():
-    from par_demo.flops import FlopsModel
-    from par_demo.models import PRESETS, build_config
+    from par_demo.families.llava import PRESETS, Llava, build_config
+    from par_demo.flops import FlopsModel, Shape
 
-    flops = FlopsModel.from_config(build_config(PRESETS["llava-1.5-7b"], 32000))
+    config = build_config(PRESETS["llava-1.5-7b"], 32000)
     n_text, n_visual = 40, 576
-    full = flops.full(n_text, n_visual)
+    full = FlopsModel.from_config(config).full(Shape(n_text, n_visual, Llava.vision_flops(config)))
     width = auto_width(4096, 32, n_visual, n_text, full)
     assert width == 128  # the widest candidate fits easily at 7B
-    cfg = RouterConfig(lm_width=4096, n_layers=32, n_visual=n_visual, width=width, heads=8)
+    cfg = RouterConfig(lm_width=4096, n_layers=32, width=width, heads=8)
     assert router_flops(cfg, n_visual, n_text) <= 0.01 * full
 
 
@@ -79,7 +79,8 @@ def test_save_load_round_trip_and_mismatch_refusal(tiny, config, tmp_path, targe
     loaded, meta = load_router(tmp_path, tiny)
     budgets = torch.tensor([0.5])
     with torch.no_grad():
-        for a, b in zip(router(target.visual, target.text, budgets), loaded(target.visual, target.text, budgets)):
+        for a, b in zip(router(target.visual, target.text, budgets, target.layout),
+                        loaded(target.visual, target.text, budgets, target.layout)):
             assert torch.equal(a, b)
     assert meta["config"] == config and meta["pareto"][0]["layers"] == 6
     assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pkl"))  # no pickle
@@ -108,11 +109,11 @@ def test_par_plans_fit_their_budgets_router_included(par_predictor, scene, budge
     assert p.flops_ratio <= budget + 1e-9
     # the router's FLOPs are in the count: the same setting without them is cheaper by exactly that much
     par = par_predictor.method("par")
-    n_text = par_predictor.engine.prepare(**par_predictor.encode(scene, QUESTION)).n_text
+    query = par_predictor.engine.prepare(par_predictor.encode(scene, QUESTION))
     kept = None if len(p.kept_visual_tokens) == 144 else len(p.kept_visual_tokens)
     skip = [i for i in range(8) if i not in p.kept_layers]
-    without = par_predictor.flops.prefill(n_text, 144, kept, skip, p.start_layer)
-    assert p.flops == pytest.approx(without + par.router.flops(144, n_text))
+    without = par_predictor.flops.prefill(query, kept, skip, p.start_layer)
+    assert p.flops == pytest.approx(without + par.router.flops(144, query.n_text))
 
 
 @pytest.mark.parametrize("budget", [0.9, 0.5, 0.25])
@@ -166,9 +167,9 @@ def test_flows_fit_their_budget_and_keep_protected_layers(par_predictor, config,
         for keep, skip, tokens, layers in flows:
             assert not skip & {0, 7} and layers == 8 - len(skip)
             kept = None if keep is None else keep.numel()
-            cost = par_predictor.flops.prefill(target.n_text, 144, kept, skip, 2,
+            cost = par_predictor.flops.prefill(target.shape, kept, skip, 2,
                                                router=router_flops(config, 144, target.n_text))
-            assert cost <= budget * par_predictor.flops.full(target.n_text, 144) * (1 + 1e-9)
+            assert cost <= budget * par_predictor.flops.full(target.shape) * (1 + 1e-9)
 
 
 def test_a_training_step_changes_the_weights(par_predictor, config, target):
@@ -211,7 +212,7 @@ def test_preference_loss_decreases_on_a_fixed_batch(par_predictor, config, targe
     routable = config.routable()
     losses = []
     for _ in range(6):
-        tok, lay = router(target.visual, target.text, torch.tensor([budget]))
+        tok, lay = router(target.visual, target.text, torch.tensor([budget]), target.layout)
         margin = log_pi(tok[0], lay[0], best[1], best[2], routable) - log_pi(tok[0], lay[0], worst[1], worst[2], routable)
         loss = -F.logsigmoid(5.0 * margin)
         losses.append(float(loss.detach()))
@@ -281,11 +282,11 @@ def test_attention_prior_ablation_charges_its_attention_row_not_a_router(par_pre
     assert prior.flops_ratio <= 0.5 + 1e-9
     k = prior.start_layer
     assert k >= 1 and k - 1 in prior.kept_layers  # FastV's row is read at layer K-1, so it runs
-    n_text = par_predictor.engine.prepare(**par_predictor.encode(scene, QUESTION)).n_text
+    query = par_predictor.engine.prepare(par_predictor.encode(scene, QUESTION))
     skip = [i for i in range(8) if i not in prior.kept_layers]
     kept = len(prior.kept_visual_tokens)
     assert kept < 144
-    expected = par_predictor.flops.prefill(n_text, 144, kept, skip, k, attention_rows=1)
+    expected = par_predictor.flops.prefill(query, kept, skip, k, attention_rows=1)
     assert prior.flops == pytest.approx(expected)
 
 

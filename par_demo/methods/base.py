@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable, Protocol
 
 import torch
 
-from par_demo.engine import PruningPlan, Query
+from par_demo.engine import Engine, PruningPlan, Query
 from par_demo.errors import BudgetOutOfReach, UserError
+from par_demo.flops import FlopsModel
 
-if TYPE_CHECKING:
-    from par_demo.predict import Predictor
+
+class MethodContext(Protocol):
+    """What a method may use of the model it prunes (a `Predictor` is one). Methods never see the app or the CLI."""
+
+    loaded: object  # LoadedModel: name, family, processor
+    engine: Engine
+    flops: FlopsModel
+    cache_key: str  # names the model's weights, for measurements cached on disk (layer drop)
+
+    def encode(self, image, question: str) -> dict: ...  # model inputs for calibration queries
+
+    def method(self, name: str) -> "Method": ...  # another method of the same model (par-prior reads layer drop)
 
 
 @dataclass(frozen=True)
@@ -42,10 +53,10 @@ class Method:
     uses_layers = False  # accepts an explicit `layers` override
     min_start_layer = 0  # the earliest layer this method can drop tokens at (FastV needs layer K-1's attention)
 
-    def __init__(self, predictor: "Predictor"):
-        self.predictor = predictor
-        self.flops = predictor.flops
-        self.n_layers = predictor.engine.n_layers
+    def __init__(self, context: MethodContext):
+        self.context = context
+        self.flops = context.flops
+        self.n_layers = context.engine.n_layers
 
     def available(self) -> str | None:
         """None when usable, else the reason it is not."""
@@ -72,7 +83,7 @@ class Method:
     def setting_flops(self, query: Query, setting: Setting) -> float:
         kept = None if setting.tokens >= query.n_visual else setting.tokens
         rows = self.attention_rows() if kept is not None else 0
-        return self.flops.prefill(query.n_text, query.n_visual, kept, setting.skip, setting.start_layer,
+        return self.flops.prefill(query, kept, setting.skip, setting.start_layer,
                                   router=self.extra_flops(query), attention_rows=rows)
 
     def choose(self, query: Query, budget: float, start_layer: int) -> Setting:
@@ -81,7 +92,7 @@ class Method:
         Candidates are searched at the requested start layer K first. A budget that no setting meets there (the
         layers before K always see every token) is searched again at K-1, ... down to the method's earliest layer.
         """
-        limit = check_budget(budget) * self.flops.full(query.n_text, query.n_visual)
+        limit = check_budget(budget) * self.flops.full(query)
         cheapest = None
         for k in range(start_layer, min(self.min_start_layer, start_layer) - 1, -1):
             for setting in self.candidates(query, k):
@@ -89,7 +100,7 @@ class Method:
                 if cost <= limit * (1 + 1e-9):
                     return setting
                 cheapest = cost if cheapest is None else min(cheapest, cost)
-        full = self.flops.full(query.n_text, query.n_visual)
+        full = self.flops.full(query)
         reach = f"{cheapest / full:.2f}" if cheapest is not None else "n/a"
         raise BudgetOutOfReach(self.name, budget, reach)
 

@@ -27,17 +27,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PAR_DEMO_CACHE", Path.home() / ".cache" / "par-demo"))
 
 
-def block_influence(predictor, n_queries: int = 8, seed: int = 0) -> list[float]:
+def block_influence(context, n_queries: int = 8, seed: int = 0) -> list[float]:
     """Per layer, 1 - cosine(input, output) of its hidden states, averaged over calibration queries."""
     from par_demo.shapes import render_scene  # synthetic scenes: calibration needs no data set
 
-    engine = predictor.engine
+    engine = context.engine
     rng = np.random.default_rng(seed)
     totals = torch.zeros(engine.n_layers)
     for i in range(n_queries):
         image, _ = render_scene(rng)
         question = CALIBRATION_QUESTIONS[i % len(CALIBRATION_QUESTIONS)]
-        query = engine.prepare(**predictor.encode(image, question))
+        query = engine.prepare(context.encode(image, question))
         pre = engine.prefill(query, PruningPlan(), keep_hidden=True)
         inputs = [query.inputs_embeds] + pre.hidden_states[:-1]
         for layer, (h_in, h_out) in enumerate(zip(inputs, pre.hidden_states)):
@@ -49,8 +49,8 @@ class LayerDrop(Method):
     name = "layerdrop"
     uses_layers = True
 
-    def __init__(self, predictor):
-        super().__init__(predictor)
+    def __init__(self, context):
+        super().__init__(context)
         self._order: list[int] | None = None  # layers, least influential first
         self._influence: list[float] | None = None  # read once: every plan asks for it
 
@@ -60,7 +60,7 @@ class LayerDrop(Method):
         return self._influence
 
     def _load_or_measure_influence(self) -> list[float]:
-        path = cache_dir() / "layerdrop" / (re.sub(r"[^\w.-]+", "_", self.predictor.cache_key) + ".json")
+        path = cache_dir() / "layerdrop" / (re.sub(r"[^\w.-]+", "_", self.context.cache_key) + ".json")
         if path.is_file():
             try:
                 scores = json.loads(path.read_text())["block_influence"]
@@ -68,10 +68,10 @@ class LayerDrop(Method):
                     return scores
             except (ValueError, KeyError, TypeError):
                 pass  # a damaged cache file is measured again
-        scores = block_influence(self.predictor)
+        scores = block_influence(self.context)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"model": self.predictor.cache_key, "block_influence": scores}))
+            path.write_text(json.dumps({"model": self.context.cache_key, "block_influence": scores}))
         except OSError:
             pass  # a read-only home only costs a re-measurement next time
         return scores

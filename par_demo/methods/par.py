@@ -42,21 +42,22 @@ def default_layers(budget: float, n_layers: int) -> int:
 
 
 def router_inputs(query) -> tuple[torch.Tensor, torch.Tensor]:
-    """The router's view of a query: projected visual tokens (n_v, D) and prompt text embeddings (n_t, D)."""
+    """The router's view of a query: projected visual tokens (n_v, D) and prompt text embeddings (n_t, D)
+    (and `query.layout`, each visual token's place in the image)."""
     is_text = torch.ones(query.length, dtype=torch.bool, device=query.input_ids.device)
     is_text[query.image_positions] = False
     # clone(): the engine makes inference-mode tensors, which autograd may not save (training needs this).
     return query.image_features.clone(), query.inputs_embeds[0, is_text].clone()
 
 
-def router_folders(predictor) -> list[Path]:
-    explicit = getattr(predictor, "router_path", None) or os.environ.get("PAR_DEMO_ROUTER")
+def router_folders(context) -> list[Path]:
+    explicit = getattr(context, "router_path", None) or os.environ.get("PAR_DEMO_ROUTER")
     if explicit:
         return [Path(explicit)]
     folders = []
-    if Path(predictor.loaded.name).is_dir():
-        folders.append(Path(predictor.loaded.name) / "router")
-    folders.append(ROUTERS_DIR / sanitize(predictor.loaded.name))
+    if Path(context.loaded.name).is_dir():
+        folders.append(Path(context.loaded.name) / "router")
+    folders.append(ROUTERS_DIR / sanitize(context.loaded.name))
     return folders
 
 
@@ -67,8 +68,8 @@ class Par(Method):
     route_tokens = True  # False: every visual token is kept
     route_layers = True  # False: every layer runs
 
-    def __init__(self, predictor):
-        super().__init__(predictor)
+    def __init__(self, context):
+        super().__init__(context)
         self.router = None
         self.pareto: list[dict] = []
         self.folder: Path | None = None
@@ -79,18 +80,18 @@ class Par(Method):
 
     # ---------------------------------------------------------------------------------------- router
     def _load(self) -> None:
-        folders = router_folders(self.predictor)
+        folders = router_folders(self.context)
         if folders == self._loaded_from:
             return
         self._loaded_from, self.router, self._problem = folders, None, None
         found = next((f for f in folders if (f / CONFIG_FILE).is_file()), None)
         if found is None:
             self._problem = (f"no router for this model; train one with: python -m par_demo train-router "
-                             f"--model {self.predictor.loaded.name} --data DATA.jsonl "
-                             f"--out {ROUTERS_DIR / sanitize(self.predictor.loaded.name)}")
+                             f"--model {self.context.loaded.name} --data DATA.jsonl "
+                             f"--out {ROUTERS_DIR / sanitize(self.context.loaded.name)}")
             return
         try:
-            self.router, meta = load_router(found, self.predictor.loaded, device=self.predictor.loaded.device)
+            self.router, meta = load_router(found, self.context.loaded, device=self.context.loaded.device)
         except UserError as exc:
             self._problem = str(exc)
             return
@@ -111,7 +112,7 @@ class Par(Method):
         visual, text = router_inputs(query)
         with torch.inference_mode():
             budgets = torch.tensor([float(budget)], device=visual.device)
-            tokens, layers = self.router(visual, text, budgets)
+            tokens, layers = self.router(visual, text, budgets, query.layout)
         self._routed = (query, budget, tokens[0].float(), layers[0].float())
         return self._routed[2], self._routed[3]
 
@@ -146,7 +147,7 @@ class Par(Method):
         """The target layer count with as many tokens as fit (more layers if every token fits, fewer if no token
         does). Tokens are found by bisection: FLOPs grow with tokens, and a 576-token scan per layer count adds up.
         A budget out of reach at K is searched again at K-1, ... as in `Method.choose`."""
-        limit = check_budget(budget) * self.flops.full(query.n_text, query.n_visual) * (1 + 1e-9)
+        limit = check_budget(budget) * self.flops.full(query) * (1 + 1e-9)
         _, layer_logits = self.route(query, self._budget)
         n_v = query.n_visual
         floor_layers = self.min_layers() if self.route_layers else self.n_layers  # par-tokens runs every layer
@@ -175,7 +176,7 @@ class Par(Method):
         cheapest = self.setting_flops(query, Setting(0 if self.route_tokens else n_v,
                                                      self.skip_for(layer_logits, floor_layers, self.min_start_layer),
                                                      self.min_start_layer))
-        raise BudgetOutOfReach(self.name, budget, f"{cheapest / self.flops.full(query.n_text, query.n_visual):.2f}")
+        raise BudgetOutOfReach(self.name, budget, f"{cheapest / self.flops.full(query):.2f}")
 
     def fixed(self, query, tokens, layers, start_layer):
         n_tokens = query.n_visual if tokens is None else check_count(tokens, 0, query.n_visual, "tokens kept")
@@ -192,8 +193,8 @@ class Par(Method):
         n_skip = self.n_layers - (self.n_layers if layers is None else layers)
         skip = self.config.routable()[::-1][:max(n_skip, 0)]
         kept = None if n_tokens >= query.n_visual else n_tokens
-        cost = self.flops.prefill(query.n_text, query.n_visual, kept, skip, start_layer)
-        return min(1.0, cost / self.flops.full(query.n_text, query.n_visual))
+        cost = self.flops.prefill(query, kept, skip, start_layer)
+        return min(1.0, cost / self.flops.full(query))
 
     def start_layer(self) -> int:
         """K: where dropped tokens leave the sequence; the one the router's flows were trained and measured at."""
@@ -254,7 +255,7 @@ class ParPrior(Par):
         return max(1, self.config.start_layer)  # FastV's row is read at layer K-1
 
     def route(self, query, budget):
-        return torch.zeros(query.n_visual), self.predictor.method("layerdrop").layer_scores().float()
+        return torch.zeros(query.n_visual), self.context.method("layerdrop").layer_scores().float()
 
     def skip_for(self, layer_logits, kept_layers, start_layer=0):
         # FastV's scores are read at layer K-1: it must run, so it is never a candidate for skipping

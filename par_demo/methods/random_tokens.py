@@ -9,8 +9,8 @@ from par_demo.methods.base import TokenMethod
 class RandomTokens(TokenMethod):
     name = "random"
 
-    def __init__(self, predictor, seed: int = 0):
-        super().__init__(predictor)
+    def __init__(self, context, seed: int = 0):
+        super().__init__(context)
         # One generator per method instance: a run of many queries is reproducible from its seed,
         # while each query still gets its own random subset.
         self.generator = torch.Generator().manual_seed(seed)

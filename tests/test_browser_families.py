@@ -1,0 +1,91 @@
+"""The app with another model family in a real browser: Qwen2.5-VL (random weights, exact CPU-sized architecture)
+given a tall photo must draw a tall patch grid, as many cells as the image gave visual tokens.
+
+Debian's Chromium through Playwright (`executable_path`, never a downloaded browser). The screenshot goes to
+docs/screenshots/ with PAR_UPDATE_SCREENSHOTS=1, else to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = (Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+               if os.environ.get("PAR_UPDATE_SCREENSHOTS") == "1"
+               else Path(tempfile.gettempdir()) / "par-demo-screenshots")
+TALL = (336, 560)  # width x height in px: one token per 28 x 28 px -> a 20 x 12 grid, 240 visual tokens
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
+                                reason="Debian's chromium is not installed at /usr/bin/chromium "
+                                       "(run .ci/install-browser.sh)")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (Python) is not installed")
+
+
+@pytest.fixture(scope="module")
+def tall_image(tmp_path_factory):
+    from par_demo.shapes import render_scene
+
+    image, _ = render_scene(np.random.default_rng(11))
+    path = tmp_path_factory.mktemp("tall") / "tall.png"
+    image.resize(TALL).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def page():
+    import app as app_module
+    from par_demo.demo import DemoApp
+    from par_demo.service import DemoService
+
+    service = DemoService.from_model("random:qwen2.5-vl-mid", max_new_tokens=4)
+    with app_module.served_locally(DemoApp(service)) as url, sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(url)
+        page.wait_for_selector("#run", timeout=30_000)
+        page.page_errors = errors
+        yield page
+        browser.close()
+
+
+def test_a_tall_photo_gives_a_tall_patch_grid_on_qwen2_5_vl(page, tall_image):
+    page.locator("#image-input input[type=file]").set_input_files(str(tall_image))
+    sync_api.expect(page.locator("#image-input img").first).to_be_visible()
+    page.locator("#method").get_by_text("FastV", exact=True).click()
+    page.locator("#question textarea").fill("What color is the circle?")
+    page.click("#run")
+    title = page.locator("#patch-plot .js-plotly-plot .gtitle")
+    sync_api.expect(title).to_contain_text("/240", timeout=60_000)  # 20 x 12 cells, one per visual token
+    page.wait_for_function("!document.querySelector('[data-testid=status-tracker].generating')", timeout=60_000)
+
+    # The figure's axes span the image as the model saw it: 336 x 560 px, taller than wide.
+    ranges = page.evaluate("""() => {
+        const plot = document.querySelector('#patch-plot .js-plotly-plot');
+        return [plot.layout.xaxis.range, plot.layout.yaxis.range];
+    }""")
+    (x0, x1), (y0, y1) = ranges
+    assert (abs(x1 - x0), abs(y1 - y0)) == TALL
+    # The patch heatmap (it carries each cell's hover text) has 20 rows of 12 cells.
+    cells = page.evaluate("""() => {
+        const plot = document.querySelector('#patch-plot .js-plotly-plot');
+        const z = plot.data.find(trace => trace.type === 'heatmap').z;
+        // plotly sends large arrays typed: {dtype, bdata, shape: "rows, cols"}
+        const [rows, cols] = z.shape ? String(z.shape).split(',').map(Number) : [z.length, z[0].length];
+        return {rows, cols};
+    }""")
+    assert cells == {"rows": 20, "cols": 12}, json.dumps(cells)
+    layers = page.locator("#layer-plot .js-plotly-plot .gtitle")
+    sync_api.expect(layers).to_contain_text("/12")  # the mid preset's 12 decoder layers
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    time.sleep(0.5)  # let plotly finish drawing before the picture
+    page.screenshot(path=str(SCREENSHOTS / "qwen2.5-vl-tall.png"), full_page=True)
+    assert not page.page_errors, page.page_errors
