@@ -172,22 +172,27 @@ def test_example_slider_run_and_figures(page):
 
 
 def test_compare_all_methods_fills_a_grid_with_every_method(page, server):
+    from par_demo.inputs import METHOD_CHOICES
+
     _, service = server
-    available = [name for name, reason in service.available_methods().items() if not reason and name != "full"]
+    reasons = service.available_methods()
+    available = [name for _, name in METHOD_CHOICES if not reasons[name]]
     pick_first_example(page)
     page.locator("#budget input[type=range]").fill("0.5")
     page.click("#compare-all-button")
     sync_api.expect(page.locator("#compare-summary")).to_contain_text("medians of", timeout=SLOW)
     wait_until_idle(page, SLOW)
     cells = page.locator("#compare-grid .pg-cell")
-    assert cells.count() == 1 + len(available)  # the full model, then one cell per method
-    for i in range(cells.count()):
-        cell = cells.nth(i)
+    by_method = {cells.nth(i).get_attribute("data-method"): cells.nth(i) for i in range(cells.count())}
+    assert list(by_method)[:1 + len(available)] == ["full", *available]  # the full model, then every method
+    for name in ["full", *available]:
+        cell = by_method[name]
         assert cell.locator("img").count() == 1, cell.inner_text()  # its patch view
         assert cell.locator(".pg-answer").inner_text().strip()
         assert cell.locator(".pg-layers span").count() == service.n_layers
-    methods = [cells.nth(i).get_attribute("data-method") for i in range(cells.count())]
-    assert methods == ["full", *available]
+        assert "prefill" in cell.locator(".pg-time").inner_text()
+    for name in set(by_method) - {"full", *available}:  # an unavailable method says why, in its cell
+        assert reasons[name][:40] in by_method[name].inner_text()
     sync_api.expect(page.locator("#compare-download")).to_be_visible()
     time.sleep(0.5)
     page.locator("#compare-all").screenshot(path=str(SCREENSHOTS / "compare-all.png"))
