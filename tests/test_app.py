@@ -108,6 +108,13 @@ def test_stats_carry_rounds_spread_and_the_speedup_of_medians(service):
     assert set(stats["timing"]["prefill_s"]) == {"median", "low", "high"} and stats["timing"]["rounds"] == ROUNDS
 
 
+def test_warm_up_runs_the_full_model_and_every_available_method_once(service):
+    service.predictor.calls.clear()
+    service.warm_up()
+    available = [name for _, name in METHOD_CHOICES if not service.available_methods().get(name)]
+    assert service.predictor.calls == ["full", *available]
+
+
 def test_cache_key_includes_the_question(service):
     service.predictor.calls.clear()
     service.compare(EXAMPLE, QUESTION, "fastv", 0.6)
