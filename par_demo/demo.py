@@ -225,10 +225,13 @@ class DemoApp:
             described = f" · {s.description}" if s.description else ""
             lines = [f"**Model: {self.shown_model_name()}**{described} · up to {s.n_visual_tokens} visual tokens "
                      f"per image · {s.n_layers} decoder layers"]
+        unavailable: dict[str, list[str]] = {}  # one line per reason: PAR's ablations share PAR's
         for label, value in METHOD_CHOICES:
             reason = s.available_methods().get(value)
             if reason:
-                lines.append(f"**{label} unavailable:** {reason}")
+                unavailable.setdefault(reason, []).append(label)
+        for reason, labels in unavailable.items():
+            lines.append(f"**Unavailable: {', '.join(labels)}:** {reason}")
         return "  \n".join(lines)
 
     @staticmethod

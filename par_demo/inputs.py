@@ -22,7 +22,7 @@ from par_demo.models import MAX_QUESTION_CHARS  # the engine's limit, so a clipp
 # Display names; a method without one here is shown under its registry name.
 _LABELS = {
     "full": "full model", "par": "PAR", "fastv": "FastV", "random": "random tokens", "layerdrop": "layer drop",
-    "par-tokens": "PAR tokens only", "par-layers": "PAR layers only", "par-prior": "PAR split, prior scores",
+    "par-tokens": "PAR tokens only", "par-layers": "PAR layers only", "par-prior": "PAR with prior scores",
 }
 # (label shown in the UI, method name of the engine), in registry order. "full" is the reference, never a choice.
 METHOD_CHOICES: list[tuple[str, str]] = [(_LABELS.get(name, name), name) for name in METHODS if name != "full"]

@@ -196,7 +196,9 @@ class DemoService:
         self.view_cache = LRUCache(cache_items)
         # One model, many users: model calls run one at a time (the app's queue also serialises them).
         self._model_lock = threading.Lock()
-        self._available = dict(predictor.available_methods())
+        # Why a method is unavailable, as the page shows it: paths inside the project relative to it.
+        self._available = {name: reason and reason.replace(f"{ROOT}/", "")
+                           for name, reason in predictor.available_methods().items()}
         self._example_prints: set[str] | None = None
 
     @classmethod
