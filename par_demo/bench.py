@@ -2,8 +2,9 @@
 
     python -m par_demo bench --model random:llava-mid --methods full,fastv,layerdrop --budgets 0.5,0.25 --json
 
-Every row is warmed up once, then the rows are timed round-robin (`--repeats` rounds) so that machine noise
-falls on all of them alike; medians are reported. Speed-ups are ratios to the full model timed in the same run;
+Every row is warmed up once, then the rows are timed round-robin (`--repeats` rounds, `par_demo.timing`'s
+`time_interleaved`, the rounds the app uses too) so that machine noise falls on all of them alike; medians are
+reported. Speed-ups are ratios to the full model timed in the same run;
 `efficiency` = measured prefill speed-up / FLOPs speed-up (1.0 means the saved FLOPs became saved seconds).
 """
 
@@ -25,6 +26,7 @@ from par_demo.images import load_image
 from par_demo.methods import method_class
 from par_demo.methods.base import check_budget
 from par_demo.predict import Predictor, add_model_arguments, load_from_args
+from par_demo.timing import time_interleaved
 
 
 @dataclass
@@ -102,7 +104,6 @@ def time_row(predictor: Predictor, row: Row, image, question: str, new_tokens: i
 def run_bench(predictor: Predictor, rows: list[Row], image, question: str, new_tokens: int = 32,
               repeats: int = 5, progress: bool = False) -> list[Row]:
     device = predictor.loaded.device
-    times: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(rows))}
     bar = tqdm(total=len(rows) * (repeats + 1), desc="bench", disable=not progress, file=sys.stderr)
     for i, row in enumerate(rows):  # warm-up, and the per-row facts that do not change between repeats
         if device.type == "cuda":
@@ -115,11 +116,13 @@ def run_bench(predictor: Predictor, rows: list[Row], image, question: str, new_t
         row.new_tokens = len(generation.tokens)
         row.peak_mem_mb = peak_memory_mb(device)
         bar.update()
-    for _ in range(repeats):
-        for i, row in enumerate(rows):
-            generation, _ = time_row(predictor, row, image, question, new_tokens)
-            times[i].append((generation.prefill_s, generation.total_s))
-            bar.update()
+
+    def run(row: Row) -> tuple[float, float]:
+        generation, _ = time_row(predictor, row, image, question, new_tokens)
+        bar.update()
+        return generation.prefill_s, generation.total_s
+
+    times = time_interleaved(run, rows, repeats)
     bar.close()
     for i, row in enumerate(rows):
         row.prefill_s = statistics.median(t[0] for t in times[i])
