@@ -2,48 +2,65 @@
 
 Run `python app.py` (embedded model on CPU, offline) or
 `python app.py --model llava-hf/llava-1.5-7b-hf --quant 4bit` (env PAR_MODEL / PAR_QUANT also work, for Spaces).
-This file is layout and event wiring only; the logic lives in par_demo/demo.py.
+This file is layout and event wiring only; the logic lives in par_demo/ (demo.py: handlers, service.py: the model
+side, panels.py and viz.py: what the page shows).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
+import socket
 import time
+from collections.abc import Iterator
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default: no telemetry calls
 
 import gradio as gr  # noqa: E402
 
-from par_demo.demo import (  # noqa: E402
-    DEFAULT_START_LAYER, PATCH_VIEWS, CheckedSlider, DemoApp, DemoService, SafeImage, zerogpu_enabled,
-)
+from par_demo import panels  # noqa: E402
+from par_demo.demo import PATCH_VIEWS, CheckedRadio, CheckedSlider, DemoApp, SafeImage  # noqa: E402
 from par_demo.errors import UserError  # noqa: E402
+from par_demo.service import DEFAULT_START_LAYER, DemoService, zerogpu_enabled  # noqa: E402
 
 TITLE = "PAR: Pruning All-Rounder — visual-token and layer pruning, live"
 INTRO = (
-    "Ask a question about an image and choose a compute budget. The full model and the pruned model both answer; "
-    "the figures show which image patches the pruned model kept (dropped ones are dimmed), which decoder layers it "
-    "ran (skipped ones in red), and how much faster it was. Budget = fraction of the full model's prefill FLOPs."
+    "Ask a question about an image and choose a compute budget (the fraction of the full model's prefill FLOPs). "
+    "The full model and the pruned model both answer, and both are timed in turns in the same request; the figures "
+    "show which image patches the pruned model kept, which decoder layers it ran, and how much faster it was. "
+    "**Compare all methods** runs every method at the budget side by side."
 )
-CSS = ".answer textarea {font-size: 1.15em; font-weight: 600}"
+CSS = panels.CSS + """
+.answer textarea {font-size: 1.15em; font-weight: 600}
+#image-notice {color: #9a5b00}
+/* The sweep table: never break a word in the middle; on a narrow screen the table scrolls sideways instead. */
+#sweep-table table {display: block; overflow-x: auto}
+#sweep-table th, #sweep-table td {word-break: normal; overflow-wrap: normal; hyphens: none}
+#sweep-table th, #sweep-table td:not(:last-child) {white-space: nowrap}
+#sweep-table td:last-child {min-width: 7em}
+"""
+# On a phone the grid is below the first screens; bring it into view when it starts filling in.
+SCROLL_TO_GRID = "() => document.getElementById('compare-all')?.scrollIntoView({behavior: 'smooth'})"
 
 
 def build_demo(app: DemoApp) -> gr.Blocks:
     service = app.service
     with gr.Blocks(title="PAR demo") as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
-        gr.Markdown(app.status_markdown(), elem_id="model-status")
+        gr.Markdown(app.model_markdown(), elem_id="model-card")
         view_state = gr.State(None)
 
         with gr.Row():
+            # Inputs, then the two answers right under Run (on a phone too), then the examples.
             with gr.Column(scale=2, min_width=320):
                 image = SafeImage(label="Image", sources=["upload", "clipboard", "webcam"], height=300,
                                   type="filepath", image_mode=None, elem_id="image-input")
                 question = gr.Textbox(label="Question", placeholder="e.g. What color is the triangle?",
                                       lines=1, max_lines=3, elem_id="question")
-                method = gr.Radio(app.method_choices(), value=service.default_method(), label="Pruning method",
-                                  elem_id="method")
+                method = CheckedRadio(app.method_choices(), value=service.default_method(), label="Pruning method",
+                                      elem_id="method")
                 budget = CheckedSlider(0.1, 1.0, value=0.5, step=0.05, elem_id="budget",
                                        label="Budget (fraction of full prefill FLOPs)")
                 with gr.Accordion("Advanced", open=False):
@@ -55,26 +72,28 @@ def build_demo(app: DemoApp) -> gr.Blocks:
                                                 value=min(DEFAULT_START_LAYER, service.n_layers - 1),
                                                 label="FastV / random: prune visual tokens from layer "
                                                       "(PAR uses the layer its router was trained for)")
+                run = gr.Button("Run", variant="primary", elem_id="run")
                 with gr.Row():
-                    run = gr.Button("Run", variant="primary", elem_id="run")
-                    sweep = gr.Button("Sweep budgets 1.0 → 0.1", elem_id="sweep")
-                gr.Examples(app.examples(), inputs=[image, question], label="Examples (click one)",
-                            examples_per_page=8)
-
-            with gr.Column(scale=3, min_width=420):
+                    compare_all = gr.Button("Compare all methods", elem_id="compare-all-button", min_width=150)
+                    sweep = gr.Button("Sweep budgets 1.0 → 0.1", elem_id="sweep", min_width=150)
                 with gr.Row(equal_height=True):
-                    with gr.Column():
+                    with gr.Column(min_width=160):
                         full_answer = gr.Textbox(label="Full model answer", interactive=False,
                                                  elem_id="full-answer", elem_classes="answer")
                         full_timing = gr.Markdown(elem_id="full-timing")
-                    with gr.Column():
+                    with gr.Column(min_width=160):
                         pruned_answer = gr.Textbox(label="Pruned answer", interactive=False,
                                                    elem_id="pruned-answer", elem_classes="answer")
                         pruned_timing = gr.Markdown(elem_id="pruned-timing")
+                image_notice = gr.Markdown(elem_id="image-notice")
+                gr.Examples(app.examples(), inputs=[image, question], label="Examples (click one)",
+                            examples_per_page=8)
+
+            with gr.Column(scale=3, min_width=320):
                 stats = gr.Markdown(elem_id="stats")
                 patch_view = gr.Radio(list(PATCH_VIEWS), value=PATCH_VIEWS[0], label="Patch view",
                                       elem_id="patch-view")
-                empty_patches, empty_layers, empty_latency, empty_sweep = app.empty_outputs()
+                empty_patches, empty_layers, empty_latency, empty_sweep, empty_agreement = app.empty_outputs()
                 patch_plot = gr.Plot(empty_patches, label="Image patches as the model saw them",
                                      elem_id="patch-plot")
                 layer_plot = gr.Plot(empty_layers, label="Decoder layers", elem_id="layer-plot")
@@ -82,19 +101,31 @@ def build_demo(app: DemoApp) -> gr.Blocks:
                 with gr.Accordion("Raw stats (predict --json)", open=False):
                     stats_json = gr.JSON(elem_id="stats-json")
 
-        sweep_plot = gr.Plot(empty_sweep, label="Budget sweep", elem_id="sweep-plot")
+        with gr.Column(elem_id="compare-all"):
+            gr.Markdown("### All methods at this budget")
+            compare_grid = gr.HTML(panels.GRID_PLACEHOLDER, elem_id="compare-grid")
+            compare_summary = gr.Markdown(elem_id="compare-summary")
+            compare_download = gr.DownloadButton("Download this comparison (JSON)", visible=False,
+                                                 elem_id="compare-download")
+
+        with gr.Row():
+            sweep_plot = gr.Plot(empty_sweep, label="Budget sweep: latency", elem_id="sweep-plot", min_width=320)
+            agreement_plot = gr.Plot(empty_agreement, label="Budget sweep: agreement", elem_id="agreement-plot",
+                                     min_width=320)
         sweep_table = gr.Markdown(elem_id="sweep-table")
 
-        # Hidden outputs of the public API endpoint.
+        # Hidden outputs of the public API endpoints.
         api_full = gr.Textbox(visible=False)
         api_pruned = gr.Textbox(visible=False)
         api_stats = gr.JSON(visible=False)
         api_full_stats = gr.JSON(visible=False)
+        api_all = gr.JSON(visible=False)
         api_trigger = gr.Button(visible=False)
+        api_all_trigger = gr.Button(visible=False)
 
         run_inputs = [image, question, method, budget, tokens, layers, start_layer, patch_view]
-        run_outputs = [full_answer, full_timing, pruned_answer, pruned_timing, stats, patch_plot, layer_plot,
-                       latency_plot, stats_json, view_state]
+        run_outputs = [full_answer, full_timing, pruned_answer, pruned_timing, image_notice, stats, patch_plot,
+                       layer_plot, latency_plot, stats_json, view_state]
         # All model work shares one queue slot: one model, one request at a time.
         model_queue = dict(concurrency_id="model", concurrency_limit=1)
         gr.on([run.click, question.submit], app.run, run_inputs, run_outputs, api_visibility="private",
@@ -102,10 +133,16 @@ def build_demo(app: DemoApp) -> gr.Blocks:
         budget.release(app.rerun, run_inputs, run_outputs, api_visibility="private", **model_queue)
         patch_view.change(app.redraw_patches, [view_state, patch_view], patch_plot, api_visibility="private",
                           queue=False)
-        sweep.click(app.sweep, [image, question, method, start_layer], [sweep_plot, sweep_table],
+        compare_all.click(app.compare_all, [image, question, budget, start_layer],
+                          [compare_grid, compare_summary, compare_download], api_name="all_methods_grid",
+                          api_visibility="private", **model_queue)  # its own name: "compare_all" is the API's
+        compare_all.click(None, js=SCROLL_TO_GRID, api_visibility="private", queue=False)
+        sweep.click(app.sweep, [image, question, method, start_layer], [sweep_plot, agreement_plot, sweep_table],
                     api_visibility="private", **model_queue)
         api_trigger.click(app.api_compare, [image, question, method, budget],
                           [api_full, api_pruned, api_stats, api_full_stats], api_name="compare", **model_queue)
+        api_all_trigger.click(app.api_compare_all, [image, question, budget], api_all, api_name="compare_all",
+                              **model_queue)
     # One model serves everyone: requests wait in a bounded queue instead of piling up in memory.
     demo.queue(default_concurrency_limit=1, max_size=64)
     return demo
@@ -114,6 +151,21 @@ def build_demo(app: DemoApp) -> gr.Blocks:
 def launch_options() -> dict:
     """Options of `demo.launch` that are part of the app's look (tests launch with the same ones)."""
     return dict(css=CSS, footer_links=["api", "gradio"])
+
+
+@contextlib.contextmanager
+def served_locally(app: DemoApp) -> Iterator[str]:
+    """The app launched in this process on a free 127.0.0.1 port (tests and benchmarks); yields its URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    blocks = build_demo(app)
+    blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                  **launch_options())
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        blocks.close()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -136,6 +188,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # One line per event in the server log: a refused input is a warning line, only real faults get a traceback.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own HTTP calls are not news
     started = time.perf_counter()
     try:  # the model is loaded at start-up, outside any request (ZeroGPU requires this)
         options = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}

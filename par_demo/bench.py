@@ -2,8 +2,9 @@
 
     python -m par_demo bench --model random:llava-mid --methods full,fastv,layerdrop --budgets 0.5,0.25 --json
 
-Every row is warmed up once, then the rows are timed round-robin (`--repeats` rounds) so that machine noise
-falls on all of them alike; medians are reported. Speed-ups are ratios to the full model timed in the same run;
+Every row is warmed up once, then the rows are timed round-robin (`--repeats` rounds, `par_demo.timing`'s
+`time_interleaved`, the rounds the app uses too) so that machine noise falls on all of them alike; medians are
+reported. Speed-ups are ratios to the full model timed in the same run;
 `efficiency` = measured prefill speed-up / FLOPs speed-up (1.0 means the saved FLOPs became saved seconds).
 """
 
@@ -20,11 +21,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from par_demo.errors import UserError
+from par_demo.errors import BudgetOutOfReach, UserError
 from par_demo.images import load_image
 from par_demo.methods import method_class
 from par_demo.methods.base import check_budget
 from par_demo.predict import Predictor, add_model_arguments, load_from_args
+from par_demo.timing import time_interleaved
 
 
 @dataclass
@@ -102,7 +104,6 @@ def time_row(predictor: Predictor, row: Row, image, question: str, new_tokens: i
 def run_bench(predictor: Predictor, rows: list[Row], image, question: str, new_tokens: int = 32,
               repeats: int = 5, progress: bool = False) -> list[Row]:
     device = predictor.loaded.device
-    times: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(rows))}
     bar = tqdm(total=len(rows) * (repeats + 1), desc="bench", disable=not progress, file=sys.stderr)
     for i, row in enumerate(rows):  # warm-up, and the per-row facts that do not change between repeats
         if device.type == "cuda":
@@ -115,11 +116,13 @@ def run_bench(predictor: Predictor, rows: list[Row], image, question: str, new_t
         row.new_tokens = len(generation.tokens)
         row.peak_mem_mb = peak_memory_mb(device)
         bar.update()
-    for _ in range(repeats):
-        for i, row in enumerate(rows):
-            generation, _ = time_row(predictor, row, image, question, new_tokens)
-            times[i].append((generation.prefill_s, generation.total_s))
-            bar.update()
+
+    def run(row: Row) -> tuple[float, float]:
+        generation, _ = time_row(predictor, row, image, question, new_tokens)
+        bar.update()
+        return generation.prefill_s, generation.total_s
+
+    times = time_interleaved(run, rows, repeats)
     bar.close()
     for i, row in enumerate(rows):
         row.prefill_s = statistics.median(t[0] for t in times[i])
@@ -132,6 +135,21 @@ def run_bench(predictor: Predictor, rows: list[Row], image, question: str, new_t
         row.speedup_total = full.total_s / row.total_s
         row.efficiency = row.speedup_prefill / (1 / row.flops_ratio)
     return rows
+
+
+def reachable_rows(predictor: Predictor, rows: list[Row], image, question: str) -> tuple[list[Row], list[str]]:
+    """The rows whose budget the method can meet on this query, and one line for each it cannot (on a model whose
+    vision path is a large share, e.g. Qwen2.5-VL, low budgets are out of reach for methods inside the decoder)."""
+    query = predictor.engine.prepare(predictor.encode(image, question))
+    kept, notes = [], []
+    for row in rows:
+        try:
+            predictor.method(row.method).plan(query, row.budget or 1.0, row.tokens, row.layers)
+        except BudgetOutOfReach as exc:
+            notes.append(f"{row.label}: {exc}")
+            continue
+        kept.append(row)
+    return kept, notes
 
 
 def build_rows(methods: list[str], budgets: list[float], versions: list[tuple[int, int]]) -> list[Row]:
@@ -182,13 +200,13 @@ def run(args) -> int:
         image = load_image(args.image)
     question = args.question or question
     predictor = Predictor(load_from_args(args))
-    rows = run_bench(predictor, build_rows(methods, budgets, versions), image, question, args.new_tokens,
-                     args.repeats, progress=sys.stderr.isatty())
+    rows, unreachable = reachable_rows(predictor, build_rows(methods, budgets, versions), image, question)
+    rows = run_bench(predictor, rows, image, question, args.new_tokens, args.repeats, progress=sys.stderr.isatty())
     if args.json:
         print(json.dumps({"environment": environment(predictor), "new_tokens": args.new_tokens,
-                          "repeats": args.repeats, "rows": [asdict(r) for r in rows]}))
+                          "repeats": args.repeats, "rows": [asdict(r) for r in rows], "unreachable": unreachable}))
     else:
-        print(format_table(rows))
+        print("\n".join([format_table(rows)] + [f"not reachable: {line}" for line in unreachable]))
     return 0
 
 

@@ -20,6 +20,7 @@ COMMANDS = {
     "make-shapes": ("par_demo.shapes", "write a ShapesVQA data set (images + JSONL)"),
     "train-base": ("par_demo.train_base", "train the embedded ShapesVQA LLaVA from scratch"),
     "train-router": ("par_demo.train_router", "train a PAR meta-router self-supervised"),
+    "lmms-task": ("par_demo.lmms.task", "write an lmms-eval task file for a JSONL data set (ShapesVQA format)"),
 }
 
 

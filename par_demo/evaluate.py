@@ -122,13 +122,21 @@ def run(args) -> int:
 
 
 def format_table(rows: list[EvalRow]) -> str:
+    """One line per setting; each per-type cell shows the accuracy and, in brackets, how many samples it rests on."""
     types = sorted({t for r in rows for t in r.by_type})
-    head = f"{'method':<11}{'budget':>7}{'FLOPs':>7}{'n':>6}{'acc':>7}" + "".join(f"{t[:11]:>12}" for t in types)
+    head = f"{'method':<11}{'budget':>7}{'FLOPs':>7}{'n':>6}{'acc':>7}" + "".join(f"{t[:13]:>15}" for t in types)
     lines = [head, "-" * len(head)]
     for r in rows:
-        cells = "".join(f"{r.by_type.get(t, float('nan')):>12.1%}" for t in types)
         if r.note:
             lines.append(f"{r.method:<11}{r.budget:>7.2f}  not evaluated: {r.note}")
             continue
+        cells = "".join(f"{_accuracy_cell(r, t):>15}" for t in types)
         lines.append(f"{r.method:<11}{r.budget:>7.2f}{r.flops_ratio:>7.2f}{r.n:>6}{r.accuracy:>7.1%}" + cells)
+    lines.append("per type: accuracy (number of samples of that type)")
     return "\n".join(lines)
+
+
+def _accuracy_cell(row: EvalRow, kind: str) -> str:
+    if kind not in row.by_type:
+        return "-"
+    return f"{row.by_type[kind]:.1%} ({row.n_by_type[kind]})"

@@ -1,6 +1,10 @@
 """One question about one image under one pruning method: the library call (`Predictor`) and the `predict` command.
 
-    python -m par_demo predict --image cat.png --question "What color is the circle?" --method fastv --budget 0.25 --json
+    python -m par_demo predict --image assets/examples/shapes_where.png --question "Where is the blue square?" \
+        --method fastv --budget 0.5 --json
+
+The command times the method and the full model alike (`par_demo.timing`: interleaved rounds, medians, spread),
+so the speed-up it prints is measured, not assembled from two unrelated runs.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from par_demo.methods import METHODS, Method, method_class
 from par_demo.methods.base import check_budget
 from par_demo.models import DEFAULT_MODEL, LoadedModel, clip_question, encode_query, load_model
 from par_demo.router import fingerprint
+from par_demo.timing import DEFAULT_ROUNDS, FULL, Timing, measure, setting_of
 
 __all__ = ["METHODS", "Prediction", "Predictor"]
 
@@ -47,6 +52,9 @@ class Prediction:
     kv_cache_bytes: int = 0
     family: str = ""  # the model family (llava, qwen2.5-vl, ...)
     notices: list[str] = field(default_factory=list)  # things the user should know (e.g. a clipped question)
+    # Rounds, spread and speed-up over the full model timed in the same rounds (`par_demo.timing`); None when the
+    # prediction was run once and not timed against anything (then prefill_s / total_s are that one run's).
+    timing: Timing | None = None
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -178,30 +186,67 @@ def add_arguments(parser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("--question", required=True)
-    parser.add_argument("--method", default="full", help=f"one of: {', '.join(METHODS)}")
+    parser.add_argument("--method", default=None,
+                        help=f"one of: {', '.join(METHODS)} (default: par when a budget below 1 or --tokens/--layers "
+                             "is given, else full)")
     parser.add_argument("--budget", type=float, default=1.0, help="fraction of the full prefill FLOPs, in (0, 1]")
     parser.add_argument("--tokens", type=int, default=None, help="visual tokens kept (overrides the budget)")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers kept (overrides the budget)")
     parser.add_argument("--start-layer", type=int, default=2, help="layer K from which visual tokens are dropped")
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
+                        help="timed rounds, the method and the full model in turns (medians are reported)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def choose_method(predictor: Predictor, method: str | None, budget: float, tokens: int | None,
+                  layers: int | None) -> str:
+    """The method to run: the one asked for; else PAR when something is to be pruned, else the full model."""
+    if method is not None:
+        return method
+    if budget >= 1.0 and tokens is None and layers is None:
+        return "full"
+    reason = predictor.method("par").available()
+    if reason:
+        choices = ", ".join(name for name in METHODS if name != "full" and not name.startswith("par"))
+        raise UserError(f"a budget needs a pruning method, and par is unavailable ({reason}); "
+                        f"choose one with --method: {choices}")
+    return "par"
 
 
 def run(args) -> int:
     # Validate what is cheap to validate before the (slow) model load.
     check_budget(args.budget)
-    method_class(args.method)
+    if args.method is not None:
+        method_class(args.method)
     if not args.question.strip():
         raise UserError("the question is empty")
+    if not 1 <= args.rounds <= 100:
+        raise UserError(f"--rounds must be between 1 and 100, got {args.rounds}")
     image = load_image(args.image)
     predictor = Predictor(load_from_args(args))
-    result = predictor.predict(image, args.question, args.method, args.budget, args.tokens, args.layers,
+    method = choose_method(predictor, args.method, args.budget, args.tokens, args.layers)
+    result = predictor.predict(image, args.question, method, args.budget, args.tokens, args.layers,
                                args.start_layer, args.max_new_tokens)
+    if args.method is None and method != "full":
+        result.notices.append(f"no --method given: {method} was used for the budget")
+    result = timed(predictor, image, args.question, result, args)
     if args.json:
         print(json.dumps(result.to_json()))
     else:
         _print_human(result, sys.stdout)
     return 0
+
+
+def timed(predictor: Predictor, image: Image.Image, question: str, result: Prediction, args) -> Prediction:
+    """`result` with its times measured over `--rounds` rounds, interleaved with the full model's."""
+    if result.method == "full":
+        return measure(predictor, image, question, [result], [dict(FULL)], args.rounds, args.max_new_tokens,
+                       warm_up=True)[0]
+    full = predictor.predict(image, question, "full", 1.0, max_new_tokens=args.max_new_tokens)
+    setting = setting_of(result, args.tokens, args.layers, args.start_layer)
+    return measure(predictor, image, question, [full, result], [dict(FULL), setting], args.rounds,
+                   args.max_new_tokens, warm_up=True)[1]
 
 
 def _print_human(p: Prediction, out) -> None:
@@ -211,5 +256,22 @@ def _print_human(p: Prediction, out) -> None:
     print(f"method: {p.method}  budget: {p.budget:g}  FLOPs: {p.flops_ratio:.1%} of full", file=out)
     print(f"visual tokens kept: {len(p.kept_visual_tokens)}/{p.n_visual_tokens}  "
           f"layers kept: {len(p.kept_layers)}/{p.n_layers}", file=out)
-    print(f"prefill: {p.prefill_s * 1000:.1f} ms  total: {p.total_s * 1000:.1f} ms  new tokens: {p.new_tokens}",
-          file=out)
+    t = p.timing
+    if t is None:
+        print(f"prefill: {p.prefill_s * 1000:.1f} ms  total: {p.total_s * 1000:.1f} ms  new tokens: {p.new_tokens}",
+              file=out)
+        return
+    print(f"prefill: {_ms(t.prefill_s)}  total: {_ms(t.total_s)}  new tokens: {p.new_tokens}  "
+          f"(medians of {t.rounds} rounds, min-max in brackets)", file=out)
+    if t.prefill_speedup is not None:
+        verdict = "  <- noise: above what the FLOPs allow by more than its spread" if t.noise else ""
+        print(f"speed-up over full, timed in turns: prefill {_times(t.prefill_speedup)}  total "
+              f"{_times(t.total_speedup)}  (FLOPs allow {t.speedup_bound:.2f}x){verdict}", file=out)
+
+
+def _ms(spread) -> str:
+    return f"{spread.median * 1000:.1f} ms ({spread.low * 1000:.1f}-{spread.high * 1000:.1f})"
+
+
+def _times(spread) -> str:
+    return f"{spread.median:.2f}x ({spread.low:.2f}-{spread.high:.2f})"

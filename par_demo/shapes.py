@@ -217,13 +217,18 @@ def load_jsonl(path, require: tuple[str, ...] = ("image", "question", "answer"))
             missing = [k for k in require if not isinstance(row.get(k), str)]
             if missing:
                 raise UserError(f"{path}:{lineno}: missing or non-string field(s): {', '.join(missing)}")
-            image = Path(row["image"])
-            row["image"] = str(image if image.is_absolute() else (path.parent / image).resolve())
+            row["image"] = image_path(path.parent, row["image"])
             row.setdefault("type", "unknown")
             rows.append(row)
     if not rows:
         raise UserError(f"{path}: no samples in file")
     return rows
+
+
+def image_path(data_dir, image: str) -> str:
+    """A data-set line's image as an absolute path: relative paths are relative to the folder of the JSONL file."""
+    image = Path(image)
+    return str(image if image.is_absolute() else (Path(data_dir) / image).resolve())
 
 
 def normalize_answer(s: str) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
-from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
 
 from par_demo.shapes import COLORS, NUMBER_WORDS, QUADRANTS, SHAPES
 
@@ -71,8 +71,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_image_processor(image_size: int = 192) -> CLIPImageProcessor:
-    return CLIPImageProcessor(
+def build_image_processor(image_size: int = 192) -> CLIPImageProcessorPil:
+    return CLIPImageProcessorPil(
         do_resize=True, size={"shortest_edge": image_size},
         do_center_crop=True, crop_size={"height": image_size, "width": image_size},
         do_rescale=True, rescale_factor=1 / 255, do_normalize=True,

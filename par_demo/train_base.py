@@ -32,6 +32,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from transformers.models.llama.modeling_llama import rotate_half
 
 from par_demo.errors import UserError
+from par_demo.model_card import write_embedded_card
 from par_demo.shapes import (
     COLORS, IMAGE_SIZE, MAX_OBJECTS, QUADRANTS, QUESTION_TYPES, SHAPES, draw_object, is_correct, quadrant, render_scene,
     sample_example, sample_question,
@@ -631,7 +632,8 @@ def run(args) -> int:
     out = Path(args.out)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    log(f"saved model and processor to {out}")
+    write_embedded_card(out)  # the page's model card: what this model was trained on and can answer
+    log(f"saved model, processor and model card to {out}")
     rows = held_out(tc.final_per_type, seed=20_000 + tc.seed)
     acc = evaluate(model, processor, rows, desc="final held-out eval")
     log(f"final held-out accuracy ({tc.final_per_type} per type): {format_accuracy(acc)}")

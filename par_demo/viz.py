@@ -1,7 +1,10 @@
 """Plotly figures for the demo: kept/dropped patches, the decoder-layer strip, latencies and the budget sweep.
 
-Every function takes plain Python data (lists, numbers, a PIL image) and returns a `plotly.graph_objects.Figure`,
-so the figures can be built and checked without Gradio or a model.
+Every function takes plain Python data (lists, numbers, a PIL image, `timing.Spread`s) and returns a
+`plotly.graph_objects.Figure`, so the figures can be built and checked without Gradio or a model.
+
+Titles are short (at most ~40 characters, a second line in a smaller font when more must be said) and legends
+sit under the plots, so that every title reads in full on a 390 px wide phone screen.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 from PIL import Image
+
+from par_demo.timing import Spread
 
 KEPT_COLOR = "#2e7d32"  # green: layer run / patch kept
 SKIPPED_COLOR = "#d62728"  # red: layer skipped (the paper's Figure 4 convention)
@@ -45,7 +49,7 @@ def empty_figure(message: str, height: int = 300) -> go.Figure:
     return _base_layout(fig, "", height)
 
 
-def _png_data_uri(image: Image.Image) -> str:
+def png_data_uri(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=False)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -103,7 +107,7 @@ def patch_figure(
 
     heat_mode = show_scores and has_scores
     background = _grayscale(image) if heat_mode else dim_dropped(image, grid, kept)
-    fig = go.Figure(go.Image(source=_png_data_uri(background), hoverinfo="skip", x0=0, y0=0, dx=1, dy=1))
+    fig = go.Figure(go.Image(source=png_data_uri(background), hoverinfo="skip", x0=0, y0=0, dx=1, dy=1))
 
     status = np.where(mask, "kept", "dropped")
     row_idx, col_idx = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
@@ -127,8 +131,8 @@ def patch_figure(
 
     if title is None:
         share = 100.0 * n_kept / max(n_total, 1)
-        what = f"{score_name} per patch (dropped patches crossed)" if heat_mode else "dropped patches dimmed"
-        title = f"Visual tokens: kept {n_kept}/{n_total} ({share:.0f}%) · {what}"
+        what = f"{score_name} per patch; × = dropped" if heat_mode else "dropped patches dimmed"
+        title = f"Visual tokens: kept {n_kept}/{n_total} ({share:.0f}%)" + subtitle(what)
     fig.update_xaxes(visible=False, range=[0, width], constrain="domain")
     fig.update_yaxes(visible=False, range=[height_px, 0], scaleanchor="x", constrain="domain")
     return _base_layout(fig, title, height)
@@ -168,68 +172,102 @@ def layer_figure(
             hovertemplate="layer %{x}: " + label + "%{customdata}<extra></extra>",
         ))
     n_kept = len([i for i in range(n_layers) if i in kept])
-    fig.update_layout(bargap=0.05, barmode="overlay", showlegend=True,
-                      legend=dict(orientation="h", x=1, xanchor="right", y=1.25, yanchor="bottom"))
+    fig.update_layout(bargap=0.05, barmode="overlay", showlegend=False)  # the title names the colours
     fig.update_xaxes(title_text="decoder layer (0 = first)", range=[-0.5, n_layers - 0.5], showgrid=False,
                      dtick=1 if n_layers <= 32 else 4, tickfont=dict(size=10))
     fig.update_yaxes(visible=False, range=[0, 1])
-    title = f"Decoder layers: ran {n_kept}/{n_layers}, skipped {n_layers - n_kept} (red)"
+    title = f"Decoder layers: ran {n_kept}/{n_layers}" + subtitle(f"green = run, red = skipped ({n_layers - n_kept})")
     return _base_layout(fig, title, height)
 
 
-def latency_figure(full: dict[str, float], pruned: dict[str, float], pruned_label: str = "pruned",
-                   height: int = 220) -> go.Figure:
-    """Grouped horizontal bars: prefill and total seconds, full model vs pruned model."""
+def subtitle(text: str) -> str:
+    """A second title line in a smaller font: the detail that would make the first line too long for a phone."""
+    return f"<br><span style='font-size:12px;color:#555'>{text}</span>"
+
+
+def latency_figure(full: dict, pruned: dict, pruned_label: str = "pruned", height: int = 250) -> go.Figure:
+    """Grouped horizontal bars: prefill and total seconds, full model vs pruned model (`predict --json` dicts).
+
+    Bars are medians; the whiskers span the fastest and slowest round when the runs were timed in rounds."""
     stages = ["prefill", "total"]
     fig = go.Figure()
-    for label, values, color in (("full", full, FULL_COLOR), (pruned_label, pruned, PRUNED_COLOR)):
-        seconds = [float(values[f"{stage}_s"]) for stage in stages]
+    longest = 0.0
+    for label, values, color in (("full model", full, FULL_COLOR), (pruned_label, pruned, PRUNED_COLOR)):
+        spreads = [_stage_spread(values, stage) for stage in stages]
+        longest = max(longest, *(s.high for s in spreads))
         fig.add_trace(go.Bar(
-            y=stages, x=seconds, name=label, orientation="h", marker_color=color,
-            text=[_format_seconds(s) for s in seconds], textposition="outside", cliponaxis=False,
+            y=stages, x=[s.median for s in spreads], name=label, orientation="h", marker_color=color,
+            error_x=dict(type="data", symmetric=False, array=[s.high - s.median for s in spreads],
+                         arrayminus=[s.median - s.low for s in spreads], color="#333", thickness=1.2, width=4),
+            text=[_format_seconds(s.median) for s in spreads], textposition="inside", insidetextanchor="start",
             hovertemplate=label + " %{y}: %{x:.4f} s<extra></extra>",
         ))
-    longest = max(float(values[f"{stage}_s"]) for values in (full, pruned) for stage in stages)
+    # The legend is anchored to the figure's bottom edge, under the tick labels, so it never covers an axis.
     fig.update_layout(barmode="group", bargap=0.25,
-                      legend=dict(orientation="h", x=1, xanchor="right", y=1.02, yanchor="bottom"))
-    # Extra room on the right so the value labels outside the bars are not clipped.
-    fig.update_xaxes(title_text="seconds (lower is faster)", range=[0, longest * 1.2 or 1], gridcolor="#eee")
+                      legend=dict(orientation="h", x=0, xanchor="left", yref="container", y=0, yanchor="bottom"))
+    fig.update_xaxes(range=[0, longest * 1.1 or 1], gridcolor="#eee")
     fig.update_yaxes(autorange="reversed")
-    return _base_layout(fig, "Latency", height)
+    rounds = (pruned.get("timing") or {}).get("rounds")
+    detail = f"seconds; medians of {rounds} rounds, whiskers min–max" if rounds else "seconds, lower is faster"
+    fig = _base_layout(fig, "Latency" + subtitle(detail), height)
+    fig.update_layout(margin=dict(b=55))
+    return fig
+
+
+def _stage_spread(values: dict, stage: str) -> Spread:
+    """A stage's median and range from a `predict --json` dict; a run timed once has no range."""
+    timing = values.get("timing")
+    if timing:
+        spread = timing[f"{stage}_s"]
+        return Spread(spread["median"], spread["low"], spread["high"])
+    seconds = float(values[f"{stage}_s"])
+    return Spread(seconds, seconds, seconds)
 
 
 def _format_seconds(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
-def sweep_figure(points: Sequence[dict], method_label: str, full_total_s: float | None = None,
-                 height: int = 340) -> go.Figure:
-    """Latency and agreement with the full answer against the FLOPs ratio, one point per budget.
+def sweep_latency_figure(points: Sequence[dict], method_label: str, height: int = 340) -> go.Figure:
+    """Prefill and total latency of the pruned model against its FLOPs, one point per budget, whiskers = spread.
 
-    `points` are dicts with keys budget, flops_ratio, prefill_s, total_s, agreement (0..1) and answer.
-    """
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
-                        subplot_titles=("latency vs FLOPs", "agreement with full answer vs FLOPs"))
+    `points` are dicts with flops_ratio, budget, answer, `timing` and `full_timing` (`par_demo.timing.Timing`, the
+    full model timed in turns with that point). The full model's lines are the median over the sweep, its band the
+    fastest to slowest of its medians along the sweep, so a point at budget 1.0 lands on them within its spread."""
+    fig = go.Figure()
     xs = [p["flops_ratio"] for p in points]
     hover = [f"budget {p['budget']:.1f}<br>answer: {p['answer'][:60]}" for p in points]
-    for key, label, dash in (("prefill_s", "prefill", "dot"), ("total_s", "total", "solid")):
-        fig.add_trace(go.Scatter(x=xs, y=[p[key] for p in points], name=f"{label} (s)", mode="lines+markers",
-                                 line=dict(color=PRUNED_COLOR, dash=dash), customdata=hover,
-                                 hovertemplate="FLOPs %{x:.2f}: %{y:.4f} s<br>%{customdata}<extra></extra>"),
-                      row=1, col=1)
-    if full_total_s is not None:
-        fig.add_hline(y=full_total_s, line=dict(color=FULL_COLOR, dash="dash"), row=1, col=1,
-                      annotation_text="full model total", annotation_position="top left")
-    fig.add_trace(go.Scatter(x=xs, y=[p["agreement"] for p in points], name="agreement", mode="lines+markers",
-                             line=dict(color=KEPT_COLOR), customdata=hover,
-                             hovertemplate="FLOPs %{x:.2f}: agreement %{y:.2f}<br>%{customdata}<extra></extra>"),
-                  row=1, col=2)
-    for col in (1, 2):
-        fig.update_xaxes(title_text="FLOPs (fraction of full)", range=[0, 1.05], gridcolor="#eee", row=1, col=col)
-    fig.update_yaxes(title_text="seconds", rangemode="tozero", gridcolor="#eee", row=1, col=1)
-    fig.update_yaxes(title_text="word-overlap F1 (1 = same)", range=[-0.05, 1.05], gridcolor="#eee", row=1, col=2)
-    fig.update_layout(legend=dict(orientation="h", x=1, xanchor="right", y=1.12, yanchor="bottom"))
-    title = f"Budget sweep ({method_label}): {len(points)} budget{'s' if len(points) != 1 else ''} plotted"
-    fig = _base_layout(fig, title, height)
-    fig.update_layout(margin=dict(t=80))
-    return fig
+    for stage, dash in (("prefill", "dot"), ("total", "solid")):
+        spreads = [getattr(p["timing"], f"{stage}_s") for p in points]
+        fig.add_trace(go.Scatter(
+            x=xs, y=[s.median for s in spreads], name=f"{method_label} {stage}", mode="lines+markers",
+            line=dict(color=PRUNED_COLOR, dash=dash), customdata=hover,
+            error_y=dict(type="data", symmetric=False, array=[s.high - s.median for s in spreads],
+                         arrayminus=[s.median - s.low for s in spreads], thickness=1, width=3),
+            hovertemplate=f"{method_label} {stage}, " + "FLOPs %{x:.2f}: %{y:.4f} s<br>%{customdata}<extra></extra>"))
+        if points:
+            full = Spread.of([getattr(p["full_timing"], f"{stage}_s").median for p in points])
+            fig.add_hrect(y0=full.low, y1=full.high, fillcolor=FULL_COLOR, opacity=0.15, line_width=0)
+            fig.add_trace(go.Scatter(x=[0, 1.05], y=[full.median] * 2, mode="lines", name=f"full model {stage}",
+                                     line=dict(color=FULL_COLOR, dash=dash),
+                                     hovertemplate=f"full model {stage}: %{{y:.4f}} s<extra></extra>"))
+    fig.update_xaxes(title_text="FLOPs (fraction of full)", range=[0, 1.05], gridcolor="#eee")
+    fig.update_yaxes(title_text="seconds", rangemode="tozero", gridcolor="#eee")
+    # No legend (it would cover the axes on a phone): the subtitle says which line is which.
+    fig.update_layout(showlegend=False)
+    title = "Latency vs FLOPs" + subtitle("dotted prefill, solid total; grey: full model")
+    return _base_layout(fig, title, height)
+
+
+def sweep_agreement_figure(points: Sequence[dict], method_label: str, height: int = 340) -> go.Figure:
+    """Agreement of the pruned answer with the full answer (word-overlap F1, 1 = same) against FLOPs."""
+    fig = go.Figure()
+    hover = [f"budget {p['budget']:.1f}<br>answer: {p['answer'][:60]}" for p in points]
+    fig.add_trace(go.Scatter(x=[p["flops_ratio"] for p in points], y=[p["agreement"] for p in points],
+                             name="agreement", mode="lines+markers", line=dict(color=KEPT_COLOR), customdata=hover,
+                             hovertemplate="FLOPs %{x:.2f}: agreement %{y:.2f}<br>%{customdata}<extra></extra>"))
+    fig.update_xaxes(title_text="FLOPs (fraction of full)", range=[0, 1.05], gridcolor="#eee")
+    fig.update_yaxes(title_text="word-overlap F1", range=[-0.05, 1.05], gridcolor="#eee")
+    fig.update_layout(showlegend=False)
+    title = "Same answer as the full model?" + subtitle(f"{len(points)} budgets · word overlap, 1 = same")
+    return _base_layout(fig, title, height)

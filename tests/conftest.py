@@ -1,7 +1,6 @@
 """Shared fixtures: a tiny random LLaVA built in code (no downloads), loaded once per test session."""
 
 import contextlib
-import socket
 
 import numpy as np
 import pytest
@@ -47,13 +46,5 @@ def served(demo_app):
 
     import app as app_module
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    blocks = app_module.build_demo(demo_app)
-    blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                  **app_module.launch_options())
-    try:
-        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
-    finally:
-        blocks.close()
+    with app_module.served_locally(demo_app) as url:
+        yield Client(url, verbose=False)

@@ -1,33 +1,34 @@
-"""The Gradio app: input checks, cache, compare, sweep, figures, errors, and the public `compare` API.
+"""The app's model side and handlers: cache, timing in every request, compare, compare all, sweep, figures, errors.
 
-Runs on the tiny random LLaVA (`random:llava-tiny`, from conftest) so it is fast and needs no checkpoint.
-The server tests launch the real `app.build_demo` in this process on 127.0.0.1 and call it with `gradio_client`.
+Runs on the tiny random LLaVA (`random:llava-tiny`, from conftest) so it is fast and needs no checkpoint. The
+public API through a real server is in test_app_api.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import gradio as gr
-import numpy as np
 import plotly.graph_objects as go
 import pytest
-from PIL import Image
 
 from par_demo import demo as d
-from par_demo import viz
+from par_demo import panels, viz
+from par_demo import service as s
 from par_demo.errors import UserError
+from par_demo.inputs import METHOD_CHOICES
+from par_demo.model_card import ModelCard
 from par_demo.predict import Prediction
-from conftest import served
 
-EXAMPLE = str(d.EXAMPLES_DIR / "shapes_where.png")
+EXAMPLE = str(s.EXAMPLES_DIR / "shapes_where.png")
 QUESTION = "Where is the blue square?"
 PREDICT_JSON_KEYS = {f.name for f in dataclasses.fields(Prediction)}  # what `predict --json` prints
+ROUNDS = 2  # timed rounds per request in these tests (the app uses 5); enough to have a spread
+NO_PROGRESS = dict(progress=lambda *a, **k: None)
 
 
 class CountingPredictor:
-    """Wraps the real predictor and counts calls per method, to see what the cache saves."""
+    """Wraps the real predictor and records every model call: answers ("full") and timed runs ("timed full")."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -43,6 +44,10 @@ class CountingPredictor:
         self.calls.append(method)
         return self.inner.predict(image, question, method, **kwargs)
 
+    def generate(self, image, question, method="full", **kwargs):
+        self.calls.append(f"timed {method}")
+        return self.inner.generate(image, question, method, **kwargs)
+
 
 SHORT_SWEEP = (1.0, 0.5, 0.2)  # the app sweeps ten budgets; three show the same behaviour, faster
 
@@ -50,8 +55,8 @@ SHORT_SWEEP = (1.0, 0.5, 0.2)  # the app sweeps ten budgets; three show the same
 @pytest.fixture(scope="module")
 def service(tiny, predictor):
     # The random model never stops early: 4 new tokens instead of 16 keep the tests fast.
-    return d.DemoService(CountingPredictor(predictor), tiny.name, tiny.n_layers, tiny.max_visual_tokens, cache_items=4,
-                         max_new_tokens=4)
+    return s.DemoService(CountingPredictor(predictor), tiny.name, tiny.n_layers, tiny.max_visual_tokens,
+                         cache_items=4, max_new_tokens=4, rounds=ROUNDS)
 
 
 @pytest.fixture(scope="module")
@@ -59,133 +64,121 @@ def app(service):
     return d.DemoApp(service, sweep_budgets=SHORT_SWEEP)
 
 
-# ------------------------------------------------------------------------------------------- input checks
-def test_examples_exist_and_load():
-    examples = d.load_examples()
-    assert len(examples) >= 3
-    for path, question in examples:
-        assert d.load_image(path).size == (192, 192)
-        assert question.endswith("?")
-
-
-@pytest.mark.parametrize("source, message", [
-    (None, "upload an image"),
-    ("", "upload an image"),
-    ("/nonexistent/x.png", "not found"),
-])
-def test_load_image_refuses_missing(source, message):
-    with pytest.raises(UserError, match=message):
-        d.load_image(source)
-
-
-def test_load_image_refuses_non_images(tmp_path):
-    fake = tmp_path / "fake.png"
-    fake.write_text("this is not a picture")
-    empty = tmp_path / "empty.png"
-    empty.write_bytes(b"")
-    for path in (fake, empty):
-        with pytest.raises(UserError):
-            d.load_image(str(path))
-
-
-def test_load_image_normalises_odd_images():
-    tiny = d.load_image(np.zeros((1, 1), dtype=np.uint8))
-    assert tiny.mode == "RGB" and min(tiny.size) >= d.MIN_SIDE
-    rgba = d.load_image(Image.new("RGBA", (40, 30), (255, 0, 0, 0)))
-    assert rgba.mode == "RGB" and rgba.getpixel((0, 0)) == (255, 255, 255)  # transparency -> white
-    big = d.load_image(Image.new("RGB", (5000, 100)))
-    assert max(big.size) == d.MAX_SIDE
-
-
-@pytest.mark.parametrize("question, expected", [
-    ("  What   color?\n", "What color?"),
-    ("Where\x00 is it?", "Where is it?"),
-    ("Is there a 🟥 square?", "Is there a 🟥 square?"),
-])
-def test_check_question_cleans(question, expected):
-    assert d.check_question(question) == (expected, None)
-
-
-def test_check_question_refuses_and_clips():
-    for bad in ("", "   \n", None, 3):
-        with pytest.raises(UserError):
-            d.check_question(bad)
-    text, notice = d.check_question("why " * 1000)
-    assert len(text) == d.MAX_QUESTION_CHARS and "shortened" in notice
-
-
-def test_check_method_accepts_names_and_labels():
-    assert d.check_method("fastv") == "fastv"
-    assert d.check_method("Layer Drop") == "layerdrop"
-    assert d.check_method("random tokens") == "random"
-    with pytest.raises(UserError, match="Unknown method"):
-        d.check_method("magic")
-    with pytest.raises(UserError, match="train-router"):
-        d.check_method("PAR", {"par": "no router for this model; train one with: python -m par_demo train-router"})
-
-
-@pytest.mark.parametrize("budget", [0, -0.5, 1.01, math.nan, math.inf, "abc", None, True, [0.5]])
-def test_check_budget_refuses(budget):
-    with pytest.raises(UserError, match="budget"):
-        d.check_budget(budget)
-
-
-def test_check_budget_and_counts_accept():
-    assert d.check_budget(1) == 1.0 and d.check_budget("0.25") == 0.25
-    assert d.check_count(0, "Tokens kept", 1, 64) is None  # 0 = from the budget
-    assert d.check_count(12.0, "Tokens kept", 1, 64) == 12
-    for bad in (65, 2.5, "x", math.nan):
-        with pytest.raises(UserError, match="Tokens kept"):
-            d.check_count(bad, "Tokens kept", 1, 64)
-
-
 def test_answer_agreement():
-    assert d.answer_agreement("Bottom right.", "bottom right") == 1.0
-    assert d.answer_agreement("red", "blue") == 0.0
-    assert 0 < d.answer_agreement("top left", "bottom left") < 1
+    assert s.answer_agreement("Bottom right.", "bottom right") == 1.0
+    assert s.answer_agreement("red", "blue") == 0.0
+    assert 0 < s.answer_agreement("top left", "bottom left") < 1
 
 
 def test_lru_cache_is_bounded():
-    cache = d.LRUCache(2)
+    cache = s.LRUCache(2)
     for key in "abc":
         cache.put(key, key.upper())
     assert len(cache) == 2 and cache.get("a") is None and cache.get("c") == "C"
 
 
 # ------------------------------------------------------------------------------------------- the service
-def test_compare_caches_the_full_answer(service):
-    service.predictor.calls.clear()
+def test_full_answer_is_cached_but_its_timing_is_measured_in_every_request(service):
+    calls = service.predictor.calls
+    calls.clear()
     first = service.compare(EXAMPLE, QUESTION, "fastv", 0.6)
     second = service.compare(EXAMPLE, QUESTION, "random", 0.7)
-    assert service.predictor.calls == ["full", "fastv", "random"]  # the full model ran once
+    assert [c for c in calls if not c.startswith("timed")] == ["full", "fastv", "random"]  # one full answer
+    assert calls.count("timed full") == 2 * ROUNDS  # ...but two full timings, one per request
+    assert calls[2:2 + 2 * ROUNDS] == ["timed full", "timed fastv"] * ROUNDS  # in turns with the pruned run
     assert not first.full_from_cache and second.full_from_cache
     assert first.full.answer == second.full.answer
+    assert first.full.timing is not second.full.timing
     assert second.pruned.method == "random" and second.pruned.flops_ratio <= 0.7 + 1e-6
     assert first.model_view.size[0] > 0 and first.prefill_speedup > 0
+
+
+def test_stats_carry_rounds_spread_and_the_speedup_of_medians(service):
+    result = service.compare(EXAMPLE, QUESTION, "fastv", 0.5)
+    for prediction in (result.full, result.pruned):
+        t = prediction.timing
+        assert t.rounds == ROUNDS
+        assert t.prefill_s.low <= t.prefill_s.median <= t.prefill_s.high == prediction.timing.prefill_s.high
+        assert prediction.prefill_s == t.prefill_s.median and prediction.total_s == t.total_s.median
+    pruned = result.pruned.timing
+    assert pruned.prefill_speedup.median == pytest.approx(result.full.prefill_s / result.pruned.prefill_s)
+    assert pruned.speedup_bound == pytest.approx(1 / result.pruned.flops_ratio)
+    assert result.full.timing.prefill_speedup is None  # the reference has no speed-up over itself
+    stats = result.pruned.to_json()
+    assert set(stats["timing"]["prefill_s"]) == {"median", "low", "high"} and stats["timing"]["rounds"] == ROUNDS
+
+
+def test_warm_up_runs_the_full_model_and_every_available_method_once(service):
+    service.predictor.calls.clear()
+    service.warm_up()
+    available = [name for _, name in METHOD_CHOICES if not service.available_methods().get(name)]
+    assert service.predictor.calls == ["full", *available]
 
 
 def test_cache_key_includes_the_question(service):
     service.predictor.calls.clear()
     service.compare(EXAMPLE, QUESTION, "fastv", 0.6)
     service.compare(EXAMPLE, "How many objects are there?", "fastv", 0.6)
-    assert service.predictor.calls.count("full") == 1  # only the new question needed a full run
+    assert service.predictor.calls.count("full") == 1  # only the new question needed a full answer
 
 
-def test_sweep_covers_all_budgets(service):
-    assert d.SWEEP_BUDGETS == (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
-    points = [point for _, point in service.sweep(EXAMPLE, QUESTION, "random", budgets=(1.0, 0.5, 0.05))]
+def test_sweep_covers_all_budgets_and_times_the_full_model_at_each(service):
+    assert s.SWEEP_BUDGETS == (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+    points = list(service.sweep(EXAMPLE, QUESTION, "random", budgets=(1.0, 0.5, 0.05), rounds=ROUNDS))
     assert [p["budget"] for p in points] == [1.0, 0.5, 0.05]
     done = [p for p in points if "skipped" not in p]
     assert done and all(0 < p["flops_ratio"] <= p["budget"] + 1e-6 for p in done)
+    assert all(p["full_timing"].rounds == ROUNDS and p["timing"].prefill_speedup is not None for p in done)
     assert "below" in points[-1]["skipped"]  # no setting is that cheap (the vision tower alone costs more): noted
+
+
+def test_compare_all_streams_every_method_then_times_them_together(service):
+    service.predictor.calls.clear()
+    states = [(dict(st.results), list(st.pending), st.timed) for st in service.compare_all(EXAMPLE, QUESTION, 0.6,
+                                                                                          rounds=ROUNDS)]
+    available = [name for _, name in METHOD_CHOICES if not service.available_methods().get(name)]
+    assert states[0] == ({}, available, False)  # first an empty grid with every method waiting
+    assert [len(results) for results, _, _ in states[1:-1]] == list(range(1, len(available) + 1))
+    final, pending, timed = states[-1]
+    assert timed and not pending and list(final) == available
+    assert all(p.flops_ratio <= 0.6 + 1e-6 and p.timing.rounds == ROUNDS for p in final.values())
+    # One timing phase for all: full and every method in turns, `ROUNDS` times.
+    timed_calls = [c for c in service.predictor.calls if c.startswith("timed")]
+    assert timed_calls == (["timed full"] + [f"timed {n}" for n in available]) * ROUNDS
+
+
+def test_compare_all_lists_what_could_not_run_and_why(service):
+    *_, state = service.compare_all(EXAMPLE, QUESTION, 0.12, rounds=1)
+    assert "train-router" in state.skipped["par"]  # no router for the tiny model
+    assert any("below what" in reason for reason in state.skipped.values())  # out of reach at this budget
+    reply = state.to_json()
+    assert all(set(entry) == PREDICT_JSON_KEYS for entry in reply["methods"])
+    assert {entry["method"] for entry in reply["methods"]} | set(state.skipped) == {n for _, n in METHOD_CHOICES}
+
+
+def test_an_uploaded_photo_on_a_synthetic_only_model_gets_a_notice(tiny, predictor, scene, tmp_path):
+    card = ModelCard(name="ShapesVQA LLaVA", source="embedded", family="LLaVA", parameters=1, visual_tokens=144,
+                     layers=8, trained_on="synthetic shape scenes only", synthetic_only=True)
+    service = s.DemoService(predictor, tiny.name, tiny.n_layers, tiny.max_visual_tokens, max_new_tokens=2, card=card,
+                            rounds=1)
+    photo = tmp_path / "mine.png"
+    scene.save(photo)
+    assert service.compare(EXAMPLE, QUESTION, "fastv", 0.6).image_notice is None  # an example: no notice
+    notice = service.compare(str(photo), QUESTION, "fastv", 0.6).image_notice
+    assert "synthetic shape scenes only" in notice and "guesses" in notice
+    *_, every = service.compare_all(str(photo), QUESTION, 0.6, rounds=1)  # ...and next to all methods' answers
+    assert every.notices == [notice] and notice in panels.all_methods_summary(every)
 
 
 # ------------------------------------------------------------------------------------------- handlers and figures
 def test_run_handler_outputs(app):
-    outputs = app.run(EXAMPLE, QUESTION, "fastv", 0.6, 0, 0, 2, d.PATCH_VIEWS[0], progress=lambda *a, **k: None)
-    full, full_timing, pruned, pruned_timing, stats, patches, layers, latency, stats_json, state = outputs
+    outputs = app.run(EXAMPLE, QUESTION, "fastv", 0.6, 0, 0, 2, d.PATCH_VIEWS[0], **NO_PROGRESS)
+    assert len(outputs) == d.DemoApp.N_RUN_OUTPUTS
+    full, full_timing, pruned, pruned_timing, notice, stats, patches, layers, latency, stats_json, state = outputs
     assert isinstance(full, str) and full
-    assert "prefill" in full_timing and "×" in pruned_timing
+    assert "prefill" in full_timing and f"medians of {ROUNDS} rounds" in full_timing
+    assert "×" in pruned_timing and "FLOPs allow" in pruned_timing and "–" in pruned_timing  # spread shown
+    assert notice == ""  # no model card saying the model is synthetic-only
     assert "FLOPs" in stats and "visual tokens" in stats
     assert all(isinstance(fig, go.Figure) for fig in (patches, layers, latency))
     assert "kept" in patches.layout.title.text
@@ -197,14 +190,14 @@ def test_run_handler_outputs(app):
 
 def test_run_handler_turns_errors_into_gr_error(app):
     with pytest.raises(gr.Error, match="question"):
-        app.run(EXAMPLE, "  ", "fastv", 0.5, 0, 0, 2, d.PATCH_VIEWS[0], progress=lambda *a, **k: None)
+        app.run(EXAMPLE, "  ", "fastv", 0.5, 0, 0, 2, d.PATCH_VIEWS[0], **NO_PROGRESS)
     with pytest.raises(gr.Error, match="not available"):
-        app.run(EXAMPLE, QUESTION, "par", 0.5, 0, 0, 2, d.PATCH_VIEWS[0], progress=lambda *a, **k: None)
+        app.run(EXAMPLE, QUESTION, "par", 0.5, 0, 0, 2, d.PATCH_VIEWS[0], **NO_PROGRESS)
 
 
 def test_slider_before_any_input_does_nothing(app):
-    outputs = app.rerun(None, "", "fastv", 0.5, 0, 0, 2, d.PATCH_VIEWS[0], progress=lambda *a, **k: None)
-    assert len(outputs) == 10 and all(output == gr.skip() for output in outputs)
+    outputs = app.rerun(None, "", "fastv", 0.5, 0, 0, 2, d.PATCH_VIEWS[0], **NO_PROGRESS)
+    assert len(outputs) == d.DemoApp.N_RUN_OUTPUTS and all(output == gr.skip() for output in outputs)
 
 
 def test_out_of_memory_becomes_a_message_and_the_next_request_works(tiny, predictor):
@@ -215,19 +208,49 @@ def test_out_of_memory_becomes_a_message_and_the_next_request_works(tiny, predic
                 raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
             return super().predict(image, question, method, **kwargs)
 
-    app = d.DemoApp(d.DemoService(RunsOutOnce(predictor), tiny.name, tiny.n_layers, tiny.max_visual_tokens, max_new_tokens=2))
+    app = d.DemoApp(s.DemoService(RunsOutOnce(predictor), tiny.name, tiny.n_layers, tiny.max_visual_tokens,
+                                  max_new_tokens=2, rounds=1))
     args = (EXAMPLE, QUESTION, "random", 0.6, 0, 0, 2, d.PATCH_VIEWS[0])
     with pytest.raises(gr.Error, match="out of memory"):
-        app.run(*args, progress=lambda *a, **k: None)
-    assert set(app.run(*args, progress=lambda *a, **k: None)[8]) == PREDICT_JSON_KEYS
+        app.run(*args, **NO_PROGRESS)
+    assert set(app.run(*args, **NO_PROGRESS)[9]) == PREDICT_JSON_KEYS
 
 
 def test_sweep_handler_streams(app):
-    updates = list(app.sweep(EXAMPLE, QUESTION, "random", 2, progress=lambda *a, **k: None))
-    assert len(updates) == 1 + len(SHORT_SWEEP)  # an empty figure first, then one update per budget
-    figure, table = updates[-1]
-    assert isinstance(figure, go.Figure) and "budgets plotted" in figure.layout.title.text
+    updates = list(app.sweep(EXAMPLE, QUESTION, "random", 2, **NO_PROGRESS))
+    assert len(updates) == 1 + len(SHORT_SWEEP)  # empty figures first, then one update per budget
+    latency, agreement, table = updates[-1]
+    assert isinstance(latency, go.Figure) and isinstance(agreement, go.Figure)
+    assert "Latency vs FLOPs" in latency.layout.title.text and "3 budgets" in agreement.layout.title.text
     assert table.count("\n| ") == 1 + len(SHORT_SWEEP)  # header + one row per budget
+    names = [trace.name for trace in latency.data]
+    assert "full model prefill" in names and "full model total" in names  # measured along the sweep
+
+
+def test_compare_all_handler_streams_a_grid_and_offers_the_run_as_json(app):
+    import json
+
+    updates = list(app.compare_all(EXAMPLE, QUESTION, 0.6, 2, **NO_PROGRESS))
+    grid, summary, download = updates[-1]
+    available = [n for _, n in METHOD_CHOICES if not app.service.available_methods().get(n)]
+    for name in ["full", *available]:
+        assert grid.count(f'data-method="{name}"') == 1
+    assert grid.count("<img ") == 1 + len(available)  # a patch view per cell
+    assert "methods give the same answer" in summary and f"medians of {s.COMPARE_ALL_ROUNDS} rounds" in summary
+    data = json.loads(open(download["value"]).read())
+    assert [entry["method"] for entry in data["methods"]] == available and data["budget"] == 0.6
+    assert all(update[2] == gr.skip() for update in updates[:-1])  # the download comes once all are timed
+
+
+def test_par_with_a_router_shows_router_scores(par_app):
+    assert par_app.service.default_method() == "par"
+    assert "unavailable" not in par_app.model_markdown()
+    outputs = par_app.run(EXAMPLE, QUESTION, "PAR", 0.5, 0, 0, 2, d.PATCH_VIEWS[1], **NO_PROGRESS)
+    patches, layers, stats = outputs[6], outputs[7], outputs[9]
+    assert stats["method"] == "par" and stats["flops_ratio"] <= 0.5 + 1e-6
+    assert stats["token_scores"] and stats["layer_scores"]
+    assert "router score" in patches.layout.title.text
+    assert any("router score" in text for trace in layers.data for text in trace.customdata)
 
 
 @pytest.fixture(scope="module")
@@ -243,19 +266,8 @@ def par_app(tiny, tmp_path_factory):
     torch.manual_seed(0)
     predictor = Predictor(tiny)
     predictor.router_path = save_router(MetaRouter(config), tmp_path_factory.mktemp("router"))
-    service = d.DemoService(predictor, tiny.name, tiny.n_layers, tiny.max_visual_tokens, max_new_tokens=2)
+    service = s.DemoService(predictor, tiny.name, tiny.n_layers, tiny.max_visual_tokens, max_new_tokens=2, rounds=1)
     return d.DemoApp(service)
-
-
-def test_par_with_a_router_shows_router_scores(par_app):
-    assert par_app.service.default_method() == "par"
-    assert "unavailable" not in par_app.status_markdown()
-    outputs = par_app.run(EXAMPLE, QUESTION, "PAR", 0.5, 0, 0, 2, d.PATCH_VIEWS[1], progress=lambda *a, **k: None)
-    patches, layers, stats = outputs[5], outputs[6], outputs[8]
-    assert stats["method"] == "par" and stats["flops_ratio"] <= 0.5 + 1e-6
-    assert stats["token_scores"] and stats["layer_scores"]
-    assert "router score" in patches.layout.title.text
-    assert any("router score" in text for trace in layers.data for text in trace.customdata)
 
 
 def test_friendly_errors_maps_every_exception():
@@ -271,21 +283,49 @@ def test_friendly_errors_maps_every_exception():
         wrapped(KeyError("internal"))
 
 
+def test_a_user_error_is_one_log_line_and_a_fault_is_a_traceback(caplog):
+    def boom(exc):
+        raise exc
+
+    with caplog.at_level("WARNING", logger="par_demo.demo"):
+        with pytest.raises(gr.Error) as refused:
+            d.friendly_errors(boom)(UserError("Please type a question about the image."))
+    assert [(r.levelname, r.getMessage(), r.exc_info) for r in caplog.records] == [
+        ("WARNING", "input refused: Please type a question about the image.", None)]
+    assert refused.value.print_exception is False  # and Gradio prints no traceback for it
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="par_demo.demo"), pytest.raises(gr.Error):
+        d.friendly_errors(boom)(KeyError("internal"))
+    assert caplog.records[0].levelname == "ERROR" and caplog.records[0].exc_info  # a real fault: traceback
+
+
 def test_on_gpu_is_a_no_op_without_spaces(monkeypatch):
     monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
 
     def f(x):
         return x + 1
 
-    assert d.on_gpu(f) is f and d.on_gpu(duration=5)(f) is f
+    assert s.on_gpu(f) is f and s.on_gpu(duration=5)(f) is f
 
 
 def test_dim_dropped_darkens_exactly_the_dropped_patches():
+    import numpy as np
+    from PIL import Image
+
     image = Image.new("RGB", (64, 64), (200, 200, 200))
     dimmed = np.asarray(viz.dim_dropped(image, (4, 4), kept=[0, 5]))
     assert tuple(dimmed[2, 2]) == (200, 200, 200)  # patch 0 (row 0, col 0) kept
     assert tuple(dimmed[20, 20]) == (200, 200, 200)  # patch 5 (row 1, col 1) kept
     assert dimmed[2, 20].max() == 50  # patch 1 dropped -> a quarter of the brightness
+
+
+def test_dim_dropped_follows_a_non_square_grid():
+    import numpy as np
+    from PIL import Image
+
+    image = Image.new("RGB", (90, 40), (200, 200, 200))
+    dimmed = np.asarray(viz.dim_dropped(image, (2, 3), kept=[2]))  # 2 rows x 3 cols: patch 2 = top right
+    assert tuple(dimmed[5, 80]) == (200, 200, 200) and dimmed[5, 5].max() == 50 and dimmed[35, 80].max() == 50
 
 
 def test_layer_figure_colours():
@@ -295,69 +335,29 @@ def test_layer_figure_colours():
     assert "ran 4/8" in fig.layout.title.text
 
 
-# ------------------------------------------------------------------------------------------- the server and its API
-@pytest.fixture(scope="module")
-def client(app):
-    with served(app) as api:
-        yield api
+def test_compare_all_draws_each_method_on_its_own_grid_for_another_family(tmp_path):
+    """Qwen2.5-VL gives a tall photo a tall grid (13 x 9 cells): every cell of the grid view follows it."""
+    import base64
+    import io
+    import re
 
+    import numpy as np
+    from PIL import Image
 
-def test_api_compare(client):
-    from gradio_client import handle_file
+    from par_demo.models import load_model
+    from par_demo.predict import Predictor
+    from par_demo.shapes import render_scene
 
-    full, pruned, stats, full_stats = client.predict(handle_file(EXAMPLE), QUESTION, "fastv", 0.5,
-                                                     api_name="/compare")
-    assert isinstance(full, str) and isinstance(pruned, str)
-    assert set(stats) == PREDICT_JSON_KEYS and set(full_stats) == PREDICT_JSON_KEYS
-    assert stats["method"] == "fastv" and stats["budget"] == 0.5 and stats["flops_ratio"] <= 0.5 + 1e-6
-    assert full_stats["method"] == "full" and full_stats["answer"] == full
-
-
-def test_api_reports_a_clipped_question_in_the_stats(client):
-    from gradio_client import handle_file
-
-    *_, stats, full_stats = client.predict(handle_file(EXAMPLE), "Where is it? " * 1000, "random", 0.6,
-                                           api_name="/compare")
-    assert any("shortened" in notice for notice in stats["notices"])
-    assert stats["notices"] == full_stats["notices"]
-
-
-def test_api_is_only_compare(client):
-    assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/compare"]
-
-
-@pytest.mark.parametrize("image, question, method, budget, message", [
-    ("not-an-image", QUESTION, "fastv", 0.5, "not an image"),
-    (None, QUESTION, "fastv", 0.5, "upload an image"),
-    (EXAMPLE, "", "fastv", 0.5, "type a question"),
-    (EXAMPLE, QUESTION, "par", 0.5, "train-router"),
-    (EXAMPLE, QUESTION, "magic", 0.5, "not in the list of choices"),
-    (EXAMPLE, QUESTION, "fastv", 1.5, "greater than maximum"),
-    (EXAMPLE, QUESTION, "fastv", "half", "must be a number"),
-])
-def test_api_compare_errors_are_clear(client, tmp_path, image, question, method, budget, message):
-    from gradio_client import handle_file
-    from gradio_client.exceptions import AppError
-
-    if image == "not-an-image":
-        image = tmp_path / "photo.png"
-        image.write_text("definitely not a PNG")
-    with pytest.raises(AppError, match=message):
-        client.predict(handle_file(str(image)) if image else None, question, method, budget, api_name="/compare")
-    # ...and the app still answers afterwards.
-    answer = client.predict(handle_file(EXAMPLE), QUESTION, "random", 0.6, api_name="/compare")
-    assert set(answer[2]) == PREDICT_JSON_KEYS
-
-
-def test_api_concurrent_calls_get_their_own_results(client):
-    """Requests queued together each get the result of their own method, budget and question."""
-    from gradio_client import handle_file
-
-    requests = [(method, budget, question) for method in ("fastv", "random")
-                for budget, question in ((0.9, QUESTION), (0.7, "How many objects are there?"), (0.6, "Hi?"))]
-    jobs = [client.submit(handle_file(EXAMPLE), question, method, budget, api_name="/compare")
-            for method, budget, question in requests]
-    for (method, budget, _), job in zip(requests, jobs):
-        _, _, stats, full_stats = job.result(timeout=60)
-        assert (stats["method"], stats["budget"]) == (method, budget)
-        assert full_stats["method"] == "full"
+    qwen = load_model("random:qwen2.5-vl-tiny", device="cpu")
+    service = s.DemoService(Predictor(qwen), qwen.name, qwen.n_layers, qwen.max_visual_tokens, max_new_tokens=2,
+                            rounds=1)
+    image, _ = render_scene(np.random.default_rng(5))
+    path = tmp_path / "tall.png"
+    image.resize((252, 364)).save(path)
+    *_, state = service.compare_all(str(path), "What color is the circle?", 0.9, rounds=1)
+    assert "fastv" in state.results and all(tuple(p.grid) == (13, 9) for p in state.results.values())
+    thumbnails = re.findall(r'src="data:image/png;base64,([^"]+)"', panels.all_methods_html(state))
+    assert len(thumbnails) == 1 + len(state.results)
+    for data in thumbnails:
+        width, height = Image.open(io.BytesIO(base64.b64decode(data))).size
+        assert height > width  # tall like the image the model saw

@@ -1,14 +1,14 @@
-"""End to end in a real browser: upload an image and ask; pick an example, move the slider, run; check what a user sees.
+"""End to end in a real browser, on a desktop and on a 390 px phone screen: what a visitor sees and can do.
 
 Uses Debian's Chromium through Playwright for Python (`executable_path`, never a downloaded browser; install it with
 `.ci/install-browser.sh`). Runs the embedded model when its checkpoint is present (the screenshots then show real
-answers), otherwise the tiny random model. Saves screenshots (docs/screenshots/ with PAR_UPDATE_SCREENSHOTS=1).
+answers), otherwise the tiny random model. Screenshots go to a temporary folder, or, with PAR_UPDATE_SCREENSHOTS=1,
+to docs/screenshots/ (the committed ones).
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -21,17 +21,13 @@ CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = (Path(__file__).resolve().parent.parent / "docs" / "screenshots"
                if os.environ.get("PAR_UPDATE_SCREENSHOTS") == "1"
                else Path(tempfile.gettempdir()) / "par-demo-screenshots")
+PHONE = {"width": 390, "height": 844}  # an iPhone 12-14 screen in CSS pixels
+SLOW = 120_000  # ms: the sweep and the all-methods grid time every setting in turns; a busy CPU is slow
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
                                 reason="Debian's chromium is not installed at /usr/bin/chromium "
                                        "(run .ci/install-browser.sh)")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (Python) is not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def model_spec() -> str:
@@ -41,34 +37,47 @@ def model_spec() -> str:
 
 
 @pytest.fixture(scope="module")
-def server_url():
+def server():
     import app as app_module
-    from par_demo.demo import DemoApp, DemoService
+    from par_demo.demo import DemoApp
+    from par_demo.service import DemoService
 
     service = DemoService.from_model(model_spec())
     service.warm_up()
-    blocks = app_module.build_demo(DemoApp(service))
-    port = free_port()
-    blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                  **app_module.launch_options())
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        blocks.close()
+    with app_module.served_locally(DemoApp(service)) as url:
+        yield url, service
 
 
 @pytest.fixture(scope="module")
-def page(server_url):
+def browser():
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(server_url)
-        page.wait_for_selector("#run", timeout=30_000)
-        page.page_errors = errors  # checked by the test: a broken component shows up here
-        yield page
+        yield browser
         browser.close()
+
+
+def open_page(browser, url: str, viewport: dict):
+    page = browser.new_page(viewport=viewport)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url)
+    page.wait_for_selector("#run", timeout=30_000)
+    page.page_errors = errors  # checked by the tests: a broken component shows up here
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):
+    page = open_page(browser, server[0], {"width": 1400, "height": 1000})
+    yield page
+    page.close()
+
+
+@pytest.fixture()
+def phone(browser, server):
+    page = open_page(browser, server[0], PHONE)
+    yield page
+    page.close()
 
 
 def wait_until_idle(page, timeout_ms: int = 30_000) -> None:
@@ -77,40 +86,66 @@ def wait_until_idle(page, timeout_ms: int = 30_000) -> None:
                            timeout=timeout_ms)
 
 
+def pick_first_example(page) -> None:
+    page.locator("[data-testid=dataset-cell-0-1]").first.click()  # the first example: image + question
+    sync_api.expect(page.locator("#question textarea")).to_have_value("Where is the blue square?")
+    sync_api.expect(page.locator("#image-input img").first).to_be_visible()
+
+
+def run_and_wait(page) -> None:
+    page.click("#run")
+    sync_api.expect(page.locator("#pruned-timing")).to_contain_text("×", timeout=SLOW)
+    wait_until_idle(page, SLOW)
+
+
+CUT_TITLES = """() => {
+  // Every plot title, axis title and legend entry must lie inside its plot: text past the edge is cut off.
+  const cut = [];
+  for (const plot of document.querySelectorAll('.js-plotly-plot')) {
+    if (!plot.offsetParent) continue;
+    const box = plot.getBoundingClientRect();
+    for (const text of plot.querySelectorAll('.gtitle, .xtitle, .ytitle, .legendtext, .annotation-text')) {
+      const r = text.getBoundingClientRect();
+      if (r.width > 0 && (r.left < box.left - 1 || r.right > box.right + 1)) {
+        cut.push(`${text.textContent} [${Math.round(r.left)}-${Math.round(r.right)} in ` +
+                 `${Math.round(box.left)}-${Math.round(box.right)}]`);
+      }
+    }
+  }
+  return cut;
+}"""
+
+
 def test_upload_and_ask(page):
-    from par_demo.demo import EXAMPLES_DIR
+    from par_demo.service import EXAMPLES_DIR
 
     page.locator("#image-input input[type=file]").set_input_files(str(EXAMPLES_DIR / "shapes_color.png"))
     sync_api.expect(page.locator("#image-input img").first).to_be_visible()
     page.locator("#question textarea").fill("Where is the green triangle?")
     page.locator("#question textarea").press("Enter")  # Enter runs, like the button
-    sync_api.expect(page.locator("#stats")).to_contain_text("FLOPs", timeout=30_000)
-    wait_until_idle(page)
+    sync_api.expect(page.locator("#stats")).to_contain_text("FLOPs", timeout=SLOW)
+    wait_until_idle(page, SLOW)
     assert page.locator("#full-answer textarea").input_value().strip()
     assert not page.page_errors, page.page_errors
 
 
 def test_example_slider_run_and_figures(page):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.locator("[data-testid=dataset-cell-0-1]").first.click()  # the first example: image + question
-    question = page.locator("#question textarea")
-    sync_api.expect(question).to_have_value("Where is the blue square?")
-    sync_api.expect(page.locator("#image-input img").first).to_be_visible()
-
+    pick_first_example(page)
     # Move the slider (to a budget every method reaches on the embedded model: its vision tower is a big share).
     page.locator("#budget input[type=range]").fill("0.6")
     sync_api.expect(page.locator("#budget input[type=number]")).to_have_value("0.6")
     page.click("#run")
-
-    pruned_label = page.locator("#pruned-answer").get_by_text("budget 0.60")
-    sync_api.expect(pruned_label).to_be_visible(timeout=30_000)
-    wait_until_idle(page)
+    sync_api.expect(page.locator("#pruned-answer").get_by_text("budget 0.60")).to_be_visible(timeout=SLOW)
+    wait_until_idle(page, SLOW)
     sync_api.expect(page.locator("#stats")).to_contain_text("FLOPs")
     for answer in ("#full-answer textarea", "#pruned-answer textarea"):
         assert page.locator(answer).input_value().strip(), f"{answer} is empty"
-    sync_api.expect(page.locator("#pruned-timing")).to_contain_text("×")
+    # Both times with their spread, measured in turns in this request.
+    sync_api.expect(page.locator("#full-timing")).to_contain_text("rounds, in turns")
+    sync_api.expect(page.locator("#pruned-timing")).to_contain_text("FLOPs allow")
 
-    # Both figures rendered by plotly, with their titles.
+    # The figures rendered by plotly, with their titles.
     sync_api.expect(page.locator("#patch-plot .js-plotly-plot .gtitle")).to_contain_text("Visual tokens: kept")
     sync_api.expect(page.locator("#layer-plot .js-plotly-plot .gtitle")).to_contain_text("Decoder layers: ran")
     sync_api.expect(page.locator("#latency-plot .js-plotly-plot .gtitle")).to_contain_text("Latency")
@@ -124,12 +159,92 @@ def test_example_slider_run_and_figures(page):
     page.locator("#patch-view").get_by_text("kept / dropped").click()
     sync_api.expect(page.locator("#patch-plot .js-plotly-plot .gtitle")).to_contain_text("dimmed")
 
-    # The sweep streams its points into a figure and a table.
+    # The sweep streams its points into two figures and a table.
     page.click("#sweep")
-    sync_api.expect(page.locator("#sweep-table")).to_contain_text("10/10 budgets", timeout=45_000)
-    wait_until_idle(page)
-    sync_api.expect(page.locator("#sweep-plot .js-plotly-plot .gtitle")).to_contain_text("Budget sweep")
+    sync_api.expect(page.locator("#sweep-table")).to_contain_text("10/10 budgets", timeout=SLOW)
+    wait_until_idle(page, SLOW)
+    sync_api.expect(page.locator("#sweep-plot .js-plotly-plot .gtitle")).to_contain_text("Latency vs FLOPs")
+    sync_api.expect(page.locator("#agreement-plot .js-plotly-plot .gtitle")).to_contain_text("Same answer")
     time.sleep(0.5)
     page.locator("#sweep-plot").screenshot(path=str(SCREENSHOTS / "sweep.png"))
     page.screenshot(path=str(SCREENSHOTS / "app.png"), full_page=True)
     assert not page.page_errors, page.page_errors
+
+
+def test_compare_all_methods_fills_a_grid_with_every_method(page, server):
+    from par_demo.inputs import METHOD_CHOICES
+
+    _, service = server
+    reasons = service.available_methods()
+    available = [name for _, name in METHOD_CHOICES if not reasons[name]]
+    pick_first_example(page)
+    page.locator("#budget input[type=range]").fill("0.5")
+    page.click("#compare-all-button")
+    sync_api.expect(page.locator("#compare-summary")).to_contain_text("medians of", timeout=SLOW)
+    wait_until_idle(page, SLOW)
+    cells = page.locator("#compare-grid .pg-cell")
+    by_method = {cells.nth(i).get_attribute("data-method"): cells.nth(i) for i in range(cells.count())}
+    assert list(by_method)[:1 + len(available)] == ["full", *available]  # the full model, then every method
+    for name in ["full", *available]:
+        cell = by_method[name]
+        assert cell.locator("img").count() == 1, cell.inner_text()  # its patch view
+        assert cell.locator(".pg-answer").inner_text().strip()
+        assert cell.locator(".pg-layers span").count() == service.n_layers
+        assert "prefill" in cell.locator(".pg-time").inner_text()
+    for name in set(by_method) - {"full", *available}:  # an unavailable method says why, in its cell
+        assert reasons[name][:40] in by_method[name].inner_text()
+    sync_api.expect(page.locator("#compare-download")).to_be_visible()
+    time.sleep(0.5)
+    page.locator("#compare-all").screenshot(path=str(SCREENSHOTS / "compare-all.png"))
+    assert not page.page_errors, page.page_errors
+
+
+def test_phone_answers_sit_under_run_and_every_title_fits(phone):
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    pick_first_example(phone)
+    phone.locator("#run").scroll_into_view_if_needed()
+    run_and_wait(phone)
+    run_box = phone.locator("#run").bounding_box()
+    answers = [phone.locator(f"#{name}-answer").bounding_box() for name in ("full", "pruned")]
+    examples = phone.get_by_text("Examples (click one)").bounding_box()
+    # Both answers come right after Run, before the examples, and fit on one screen with it.
+    assert all(run_box["y"] < box["y"] < examples["y"] for box in answers)
+    assert max(box["y"] + box["height"] for box in answers) - run_box["y"] < PHONE["height"]
+    phone.evaluate("window.scrollTo(0, 0)")
+    phone.locator("#run").evaluate("el => el.scrollIntoView({block: 'start'})")
+    time.sleep(0.5)
+    phone.screenshot(path=str(SCREENSHOTS / "phone-answers.png"))
+
+    phone.click("#compare-all-button")
+    sync_api.expect(phone.locator("#compare-summary")).to_contain_text("medians of", timeout=SLOW)
+    phone.click("#sweep")
+    sync_api.expect(phone.locator("#sweep-table")).to_contain_text("10/10 budgets", timeout=SLOW)
+    wait_until_idle(phone, SLOW)
+    time.sleep(1.0)  # plotly lays the figures out for the narrow screen
+    assert phone.evaluate(CUT_TITLES) == []
+    phone.locator("#compare-all").screenshot(path=str(SCREENSHOTS / "phone-compare-all.png"))
+    phone.screenshot(path=str(SCREENSHOTS / "phone.png"), full_page=True)
+    assert not phone.page_errors, phone.page_errors
+
+
+def test_a_photo_gets_the_notice_that_the_model_knows_only_shape_scenes(phone, server):
+    import gradio.media
+
+    _, service = server
+    if service.card is None or not service.card.synthetic_only:
+        pytest.skip("the notice is for the embedded ShapesVQA model, whose checkpoint is not here")
+    phone.locator("#image-input input[type=file]").set_input_files(gradio.media.get_image("lion.jpg"))
+    sync_api.expect(phone.locator("#image-input img").first).to_be_visible()
+    phone.locator("#question textarea").fill("What is in this picture?")
+    phone.locator("#run").scroll_into_view_if_needed()
+    run_and_wait(phone)
+    notice = phone.locator("#image-notice")
+    sync_api.expect(notice).to_contain_text("trained on synthetic shape scenes only")
+    assert notice.bounding_box()["y"] < phone.get_by_text("Examples (click one)").bounding_box()["y"]
+    # The picture: from the photo down to the notice under the answers (taller than one phone screen).
+    top = phone.locator("#image-input").bounding_box()["y"] + phone.evaluate("window.scrollY")
+    bottom = notice.bounding_box()["y"] + notice.bounding_box()["height"] + phone.evaluate("window.scrollY")
+    time.sleep(0.5)
+    phone.screenshot(path=str(SCREENSHOTS / "phone-photo.png"), full_page=True,
+                     clip={"x": 0, "y": top - 8, "width": PHONE["width"], "height": bottom - top + 16})
+    assert not phone.page_errors, phone.page_errors

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -42,28 +41,20 @@ def tall_image(tmp_path_factory):
 @pytest.fixture(scope="module")
 def page():
     import app as app_module
-    from par_demo.demo import DemoApp, DemoService
+    from par_demo.demo import DemoApp
+    from par_demo.service import DemoService
 
     service = DemoService.from_model("random:qwen2.5-vl-mid", max_new_tokens=4)
-    blocks = app_module.build_demo(DemoApp(service))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                  **app_module.launch_options())
-    try:
-        with sync_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(f"http://127.0.0.1:{port}/")
-            page.wait_for_selector("#run", timeout=30_000)
-            page.page_errors = errors
-            yield page
-            browser.close()
-    finally:
-        blocks.close()
+    with app_module.served_locally(DemoApp(service)) as url, sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(url)
+        page.wait_for_selector("#run", timeout=30_000)
+        page.page_errors = errors
+        yield page
+        browser.close()
 
 
 def test_a_tall_photo_gives_a_tall_patch_grid_on_qwen2_5_vl(page, tall_image):

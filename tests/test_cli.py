@@ -27,6 +27,31 @@ def test_predict_json_is_one_object_with_the_documented_keys(image_file, capsys)
                 "kept_visual_tokens", "n_layers", "kept_layers", "prefill_s", "total_s", "new_tokens"):
         assert key in data
     assert data["method"] == "fastv" and data["flops_ratio"] <= 0.5 and data["n_visual_tokens"] == 144
+    timing = data["timing"]  # timed in turns with the full model: rounds, spread, speed-up of the medians
+    assert timing["rounds"] == 5 and data["prefill_s"] == timing["prefill_s"]["median"]
+    assert timing["prefill_s"]["low"] <= timing["prefill_s"]["median"] <= timing["prefill_s"]["high"]
+    assert timing["speedup_bound"] == pytest.approx(1 / data["flops_ratio"])
+    assert timing["prefill_speedup"]["low"] <= timing["prefill_speedup"]["median"] <= timing["prefill_speedup"]["high"]
+
+
+def test_predict_with_a_budget_and_no_method_picks_par_or_says_which_to_choose(image_file, capsys):
+    code = main(["predict", *TINY, "--image", image_file, "--question", "What color is the circle?",
+                 "--budget", "0.5", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1  # the tiny model has no router: one line that names the other methods
+    assert "par is unavailable" in err[0] and "--method: fastv, random, layerdrop" in err[0]
+
+
+def test_a_budget_without_a_method_means_par_when_it_is_available():
+    from types import SimpleNamespace
+
+    from par_demo.predict import choose_method
+
+    with_router = SimpleNamespace(method=lambda name: SimpleNamespace(available=lambda: None))
+    assert choose_method(with_router, None, 0.3, None, None) == "par"
+    assert choose_method(with_router, None, 1.0, None, 20) == "par"  # --layers alone also asks for pruning
+    assert choose_method(with_router, None, 1.0, None, None) == "full"
+    assert choose_method(with_router, "fastv", 0.3, None, None) == "fastv"
 
 
 def test_bench_json_rows_carry_speedups_and_efficiency(capsys):
@@ -79,6 +104,14 @@ def test_bad_input_shows_no_traceback_from_the_real_process(image_file, tmp_path
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "error: 'fake.png' is not an image" in result.stderr
+    assert "torchvision" not in result.stderr  # the model loads with no false alarm either
+
+
+def test_help_prints_no_torchvision_warning():
+    """The first line a user sees is the usage, not transformers' "torchvision not installed" fallback notice."""
+    result = subprocess.run([sys.executable, "-m", "par_demo", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("usage:")
+    assert "torchvision" not in result.stderr + result.stdout
 
 
 def test_offline_hub_miss_is_one_line(monkeypatch, capsys):
@@ -87,3 +120,12 @@ def test_offline_hub_miss_is_one_line(monkeypatch, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: cannot load model 'nobody/no-such-model-here'")
+
+
+def test_eval_table_shows_how_many_samples_each_type_accuracy_rests_on():
+    from par_demo.evaluate import EvalRow, format_table
+
+    row = EvalRow("fastv", 0.5, accuracy=0.9, flops_ratio=0.49, n=30, by_type={"color": 0.95, "where": 0.5},
+                  n_by_type={"color": 20, "where": 10})
+    line = format_table([row]).splitlines()[2]
+    assert "95.0% (20)" in line and "50.0% (10)" in line

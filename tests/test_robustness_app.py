@@ -15,15 +15,17 @@ import pytest
 from conftest import served
 from corpus import image_corpus, question_corpus
 from par_demo import demo as d
+from par_demo import service as s
 from par_demo.shapes import render_scene
 
 TALLY: Counter = Counter()
-EXAMPLE = str(d.EXAMPLES_DIR / "shapes_where.png")
+EXAMPLE = str(s.EXAMPLES_DIR / "shapes_where.png")
 
 
 @pytest.fixture(scope="module")
 def client(tiny, predictor):
-    service = d.DemoService(predictor, tiny.name, tiny.n_layers, tiny.max_visual_tokens, cache_items=8, max_new_tokens=4)
+    service = s.DemoService(predictor, tiny.name, tiny.n_layers, tiny.max_visual_tokens, cache_items=8,
+                            max_new_tokens=4, rounds=2)
     with served(d.DemoApp(service, sweep_budgets=(1.0, 0.5))) as api:
         yield api
 

@@ -1,0 +1,406 @@
+"""The model side of the app: one predictor behind a lock, a bounded cache of full answers, and the three things
+the page asks of it: one method against the full model (`compare`), every method at one budget (`compare_all`)
+and one method over many budgets (`sweep`).
+
+Inputs are checked here (`par_demo.inputs`), so the app and its API give the same one-line messages. Every
+latency this module reports is measured in the request that reports it (`par_demo.timing`): the full model's
+*answer* may come from the cache, its *timing* never does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from par_demo import timing
+from par_demo.errors import BudgetOutOfReach, UserError
+from par_demo.inputs import (
+    METHOD_CHOICES, METHOD_LABELS, check_budget, check_count, check_method, check_question, load_image,
+)
+from par_demo.model_card import ModelCard
+
+if TYPE_CHECKING:  # the engine is imported lazily: building a service for tests needs no model code
+    from par_demo.predict import Prediction, Predictor
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES_DIR = ROOT / "assets" / "examples"
+SWEEP_BUDGETS = tuple(round(1.0 - 0.1 * i, 1) for i in range(10))  # 1.0, 0.9, ..., 0.1
+DEFAULT_START_LAYER = 2  # the paper prunes tokens from layer K=2 on
+DEFAULT_CACHE_ITEMS = 64
+# Requests that time many settings use fewer rounds each, so the whole request stays short: all methods at one
+# budget (8 settings in turns) and the sweep (10 budgets, each in turns with the full model).
+COMPARE_ALL_ROUNDS = 3
+SWEEP_ROUNDS = 3
+
+
+def image_fingerprint(image: Image.Image) -> str:
+    """A hash of the decoded pixels, so the same picture uploaded twice (any file name) hits the cache."""
+    digest = hashlib.sha256(f"{image.mode}{image.size}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+class LRUCache:
+    """A small thread-safe least-recently-used cache; bounded so a public demo's memory stays flat."""
+
+    def __init__(self, max_items: int):
+        self.max_items = max(1, int(max_items))
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key: Any) -> Any | None:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return self._items[key]
+            self.misses += 1
+            return None
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def zerogpu_enabled() -> bool:
+    return bool(os.environ.get("SPACES_ZERO_GPU")) and importlib.util.find_spec("spaces") is not None
+
+
+def on_gpu(fn: Callable | None = None, *, duration: int = 60) -> Callable:
+    """`spaces.GPU` on a Hugging Face ZeroGPU Space; a no-op everywhere else (no `spaces` package or env)."""
+
+    def decorate(func: Callable) -> Callable:
+        if not zerogpu_enabled():
+            return func
+        import spaces  # only present on Spaces
+
+        return spaces.GPU(duration=duration)(func)
+
+    return decorate(fn) if fn is not None else decorate
+
+
+# On ZeroGPU these run in the GPU worker; they return only CPU data (answer text, numbers, lists).
+@on_gpu
+def _predict_on_device(predictor: Predictor, image: Image.Image, question: str, kwargs: dict) -> Prediction:
+    return predictor.predict(image, question, **kwargs)
+
+
+@on_gpu
+def _measure_on_device(predictor: Predictor, image: Image.Image, question: str, predictions: list, settings: list,
+                       rounds: int, max_new_tokens: int) -> list:
+    return timing.measure(predictor, image, question, predictions, settings, rounds, max_new_tokens)
+
+
+def answer_agreement(reference: str, answer: str) -> float:
+    """Word-overlap F1 between two answers (1.0 = same words); robust to case and trailing punctuation."""
+    ref_words = _words(reference)
+    ans_words = _words(answer)
+    if not ref_words and not ans_words:
+        return 1.0
+    common = sum(min(ref_words.count(w), ans_words.count(w)) for w in set(ref_words))
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(ans_words), common / len(ref_words)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+@dataclass
+class Comparison:
+    """One query answered twice, by the full model (answer maybe from cache) and by a pruning method, both timed
+    in this request."""
+
+    full: Prediction
+    pruned: Prediction
+    full_from_cache: bool
+    model_view: Image.Image
+    question_notice: str | None = None
+    image_notice: str | None = None  # e.g. a visitor's own photo on a model that only knows synthetic scenes
+
+    @property
+    def prefill_speedup(self) -> float:
+        return self.pruned.timing.prefill_speedup.median
+
+    @property
+    def agreement(self) -> float:
+        return answer_agreement(self.full.answer, self.pruned.answer)
+
+    @property
+    def notices(self) -> list[str]:
+        return [n for n in (self.question_notice, self.image_notice) if n]
+
+
+@dataclass
+class AllMethods:
+    """Every method at one budget, filled in as each finishes; `timed` once all were timed together."""
+
+    question: str
+    budget: float
+    full: Prediction
+    model_view: Image.Image
+    results: dict[str, Prediction] = field(default_factory=dict)  # method -> prediction, in registry order
+    skipped: dict[str, str] = field(default_factory=dict)  # method -> why it did not run (unavailable, out of reach)
+    pending: list[str] = field(default_factory=list)
+    timed: bool = False
+    notices: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        """The `/compare_all` reply (and the page's download): every entry has exactly the `predict --json` keys."""
+        return {
+            "question": self.question, "budget": self.budget, "full": self.full.to_json(),
+            "methods": [p.to_json() for p in self.results.values()],
+            "skipped": [{"method": name, "reason": reason} for name, reason in self.skipped.items()],
+            "notices": list(self.notices),
+        }
+
+
+class DemoService:
+    """The model side of the demo: one predictor, a bounded cache of full answers, a lock around the model."""
+
+    def __init__(self, predictor: Predictor, model_name: str, n_layers: int, max_visual_tokens: int,
+                 cache_items: int = DEFAULT_CACHE_ITEMS, max_new_tokens: int = 16, description: str = "",
+                 card: ModelCard | None = None, rounds: int = timing.DEFAULT_ROUNDS):
+        self.predictor = predictor
+        self.description = description  # the architecture in words (from the model's family)
+        self.model_name = model_name
+        self.n_layers = int(n_layers)
+        self.max_visual_tokens = int(max_visual_tokens)  # per image; a dynamic-resolution model gives fewer
+        self.max_new_tokens = max_new_tokens
+        self.card = card
+        self.rounds = rounds
+        self.full_cache = LRUCache(cache_items)
+        self.view_cache = LRUCache(cache_items)
+        # One model, many users: model calls run one at a time (the app's queue also serialises them).
+        self._model_lock = threading.Lock()
+        # Why a method is unavailable, as the page shows it: paths inside the project relative to it.
+        self._available = {name: reason and reason.replace(f"{ROOT}/", "")
+                           for name, reason in predictor.available_methods().items()}
+        self._example_prints: set[str] | None = None
+
+    @classmethod
+    def from_model(cls, spec: str | None = None, quant: str = "none", options: dict | None = None,
+                   **kwargs: Any) -> DemoService:
+        from par_demo.model_card import card_for
+        from par_demo.models import DEFAULT_MODEL, load_model
+        from par_demo.predict import Predictor
+
+        loaded = load_model(spec or DEFAULT_MODEL, quant=quant, options=options)
+        return cls(Predictor(loaded), loaded.name, loaded.n_layers, loaded.max_visual_tokens,
+                   description=loaded.family.describe(loaded), card=card_for(loaded), **kwargs)
+
+    @property
+    def n_visual_tokens(self) -> int:
+        return self.max_visual_tokens
+
+    def available_methods(self) -> dict[str, str | None]:
+        return dict(self._available)
+
+    def default_method(self) -> str:
+        for _, name in METHOD_CHOICES:
+            if not self._available.get(name):
+                return name
+        return METHOD_CHOICES[0][1]
+
+    # -- model calls, one at a time
+    def _run(self, image: Image.Image, question: str, **kwargs: Any) -> Prediction:
+        kwargs.setdefault("max_new_tokens", self.max_new_tokens)
+        with self._model_lock:
+            return _predict_on_device(self.predictor, image, question, kwargs)
+
+    def _measure(self, image: Image.Image, question: str, predictions: list, settings: list,
+                 rounds: int) -> list[Prediction]:
+        with self._model_lock:
+            return _measure_on_device(self.predictor, image, question, predictions, settings, rounds,
+                                      self.max_new_tokens)
+
+    def model_view(self, image: Image.Image, fingerprint: str | None = None) -> Image.Image:
+        key = (fingerprint or image_fingerprint(image), self.model_name)
+        view = self.view_cache.get(key)
+        if view is None:
+            view = self.predictor.model_view(image).convert("RGB")
+            self.view_cache.put(key, view)
+        return view
+
+    def full_answer(self, image: Image.Image, question: str, fingerprint: str | None = None) -> tuple[Prediction, bool]:
+        """The unpruned prediction, computed once per (image, question, model) and then served from the cache.
+        Its timing is that one run's: callers that show a latency time it again (`_measure`)."""
+        key = (fingerprint or image_fingerprint(image), question, self.model_name, self.max_new_tokens)
+        cached = self.full_cache.get(key)
+        if cached is not None:
+            return cached, True
+        prediction = self._run(image, question, method="full", budget=1.0)
+        self.full_cache.put(key, prediction)
+        return prediction, False
+
+    def image_notice(self, fingerprint: str) -> str | None:
+        """What to say next to the answers about the image itself: a model that knows only synthetic scenes is
+        asked about a picture that is not one of them."""
+        if self.card is None or not self.card.synthetic_only or fingerprint in self._examples():
+            return None
+        return (f"Your own image: {self.card.name} was trained on synthetic shape scenes only, so on other pictures "
+                "its answers are guesses. The examples show what it knows.")
+
+    def _examples(self) -> set[str]:
+        if self._example_prints is None:
+            self._example_prints = {image_fingerprint(load_image(path)) for path, _ in load_examples()}
+        return self._example_prints
+
+    # -- what the page asks
+    def compare(self, image: Any, question: Any, method: Any, budget: Any, tokens: Any = None, layers: Any = None,
+                start_layer: Any = DEFAULT_START_LAYER, progress: Callable[[float, str], None] | None = None,
+                ) -> Comparison:
+        """Checks every input, answers with the full model (cached) and with `method` at `budget`, then times the
+        two in turns (`self.rounds` rounds)."""
+        report = progress or (lambda fraction, text: None)
+        pil_image = load_image(image)
+        text, notice = check_question(question)
+        name = check_method(method, self._available)
+        value = check_budget(budget)
+        overrides = self.check_overrides(tokens, layers, start_layer)
+        fingerprint = image_fingerprint(pil_image)
+        report(0.1, "full model")
+        full, from_cache = self.full_answer(pil_image, text, fingerprint)
+        report(0.3, f"{METHOD_LABELS[name]} at budget {value:.2f}")
+        setting = {"method": name, "budget": value, **overrides}
+        pruned = self._run(pil_image, text, **setting)
+        report(0.5, f"timing both, {self.rounds} rounds in turns")
+        full, pruned = self._measure(pil_image, text, [full, pruned], [dict(timing.FULL), setting], self.rounds)
+        view = self.model_view(pil_image, fingerprint)
+        return Comparison(full, pruned, from_cache, view, notice, self.image_notice(fingerprint))
+
+    def compare_all(self, image: Any, question: Any, budget: Any, start_layer: Any = DEFAULT_START_LAYER,
+                    rounds: int = COMPARE_ALL_ROUNDS) -> Iterator[AllMethods]:
+        """Every method of the registry at one budget: yields the state after each method answers, then once more
+        after all of them and the full model were timed together, in turns."""
+        pil_image = load_image(image)
+        text, notice = check_question(question)
+        value = check_budget(budget)
+        start = self.check_overrides(None, None, start_layer)["start_layer"]
+        fingerprint = image_fingerprint(pil_image)
+        full, _ = self.full_answer(pil_image, text, fingerprint)
+        names = [name for _, name in METHOD_CHOICES]
+        state = AllMethods(text, value, full, self.model_view(pil_image, fingerprint),
+                           skipped={n: self._available[n] for n in names if self._available.get(n)},
+                           notices=[n for n in (notice, self.image_notice(fingerprint)) if n])
+        state.pending = [n for n in names if n not in state.skipped]
+        yield state
+        settings = {}
+        for name in list(state.pending):
+            settings[name] = {"method": name, "budget": value, "start_layer": start}
+            try:
+                state.results[name] = self._run(pil_image, text, **settings[name])
+            except BudgetOutOfReach as exc:  # one method cannot go this low: say so in its cell, go on
+                state.skipped[name] = str(exc)
+            state.pending.remove(name)
+            yield state
+        ran = list(state.results)
+        timed = self._measure(pil_image, text, [full] + [state.results[n] for n in ran],
+                              [dict(timing.FULL)] + [settings[n] for n in ran], rounds)
+        state.full, state.results = timed[0], dict(zip(ran, timed[1:]))
+        state.timed = True
+        yield state
+
+    def check_overrides(self, tokens: Any, layers: Any, start_layer: Any) -> dict[str, int | None]:
+        start = check_count(start_layer, "Pruning start layer", 0, self.n_layers - 1, zero_means_auto=False)
+        return {
+            "tokens": check_count(tokens, "Tokens kept", 1, self.n_visual_tokens),
+            "layers": check_count(layers, "Layers kept", 1, self.n_layers),
+            "start_layer": DEFAULT_START_LAYER if start is None else start,
+        }
+
+    def sweep(self, image: Any, question: Any, method: Any, start_layer: Any = DEFAULT_START_LAYER,
+              budgets: Sequence[float] = SWEEP_BUDGETS, rounds: int = SWEEP_ROUNDS) -> Iterator[dict]:
+        """Runs `method` at each budget (1.0 → 0.1 by default); yields one point per budget as it finishes. Each
+        point is timed in turns with the full model, so the full model is measured all along the sweep."""
+        pil_image = load_image(image)
+        text, _ = check_question(question)
+        name = check_method(method, self._available)
+        overrides = self.check_overrides(None, None, start_layer)
+        full, _ = self.full_answer(pil_image, text, image_fingerprint(pil_image))
+        for budget in budgets:
+            setting = {"method": name, "budget": check_budget(budget), **overrides}
+            try:
+                pruned = self._run(pil_image, text, **setting)
+            except BudgetOutOfReach as exc:  # a budget below the method's cheapest setting: note it, go on
+                yield {"budget": float(budget), "skipped": str(exc), "full_answer": full.answer}
+                continue
+            timed_full, timed = self._measure(pil_image, text, [full, pruned], [dict(timing.FULL), setting], rounds)
+            yield sweep_point(timed_full, timed)
+
+    # -- start-up
+    def start_warm_up(self) -> threading.Thread:
+        """`warm_up` in a background thread; a query arriving meanwhile simply waits for the model lock."""
+
+        def run() -> None:
+            try:
+                log.info("warm-up done in %.1f s", self.warm_up())
+            except Exception:  # a failed warm-up only costs the first user some latency
+                log.exception("warm-up failed")
+
+        thread = threading.Thread(target=run, name="par-demo-warm-up", daemon=True)
+        thread.start()
+        return thread
+
+    def warm_up(self) -> float:
+        """The full model and every available method once on an example, so that no visitor's request pays for a
+        first run (kernel set-up, a method's one-time calibration) and every timing the page shows is warm."""
+        started = time.perf_counter()
+        examples = load_examples()
+        image = load_image(examples[0][0]) if examples else Image.new("RGB", (64, 64), (200, 200, 200))
+        question = examples[0][1] if examples else "What is in the image?"
+        self._run(image, question, method="full", budget=1.0)
+        for _, name in METHOD_CHOICES:
+            if not self._available.get(name):
+                try:
+                    self._run(image, question, method=name, budget=0.5)
+                except UserError:  # e.g. a budget this model's method cannot reach: nothing to warm
+                    pass
+        return time.perf_counter() - started
+
+
+def sweep_point(full: Prediction, pruned: Prediction) -> dict:
+    """One budget of a sweep: the pruned run and the full model timed in the same rounds."""
+    return {
+        "budget": pruned.budget, "flops_ratio": pruned.flops_ratio, "answer": pruned.answer,
+        "agreement": answer_agreement(full.answer, pruned.answer), "full_answer": full.answer,
+        "timing": pruned.timing, "full_timing": full.timing,
+    }
+
+
+def load_examples(directory: Path = EXAMPLES_DIR) -> list[list[str]]:
+    """[image path, question] pairs from assets/examples/examples.jsonl (missing file → no examples)."""
+    import json
+
+    manifest = directory / "examples.jsonl"
+    if not manifest.is_file():
+        return []
+    examples = []
+    for line in manifest.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            examples.append([str(directory / record["image"]), record["question"]])
+    return examples
