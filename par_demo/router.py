@@ -91,9 +91,7 @@ def position_features(layout) -> torch.Tensor:
 
     Relative coordinates make the same place of an image look the same to the router on a 12 x 12, a 24 x 24 or a
     tall 30 x 18 grid, which a learned table per patch cannot do."""
-    rows, cols = layout.grid
-    y = (layout.rows.float() + 0.5) / rows
-    x = (layout.cols.float() + 0.5) / cols
+    y, x = layout.centres()  # tiled images: the place on the whole image, so a tile and the global view agree
     freqs = math.pi * 2.0 ** torch.arange(POSITION_FREQUENCIES, device=y.device)
     angles = torch.cat([y[:, None] * freqs, x[:, None] * freqs], dim=1)  # (n_v, 8)
     return torch.cat([angles.sin(), angles.cos()], dim=1)

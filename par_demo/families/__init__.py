@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from par_demo.errors import UserError
 from par_demo.families.base import Family, Layout, Query
+from par_demo.families.internvl import InternVL
 from par_demo.families.llava import Llava
 from par_demo.families.qwen2_5_vl import Qwen2_5_VL
+from par_demo.families.smolvlm import SmolVLM
 
-FAMILIES: tuple[Family, ...] = (Llava(), Qwen2_5_VL())
+FAMILIES: tuple[Family, ...] = (Llava(), Qwen2_5_VL(), SmolVLM("idefics3"), SmolVLM("smolvlm"),
+                                InternVL())
 
 
 def supported_model_types() -> list[str]:

@@ -27,22 +27,59 @@ from PIL import Image
 from par_demo.errors import UserError
 
 
+@dataclass(frozen=True)
+class Tile:
+    """One view of a tiled image: a tile (a crop of the resized image) or the global view (the whole image, small).
+
+    Tiled families (SmolVLM, InternVL3) cut a large image into tiles and add a global view; each view gives its own
+    grid of visual tokens. The patch view draws every tile at its place on the image and the global view beside it."""
+
+    box: tuple[float, float, float, float]  # (top, left, bottom, right) of the original image it shows, fractions
+    origin: tuple[int, int]  # (row, col) of its top-left cell in the patch view's grid
+    grid: tuple[int, int]  # its own rows x cols of visual tokens
+    name: str  # for people: "tile 2,3", "global view"
+
+
 @dataclass
 class Layout:
-    """Where each visual token comes from in the image: its (row, column) in a rows x cols grid of image cells.
+    """Where each visual token comes from in the image: its (row, column) cell in the rows x cols grid the patch view
+    draws, and, for tiled images, its tile.
 
-    Visual tokens are listed in the order they sit in the sequence; for the families here that is row-major, but
-    nothing relies on it: every consumer (router positions, patch view) reads `rows`/`cols`.
+    Visual tokens are listed in the order they sit in the sequence; for the families here that is row-major (tile
+    by tile for tiled images), but nothing relies on it: every consumer reads `rows`/`cols`, or `centres()` for the
+    token's place on the original image (which is what the router is told: the same for a tile token and for the
+    global view's token at the same spot).
     """
 
     rows: torch.Tensor  # (n_v,) long
     cols: torch.Tensor  # (n_v,) long
-    grid: tuple[int, int]  # (rows, cols) of the image grid
+    grid: tuple[int, int]  # (rows, cols) of the patch view's grid
+    tile: torch.Tensor | None = None  # (n_v,) long: index into `tiles`; None for an untiled image
+    tiles: tuple[Tile, ...] = ()
 
     @classmethod
     def row_major(cls, n_rows: int, n_cols: int, device=None) -> "Layout":
         index = torch.arange(n_rows * n_cols, device=device)
         return cls(index // n_cols, index % n_cols, (int(n_rows), int(n_cols)))
+
+    @classmethod
+    def tiled(cls, tile_rows: int, tile_cols: int, tokens: tuple[int, int], device=None) -> "Layout":
+        """An image cut into tile_rows x tile_cols tiles followed by its global view, each `tokens` = (rows, cols)
+        visual tokens in row-major order, tiles row by row (the order SmolVLM and InternVL3 put them in).
+
+        The patch view's grid holds the tiles at their places and, one empty column to their right, the global
+        view; tile (i, j) shows rows i / tile_rows .. (i + 1) / tile_rows of the image (the image is resized to
+        whole tiles, so the tiles cover it exactly)."""
+        n_r, n_c = tokens
+        tiles = [Tile((i / tile_rows, j / tile_cols, (i + 1) / tile_rows, (j + 1) / tile_cols), (i * n_r, j * n_c),
+                      (n_r, n_c), f"tile {i + 1},{j + 1}") for i in range(tile_rows) for j in range(tile_cols)]
+        tiles.append(Tile((0.0, 0.0, 1.0, 1.0), (0, tile_cols * n_c + 1), (n_r, n_c), "global view"))
+        cell = torch.arange(n_r * n_c, device=device)
+        rows = torch.cat([t.origin[0] + cell // n_c for t in tiles])
+        cols = torch.cat([t.origin[1] + cell % n_c for t in tiles])
+        tile = torch.arange(len(tiles), device=device).repeat_interleave(n_r * n_c)
+        grid = (max(tile_rows, 1) * n_r, (tile_cols + 1) * n_c + 1)
+        return cls(rows, cols, grid, tile, tuple(tiles))
 
     @property
     def n_visual(self) -> int:
@@ -52,6 +89,35 @@ class Layout:
         """Row-major cell indices (row * cols + col) of the given visual tokens: what the patch view draws."""
         kept = torch.as_tensor(kept, dtype=torch.long, device=self.rows.device)
         return (self.rows[kept] * self.grid[1] + self.cols[kept]).tolist()
+
+    def centres(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y, x) of each visual token's cell centre on the original image, in [0, 1]."""
+        if self.tile is None:
+            return (self.rows.float() + 0.5) / self.grid[0], (self.cols.float() + 0.5) / self.grid[1]
+        device = self.rows.device
+        box = torch.tensor([t.box for t in self.tiles], device=device)[self.tile]  # (n_v, 4)
+        origin = torch.tensor([t.origin for t in self.tiles], device=device)[self.tile]  # (n_v, 2)
+        size = torch.tensor([t.grid for t in self.tiles], device=device)[self.tile].float()  # (n_v, 2)
+        y = box[:, 0] + (self.rows - origin[:, 0] + 0.5) / size[:, 0] * (box[:, 2] - box[:, 0])
+        x = box[:, 1] + (self.cols - origin[:, 1] + 0.5) / size[:, 1] * (box[:, 3] - box[:, 1])
+        return y, x
+
+
+def tiled_view(image: Image.Image, layout: Layout, cell_px: int | None = None) -> Image.Image:
+    """The patch view's picture of a tiled image: each tile's part of the image at the tile's place in the grid, on a
+    white background (the column between the tiles and the global view stays empty). Cells are `cell_px` wide
+    (default: about 800 px across in all)."""
+    rows, cols = layout.grid
+    cell = cell_px or max(8, 800 // cols)
+    canvas = Image.new("RGB", (cols * cell, rows * cell), "white")
+    image = image.convert("RGB")
+    width, height = image.size
+    for tile in layout.tiles:
+        top, left, bottom, right = tile.box
+        crop = image.crop((round(left * width), round(top * height), round(right * width), round(bottom * height)))
+        size = (tile.grid[1] * cell, tile.grid[0] * cell)
+        canvas.paste(crop.resize(size, Image.Resampling.BICUBIC), (tile.origin[1] * cell, tile.origin[0] * cell))
+    return canvas
 
 
 @dataclass
@@ -100,6 +166,8 @@ class Family:
         raise NotImplementedError
 
     preset_names: tuple[str, ...] = ()  # `random:<name>` presets: the exact architecture, random weights
+    # Keys `encode` adds for `prepare` that the stock model does not take (a tiled image's tile grid).
+    extra_input_names: tuple[str, ...] = ()
 
     def build_random(self, name: str):
         """(config, processor) of a preset; the loader makes the model from the config, no download."""
@@ -148,8 +216,10 @@ class Family:
 
 
 def language_model(model):
-    """The decoder stack (`embed_tokens`, `layers`, `norm`, `rotary_emb`) of a transformers 5 VLM."""
-    return model.model.language_model
+    """The decoder stack (`embed_tokens`, `layers`, `norm`, `rotary_emb`) of a transformers 5 VLM (Idefics3 and
+    SmolVLM call it `text_model`)."""
+    inner = model.model
+    return inner.language_model if hasattr(inner, "language_model") else inner.text_model
 
 
 def embed_with_features(model, input_ids: torch.Tensor, image_token_id: int, features: torch.Tensor):
