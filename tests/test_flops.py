@@ -75,3 +75,56 @@ def test_qwen2_5_vl_flops_match_flop_counter_within_5_percent(size, plan, rows):
         attention_rows=rows)
     counted = counter.get_total_flops()
     assert abs(analytic - counted) / counted < 0.05, (analytic, counted)
+
+
+@pytest.mark.parametrize("preset, size", [("smolvlm-tiny", (200, 100)), ("smolvlm-tiny", (50, 40)),
+                                          ("internvl3-tiny", (160, 160)), ("internvl3-tiny", (300, 80))])
+@pytest.mark.parametrize("plan, rows", [
+    (PruningPlan(), 0),
+    (PruningPlan(start_layer=2, keep_visual=torch.arange(0, 80, 3), skip_layers=frozenset({3})), 0),
+    (PruningPlan(start_layer=1, keep_visual_count=20, skip_layers=frozenset({4})), 1),
+])
+def test_tiled_families_flops_match_flop_counter_within_5_percent(preset, size, plan, rows):
+    """Vision tower on every tile and the global view / thumbnail, connector, decoder and a router."""
+    from par_demo.models import encode_query, load_model
+    from par_demo.router import MetaRouter, RouterConfig
+    from par_demo.shapes import render_scene
+
+    loaded = load_model(f"random:{preset}", device="cpu")
+    image, _ = render_scene(np.random.default_rng(2))
+    inputs = encode_query(loaded, image.resize(size), "How many objects are there?")
+    engine = Engine(loaded.model)
+    router = MetaRouter(RouterConfig(lm_width=64, n_layers=6, width=16, heads=1)).eval()
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        query = engine.prepare(inputs)
+        text = query.inputs_embeds[0, : query.n_text]
+        router(query.image_features, text, torch.tensor([0.5]), query.layout)
+        engine.prefill(query, plan)
+    kept = None if plan.keep_visual is None and plan.keep_visual_count is None else (
+        plan.keep_visual.numel() if plan.keep_visual is not None else plan.keep_visual_count)
+    analytic = FlopsModel.from_config(loaded.config).prefill(
+        query, kept, plan.skip_layers, plan.start_layer, router=router.flops(query.n_visual, query.n_text),
+        attention_rows=rows)
+    counted = counter.get_total_flops()
+    assert abs(analytic - counted) / counted < 0.05, (analytic, counted)
+
+
+@pytest.mark.parametrize("preset, views, low, high", [
+    ("smolvlm-256m", 17, 0.90, 0.93),  # 16 tiles + the global view: 17 x 1,024 patches through SigLIP-B
+    ("smolvlm-256m", 1, 0.90, 0.93),  # one view: the same share (tower and decoder both scale with the views)
+    ("smolvlm-500m", 17, 0.78, 0.83),
+    ("internvl3-2b", 13, 0.44, 0.49),  # 12 tiles + the thumbnail
+    ("internvl3-8b", 13, 0.15, 0.18),
+])
+def test_tiled_presets_vision_share_of_the_prefill(preset, views, low, high):
+    """The vision path's share of a full prefill (40 text tokens) on the exact architectures, by the analytic count
+    (no weights are built). Methods that prune inside the decoder cannot go below it (README, model families)."""
+    from par_demo.families import preset_families
+    from par_demo.flops import Shape
+
+    family = preset_families()[preset]
+    config, _ = family.build_random(preset)
+    vision = family.vision_flops(config, views)
+    n_visual = views * (64 if preset.startswith("smolvlm") else 256)
+    total = FlopsModel.from_config(config).full(Shape(n_text=40, n_visual=n_visual, vision_flops=vision))
+    assert low < vision / total < high, vision / total
