@@ -23,6 +23,7 @@ import gradio as gr  # noqa: E402
 from par_demo import panels  # noqa: E402
 from par_demo.demo import PATCH_VIEWS, CheckedRadio, CheckedSlider, DemoApp, SafeImage  # noqa: E402
 from par_demo.errors import UserError  # noqa: E402
+from par_demo.predict import IMAGE_OPTIONS  # noqa: E402
 from par_demo.service import DEFAULT_START_LAYER, DemoService, zerogpu_enabled  # noqa: E402
 
 TITLE = "PAR: Pruning All-Rounder — visual-token and layer pruning, live"
@@ -183,6 +184,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.add_argument(f"--{name}-pixels", type=int, default=int(os.environ[env]) if os.environ.get(env) else None,
                             help=f"dynamic-resolution models (Qwen2.5-VL): {what} image area in pixels; one visual "
                                  f"token per 28 x 28 px, so fewer pixels answer faster (env {env})")
+    parser.add_argument("--max-tiles", type=int,
+                        default=int(os.environ["PAR_MAX_TILES"]) if os.environ.get("PAR_MAX_TILES") else None,
+                        help="tiled models (SmolVLM, InternVL3): at most this many tiles per image besides the "
+                             "global view; fewer tiles answer faster (env PAR_MAX_TILES)")
     return parser.parse_args(argv)
 
 
@@ -193,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own HTTP calls are not news
     started = time.perf_counter()
     try:  # the model is loaded at start-up, outside any request (ZeroGPU requires this)
-        options = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
+        options = {k: getattr(args, k) for k in IMAGE_OPTIONS if getattr(args, k)}
         service = DemoService.from_model(args.model, quant=args.quant, options=options)
     except UserError as exc:
         raise SystemExit(f"error: {exc}") from None

@@ -10,6 +10,7 @@ so the speed-up it prints is measured, not assembled from two unrelated runs.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -40,7 +41,7 @@ class Prediction:
     flops_ratio: float
     n_visual_tokens: int  # what this image gave (it varies with the image for dynamic-resolution models)
     kept_visual_tokens: list[int]  # row-major cell indices (row * cols + col) in `grid`
-    grid: tuple[int, int]  # (rows, cols) of image cells, one visual token each
+    grid: tuple[int, int]  # (rows, cols) of image cells, one visual token each (a tiled image's has a few empty)
     n_layers: int
     kept_layers: list[int]  # 0-based
     start_layer: int  # K: the layer from which dropped visual tokens left the sequence
@@ -158,10 +159,14 @@ def cell_order(layout: Layout, scores: torch.Tensor) -> list[float]:
     """Per-token scores rearranged into the grid's row-major cell order (what the patch view draws)."""
     cells = torch.full((layout.grid[0] * layout.grid[1],), float("nan"))
     cells[layout.patch_indices(torch.arange(layout.n_visual))] = scores.float().cpu()
-    return cells.tolist()
+    # A tiled image's grid has cells without a token (between the tiles and the global view): None, valid JSON.
+    return [None if math.isnan(value) else value for value in cells.tolist()]
 
 
 # ------------------------------------------------------------------------------------------------- CLI
+IMAGE_OPTIONS = ("min_pixels", "max_pixels", "max_tiles")  # per-model image options; each family takes its own
+
+
 def add_model_arguments(parser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="local model folder, hub id, or random:<preset> (default: the embedded model)")
@@ -173,11 +178,14 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="dynamic-resolution models (Qwen2.5-VL): largest image area; fewer pixels, fewer "
                              "visual tokens, faster (one token per 28 x 28 px)")
+    parser.add_argument("--max-tiles", type=int, default=None,
+                        help="tiled models (SmolVLM, InternVL3): at most this many tiles per image, besides the "
+                             "global view; fewer tiles, fewer visual tokens, faster")
 
 
 def load_from_args(args) -> LoadedModel:
     """The model the shared model arguments name."""
-    options = {k: getattr(args, k, None) for k in ("min_pixels", "max_pixels")}
+    options = {k: getattr(args, k, None) for k in IMAGE_OPTIONS}
     return load_model(args.model, args.quant, args.device, args.dtype,
                       options={k: v for k, v in options.items() if v is not None})
 

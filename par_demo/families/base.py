@@ -189,14 +189,14 @@ class Family:
         """Refuse image options this family has no use for (a fixed-size family resizes every image alike)."""
         if options:
             names = ", ".join("--" + key.replace("_", "-") for key in options)
-            raise UserError(f"{names}: {self.name} models resize every image to one size; "
-                            f"only dynamic-resolution models (qwen2.5-vl) take pixel limits")
+            raise UserError(f"{names}: {self.name} models resize every image to one size; only dynamic-resolution "
+                            f"models (qwen2.5-vl) take pixel limits, only tiled ones (smolvlm, internvl) --max-tiles")
 
     # ---- one query
     def encode(self, loaded, image: Image.Image, question: str) -> dict:
         """(image, question) -> model inputs on the model's device, exactly as the stock processor makes them.
 
-        `loaded.options` holds per-model image options (Qwen2.5-VL: min_pixels / max_pixels)."""
+        `loaded.options` holds per-model image options (Qwen2.5-VL: min_pixels / max_pixels; tiled: max_tiles)."""
         raise NotImplementedError
 
     def prepare(self, model, inputs: dict) -> Query:

@@ -176,7 +176,8 @@ class Qwen2_5_VL(Family):
     def check_options(self, options):
         unknown = set(options) - {"min_pixels", "max_pixels"}
         if unknown:
-            raise UserError(f"unknown image options for {self.name}: {', '.join(sorted(unknown))}")
+            raise UserError(f"{', '.join('--' + k.replace('_', '-') for k in sorted(unknown))}: {self.name} models "
+                            f"are not cut into tiles; they take --min-pixels / --max-pixels")
         for key, value in options.items():
             if not isinstance(value, int) or value < 28 * 28:
                 raise UserError(f"--{key.replace('_', '-')} must be a whole number of pixels, at least {28 * 28} "
