@@ -131,3 +131,36 @@ def test_every_method_runs_on_qwen_within_budget_for_any_token_count(qwen, scene
     assert all(0 <= i < rows * cols for i in p.kept_visual_tokens)
     if p.token_scores is not None:
         assert len(p.token_scores) == rows * cols
+
+
+@pytest.fixture(scope="module")
+def tiled(tmp_path_factory):
+    """Tiny SmolVLM and InternVL3, each with an untrained router (PAR's plumbing on tiles is under test here)."""
+    from par_demo.models import load_model
+    from par_demo.predict import Predictor
+    from par_demo.router import MetaRouter, RouterConfig, fingerprint, save_router
+
+    predictors = {}
+    for preset in ("smolvlm-tiny", "internvl3-tiny"):
+        predictor = Predictor(load_model(f"random:{preset}", device="cpu"))
+        torch.manual_seed(0)
+        config = RouterConfig(lm_width=64, n_layers=6, width=16, heads=1, start_layer=0,
+                              model=fingerprint(predictor.loaded))
+        predictor.router_path = save_router(MetaRouter(config), tmp_path_factory.mktemp(f"{preset}-router"))
+        predictors[preset] = predictor
+    return predictors
+
+
+@pytest.mark.parametrize("preset, size", [("smolvlm-tiny", (200, 100)), ("internvl3-tiny", (160, 160))])
+@pytest.mark.parametrize("method", ["fastv", "random", "layerdrop", "par", "par-tokens", "par-layers", "par-prior"])
+@pytest.mark.parametrize("budget", [0.85, 0.6])
+def test_every_method_runs_on_tiled_images_within_budget_over_all_tiles(tiled, scene, preset, size, method, budget):
+    # The tiny towers are about a quarter of the prefill here, so both budgets are reachable inside the decoder.
+    p = tiled[preset].predict(scene.resize(size), QUESTION, method, budget, max_new_tokens=2)
+    rows, cols = p.grid
+    assert p.flops_ratio <= budget + 1e-9
+    assert p.n_visual_tokens == (112 if preset == "smolvlm-tiny" else 80)  # every tile and the global view
+    assert len(set(p.kept_visual_tokens)) == len(p.kept_visual_tokens)
+    assert all(0 <= i < rows * cols for i in p.kept_visual_tokens)
+    if p.token_scores is not None:
+        assert sum(s is not None for s in p.token_scores) == p.n_visual_tokens  # one score per token, empty cells none

@@ -31,12 +31,14 @@ def qwen():
 
 
 @pytest.fixture(scope="module")
-def family_predictors(predictor, qwen):
-    return {"llava-tiny": predictor, "qwen2.5-vl-tiny": qwen}
+def family_predictors(predictor, qwen, tiled_models):
+    return {"llava-tiny": predictor, "qwen2.5-vl-tiny": qwen, **tiled_models}
 
 
-# (preset, image size): Qwen2.5-VL gives one visual token per 28 x 28 px, so each size its own grid and count
-CASES = [("llava-tiny", (160, 160)), ("qwen2.5-vl-tiny", (448, 224)), ("qwen2.5-vl-tiny", (252, 364))]
+# (preset, image size): Qwen2.5-VL gives one visual token per 28 x 28 px, so each size its own grid and count;
+# SmolVLM and InternVL3 cut these images into 2 x 3 and 2 x 2 tiles (+ the global view / thumbnail)
+CASES = [("llava-tiny", (160, 160)), ("qwen2.5-vl-tiny", (448, 224)), ("qwen2.5-vl-tiny", (252, 364)),
+         ("smolvlm-tiny", (200, 100)), ("internvl3-tiny", (160, 160))]
 
 
 # ------------------------------------------------------------------------------------------------ budgets
@@ -211,3 +213,67 @@ def test_qwen_dominance_is_the_attention_each_merged_token_receives_in_the_last_
     torch.testing.assert_close(visual.merger(merged.last_hidden_state)[order.argsort()], query.image_features)
     expected = per_patch.view(-1, 4).sum(1)[order.argsort()]
     torch.testing.assert_close(query.dominance(), expected, atol=1e-6, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiled_models():
+    from par_demo.models import load_model
+    from par_demo.predict import Predictor
+
+    return {preset: Predictor(load_model(f"random:{preset}", device="cpu"))
+            for preset in ("smolvlm-tiny", "internvl3-tiny")}
+
+
+def stock_tower_attentions(tower, pixel_values, **kwargs):
+    """The last layer's attention weights (views, heads, n, n) as the stock tower reports them (eager path)."""
+    tower.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            return tower(pixel_values, output_attentions=True, **kwargs).attentions[-1]
+    finally:
+        tower.config._attn_implementation = "sdpa"
+
+
+def per_token(per_patch: torch.Tensor, fold: int) -> torch.Tensor:
+    """(views, side * side) per-patch values -> per visual token: token (r, c) of a view takes the fold x fold
+    patches from row r * fold and column c * fold (pixel shuffle's grouping); view by view, row-major."""
+    views, n = per_patch.shape
+    side = int(n ** 0.5)
+    out = []
+    for v in range(views):
+        grid = per_patch[v].view(side, side)
+        for r in range(side // fold):
+            for c in range(side // fold):
+                out.append(grid[r * fold:(r + 1) * fold, c * fold:(c + 1) * fold].sum())
+    return torch.stack(out)
+
+
+def test_smolvlm_dominance_is_the_attention_each_token_s_patches_receive_in_the_last_layer(tiled_models, scene):
+    predictor = tiled_models["smolvlm-tiny"]
+    model = predictor.loaded.model
+    inputs = predictor.encode(scene.resize((200, 100)), QUESTION)
+    query = predictor.engine.prepare(inputs)
+    weights = stock_tower_attentions(model.model.vision_model, inputs["pixel_values"][0])  # 7 views
+    expected = per_token(weights.mean(dim=(1, 2)), model.config.scale_factor)  # mean over heads and queries
+    torch.testing.assert_close(query.dominance(), expected, atol=1e-6, rtol=1e-4)
+
+
+def test_internvl_dominance_is_each_view_s_cls_attention_to_the_token_s_patches(tiled_models, scene):
+    predictor = tiled_models["internvl3-tiny"]
+    model = predictor.loaded.model
+    inputs = predictor.encode(scene.resize((160, 160)), QUESTION)
+    query = predictor.engine.prepare(inputs)
+    weights = stock_tower_attentions(model.model.vision_tower, inputs["pixel_values"])  # 5 views
+    expected = per_token(weights[:, :, 0, 1:].mean(1), 2)  # CLS row, patches only, mean over heads
+    torch.testing.assert_close(query.dominance(), expected, atol=1e-6, rtol=1e-4)
+
+
+def test_downsample_pools_every_tile_and_the_global_view_on_its_own(tiled_models, scene):
+    predictor = tiled_models["smolvlm-tiny"]
+    query = predictor.engine.prepare(predictor.encode(scene.resize((200, 100)), QUESTION))  # 7 views of 4 x 4
+    chosen = predictor.method("downsample")
+    assert [s.tokens for s in chosen.candidates(query, 0)][:3] == [112, 84, 63]  # 7 x 16, 7 x 12, 7 x 9
+    selection = chosen.select(query, 7)  # one token per view: the mean of its 16
+    views = query.image_features.view(7, 16, -1)
+    torch.testing.assert_close(selection.features, views.mean(1))
+    assert selection.keep.tolist() == [v * 16 + 5 for v in range(7)]  # each view's cell (1, 1), its centre

@@ -17,6 +17,7 @@ Everything else in a family is the stock transformers model; a family never copi
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -89,6 +90,14 @@ class Layout:
         """Row-major cell indices (row * cols + col) of the given visual tokens: what the patch view draws."""
         kept = torch.as_tensor(kept, dtype=torch.long, device=self.rows.device)
         return (self.rows[kept] * self.grid[1] + self.cols[kept]).tolist()
+
+    def views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Each token's view (0 for an untiled image; else its tile, the global view last) and its (row, col) inside
+        that view, and the views' own grid (every tile and the global view have the same one)."""
+        if self.tile is None:
+            return torch.zeros_like(self.rows), self.rows, self.cols, self.grid
+        origin = torch.tensor([t.origin for t in self.tiles], device=self.rows.device)[self.tile]
+        return self.tile, self.rows - origin[:, 0], self.cols - origin[:, 1], self.tiles[0].grid
 
     def centres(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(y, x) of each visual token's cell centre on the original image, in [0, 1]."""
@@ -233,6 +242,15 @@ def embed_with_features(model, input_ids: torch.Tensor, image_token_id: int, fea
     embeds = language_model(model).embed_tokens(input_ids)
     embeds[0, image_positions] = features.to(embeds.dtype)
     return embeds, image_positions
+
+
+def fold_patches(per_patch: torch.Tensor, scale: int) -> torch.Tensor:
+    """(views, P * P) per-patch values -> (views * (P / scale)^2,) per visual token, summed over the scale x scale
+    patches pixel shuffle folds into each token, in the tokens' order (view by view, row-major)."""
+    views, n = per_patch.shape
+    side = math.isqrt(n)
+    blocks = per_patch.view(views, side // scale, scale, side // scale, scale)
+    return blocks.sum(dim=(2, 4)).reshape(-1)
 
 
 def check_prompt_length(input_ids: torch.Tensor, context: int) -> None:

@@ -8,7 +8,8 @@ What differs from LLaVA:
 - the prompt holds `<img>` + 256 x views `<IMG_CONTEXT>` + `</img>`; the stock processor needs a video processor
   (torchvision), so inputs are made from the image processor and the tokenizer exactly as it would;
 - positions are 1-D (0 .. L-1); decoding continues at L. The decoder is Qwen2 (biases on q, k, v).
-This family gives no tower attention score, so VisionZip is refused for it.
+The tower's "dominance" score of a visual token (VisionZip's ranking) is its view's CLS attention to its 2 x 2
+patches at the feature layer, the same score LLaVA's family gives, view by view.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from par_demo.errors import UserError
-from par_demo.families.base import Family, Layout, Query, check_prompt_length, embed_with_features, tiled_view
+from par_demo.families.base import (Family, Layout, Query, check_prompt_length, embed_with_features, fold_patches,
+                                   recorded_calls, tiled_view)
+from par_demo.families.llava import cls_attention
 
 IMAGE_TOKEN, IMAGE_START, IMAGE_END = "<IMG_CONTEXT>", "<img>", "</img>"
 IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
@@ -215,9 +219,17 @@ class InternVL(Family):
     def prepare(self, model, inputs):
         config = model.config
         pixel_values = inputs["pixel_values"]
-        features = model.model.get_image_features(
-            pixel_values, vision_feature_layer=config.vision_feature_layer,
-            vision_feature_select_strategy=config.vision_feature_select_strategy).pooler_output
+        layers = model.model.vision_tower.encoder.layer
+        feature_layer = config.vision_feature_layer
+        attention = layers[feature_layer if feature_layer < 0 else feature_layer - 1].attention
+        with recorded_calls(attention.q_norm, attention.k_norm) as (queries, keys):  # q, k as the heads get them
+            features = model.model.get_image_features(
+                pixel_values, vision_feature_layer=feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy).pooler_output
+        cls_queries = queries[0].output[:, 0].clone()  # (views, d): only the CLS rows are needed
+        keys = keys[0].output  # (views, 1 + patches, d)
+        dominance = partial(view_cls_attention, cls_queries, keys, attention.num_heads, attention.scale,
+                            int(1 / config.downsample_ratio))
         features = features.reshape(-1, features.shape[-1])  # (views x 256, D), views in order
         input_ids = inputs["input_ids"]
         embeds, image_positions = embed_with_features(model, input_ids, config.image_token_id, features)
@@ -230,6 +242,7 @@ class InternVL(Family):
             positions=torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0),  # (1, L)
             next_position=input_ids.shape[1], layout=layout,
             vision_flops=self.vision_flops(config, pixel_values.shape[0]),
+            dominance=dominance, dominance_flops=2.0 * keys.numel(),  # one query row per view against its keys
         )
 
     def model_view(self, loaded, image):
@@ -260,3 +273,10 @@ class InternVL(Family):
         n_out = tokens_per_view(config)
         projector = 2 * n_out * (d * folded * d_lm + d_lm * d_lm)
         return float(n_views * (patch_embed + v.num_hidden_layers * per_layer + projector))
+
+
+def view_cls_attention(cls_queries: torch.Tensor, keys: torch.Tensor, heads: int, scale: float, fold: int):
+    """Each view's CLS attention over its patches (LLaVA's score), summed over the patches folded into each visual
+    token; views in order. -> (n_v,)"""
+    per_patch = torch.stack([cls_attention(q, k, heads, scale, drop_cls=True) for q, k in zip(cls_queries, keys)])
+    return fold_patches(per_patch, fold)

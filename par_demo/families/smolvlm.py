@@ -9,7 +9,8 @@ What differs from LLaVA:
 - the prompt marks each tile with `<fake_token_around_image><row_i_col_j>` before its 64 `<image>` tokens and the
   global view with `<global-img>`; the stock `Idefics3Processor` (which needs no video processor) writes it;
 - positions are 1-D (0 .. L-1); decoding continues at L.
-The tower has no CLS token and this family gives no tower attention score, so VisionZip is refused for it.
+The tower has no CLS token, so its "dominance" score of a visual token (VisionZip's ranking) is the mean attention
+its patches receive from every patch of the same view in the tower's last layer (`received_attention`).
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from par_demo.errors import UserError
-from par_demo.families.base import Family, Layout, Query, check_prompt_length, embed_with_features, tiled_view
+from par_demo.families.base import (Family, Layout, Query, check_prompt_length, embed_with_features, fold_patches,
+                                   recorded_calls, tiled_view)
 
 IMAGE_TOKEN, FAKE_TOKEN, GLOBAL_TOKEN = "<image>", "<fake_token_around_image>", "<global-img>"
 BOS, END_OF_UTTERANCE, END_OF_TEXT = "<|im_start|>", "<end_of_utterance>", "<|endoftext|>"
@@ -198,7 +201,11 @@ class SmolVLM(Family):
     @torch.inference_mode()
     def prepare(self, model, inputs):
         pixel_values = inputs["pixel_values"]
-        features = model.model.get_image_features(pixel_values, inputs["pixel_attention_mask"]).pooler_output[0]
+        last = model.model.vision_model.encoder.layers[-1].self_attn
+        with recorded_calls(last.q_proj, last.k_proj) as (queries, keys):
+            features = model.model.get_image_features(pixel_values, inputs["pixel_attention_mask"]).pooler_output[0]
+        queries, keys = queries[0].output, keys[0].output  # (views, patches, d): what the last layer computed
+        dominance = partial(received_attention, queries, keys, last.num_heads, last.scale, model.config.scale_factor)
         input_ids = inputs["input_ids"]
         embeds, image_positions = embed_with_features(model, input_ids, model.config.image_token_id, features)
         rows, cols = (int(x) for x in inputs["tile_grid"])
@@ -210,6 +217,7 @@ class SmolVLM(Family):
             positions=torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0),  # (1, L)
             next_position=input_ids.shape[1], layout=layout,
             vision_flops=self.vision_flops(model.config, pixel_values.shape[1]),
+            dominance=dominance, dominance_flops=2.0 * queries.shape[0] * queries.shape[1] ** 2 * queries.shape[2],
         )
 
     def model_view(self, loaded, image):
@@ -241,3 +249,19 @@ class SmolVLM(Family):
         patch_embed = n * 2 * d * v.num_channels * v.patch_size ** 2
         connector = 2 * n * d * d_lm  # n / s^2 tokens of width d * s^2, projected to the decoder's width
         return float(n_views * (patch_embed + v.num_hidden_layers * per_layer + connector))
+
+
+def received_attention(queries: torch.Tensor, keys: torch.Tensor, heads: int, scale: float, fold: int,
+                       rows_at_once: int = 1024) -> torch.Tensor:
+    """VisionZip's dominance for a tower without a CLS token: the mean softmax attention each visual token's patches
+    receive (summed over its fold x fold patches, averaged over heads and every query patch of its view) in the
+    tower's last layer. Rows of scores are made a few at a time, view by view. -> (n_v,)"""
+    views, n, _ = queries.shape
+    received = torch.zeros(views, n, device=queries.device)
+    for v in range(views):
+        q = queries[v].float().view(n, heads, -1).transpose(0, 1)  # (H, n, hd)
+        k = keys[v].float().view(n, heads, -1).transpose(0, 1)
+        for start in range(0, n, rows_at_once):
+            weights = torch.softmax(q[:, start:start + rows_at_once] @ k.transpose(1, 2) * scale, dim=-1)
+            received[v] += weights.sum(1).mean(0)
+    return fold_patches(received / n, fold)

@@ -7,6 +7,7 @@ that token sits at the position of the block's centre cell (the top-left of the 
 even side), so M-RoPE gives it the block's middle row and column. The budget picks the finest grid that fits: every
 r' from the full rows down to 1, with c' within one column of the image's aspect ratio, so counts come in fine steps.
 
+A tiled image (SmolVLM, InternVL3) is pooled view by view: every tile and the global view to the same coarser grid.
 For a dynamic-resolution model (Qwen2.5-VL) the other way to downsample is to give the tower fewer pixels
 (`--max-pixels`), which shrinks the tower's work too; that is a model option and applies to every method alike.
 Pooling is additions only: no matrix products, so no FLOPs are charged (as `flops.py` counts).
@@ -40,29 +41,40 @@ def blocks(size: int, parts: int) -> torch.Tensor:
     return torch.searchsorted(starts, torch.arange(size), right=True) - 1
 
 
+def view_counts(layout) -> dict[int, tuple[int, int]]:
+    """Token count -> the pooled grid of each view that gives it. A tiled image pools every tile and its global view
+    alike, so counts come in multiples of the views; an untiled image is one view."""
+    view, _, _, grid = layout.views()
+    n_views = int(view.max()) + 1
+    return {count * n_views: pooled for count, pooled in pooled_grids(*grid).items()}
+
+
 class Downsample(PreLLMMethod):
     name = "downsample"
 
     def candidates(self, query, start_layer):
-        counts = sorted(pooled_grids(*query.layout.grid), reverse=True)
+        counts = sorted(view_counts(query.layout), reverse=True)
         return [Setting(t, frozenset(), start_layer) for t in counts if t <= query.n_visual]
 
     def fixed(self, query, tokens, layers, start_layer):
         wanted = check_count(tokens, 0, query.n_visual, "tokens kept")
-        fitting = [t for t in pooled_grids(*query.layout.grid) if t <= wanted]
+        fitting = [t for t in view_counts(query.layout) if t <= wanted]
         if not fitting:
             raise UserError("downsample keeps at least one pooled token")
         return Setting(max(fitting), frozenset(), start_layer)
 
     def select(self, query, tokens):
         layout, features = query.layout, query.image_features
-        rows, cols = layout.grid
-        if layout.n_visual != rows * cols:
+        view, rows_in, cols_in, (rows, cols) = layout.views()
+        n_views = int(view.max()) + 1
+        if layout.n_visual != n_views * rows * cols:
             raise UserError("downsample needs a visual token in every cell of the image grid")
-        out_rows, out_cols = pooled_grids(rows, cols)[tokens]
+        out_rows, out_cols = view_counts(layout)[tokens]
+        per_view = out_rows * out_cols
         row_block, col_block = blocks(rows, out_rows), blocks(cols, out_cols)
         device = features.device
-        block = (row_block[layout.rows.cpu()] * out_cols + col_block[layout.cols.cpu()]).to(device)  # per token
+        view, rows_in, cols_in = view.cpu(), rows_in.cpu(), cols_in.cpu()
+        block = (view * per_view + row_block[rows_in] * out_cols + col_block[cols_in]).to(device)  # per token
         sums = torch.zeros(tokens, features.shape[1], device=device).index_add_(0, block, features.float())
         counts = torch.bincount(block, minlength=tokens).clamp_min(1)
         # the centre cell of each block: middle row of its rows, middle column of its columns
@@ -70,7 +82,7 @@ class Downsample(PreLLMMethod):
                                    for r in range(out_rows)])
         middle_col = torch.tensor([(c * cols // out_cols + ((c + 1) * cols // out_cols) - 1) // 2
                                    for c in range(out_cols)])
-        cell_token = torch.full((rows, cols), -1, dtype=torch.long)
-        cell_token[layout.rows.cpu(), layout.cols.cpu()] = torch.arange(layout.n_visual)
-        keep = cell_token[middle_row[:, None], middle_col[None, :]].reshape(-1)  # block order, like `block`
+        cell_token = torch.full((n_views, rows, cols), -1, dtype=torch.long)
+        cell_token[view, rows_in, cols_in] = torch.arange(layout.n_visual)
+        keep = cell_token[:, middle_row[:, None], middle_col[None, :]].reshape(-1)  # block order, like `block`
         return Selection(keep, (sums / counts[:, None]).to(features.dtype))
