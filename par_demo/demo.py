@@ -195,7 +195,7 @@ def patch_view_figure(view: Image.Image, pruned: Prediction, show_scores: bool) 
                  + viz.subtitle(f"{METHOD_LABELS.get(pruned.method, pruned.method)} has no per-patch scores"))
     # The grid is the prediction's own: each model family lays out its patches its own way.
     return viz.patch_figure(view, tuple(pruned.grid), pruned.kept_visual_tokens, pruned.token_scores,
-                            show_scores=show_scores, score_name=score_name, title=title)
+                            show_scores=show_scores, score_name=score_name, title=title, empty=pruned.empty_cells)
 
 
 def _show_notices(*notices: str | None) -> None:

@@ -171,7 +171,7 @@ def all_methods_html(state: AllMethods) -> str:
 
 def _cell(state: AllMethods, name: str, p: Prediction) -> str:
     # The patch view follows the prediction's own grid, so any model family's patch layout draws correctly.
-    view = viz.dim_dropped(state.model_view, tuple(p.grid), p.kept_visual_tokens)
+    view = viz.dim_dropped(state.model_view, tuple(p.grid), p.kept_visual_tokens, p.empty_cells)
     view.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
     kept = set(p.kept_layers)
     strip = "".join(f'<span title="layer {i}: {"run" if i in kept else "skipped"}" style="background:'

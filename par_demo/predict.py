@@ -41,7 +41,7 @@ class Prediction:
     flops_ratio: float
     n_visual_tokens: int  # what this image gave (it varies with the image for dynamic-resolution models)
     kept_visual_tokens: list[int]  # row-major cell indices (row * cols + col) in `grid`
-    grid: tuple[int, int]  # (rows, cols) of image cells, one visual token each (a tiled image's has a few empty)
+    grid: tuple[int, int]  # (rows, cols) of image cells, one visual token each but `empty_cells`
     n_layers: int
     kept_layers: list[int]  # 0-based
     start_layer: int  # K: the layer from which dropped visual tokens left the sequence
@@ -51,6 +51,7 @@ class Prediction:
     token_scores: list[float] | None = None
     layer_scores: list[float] | None = None
     kv_cache_bytes: int = 0
+    empty_cells: list[int] = field(default_factory=list)  # cells of `grid` without a token (between a tiled image's views)
     family: str = ""  # the model family (llava, qwen2.5-vl, ...)
     notices: list[str] = field(default_factory=list)  # things the user should know (e.g. a clipped question)
     # Rounds, spread and speed-up over the full model timed in the same rounds (`par_demo.timing`); None when the
@@ -150,6 +151,7 @@ class Predictor:
             token_scores=None if scores is None else cell_order(layout, scores),
             layer_scores=None if plan.layer_scores is None else [float(s) for s in plan.layer_scores.float().cpu()],
             kv_cache_bytes=generation.kv_cache_bytes,
+            empty_cells=layout.empty_cells(),
             family=self.loaded.family.name,
             notices=notices,
         )

@@ -65,12 +65,14 @@ def kept_mask(grid: tuple[int, int], kept: Sequence[int]) -> np.ndarray:
     return mask.reshape(rows, cols)
 
 
-def dim_dropped(image: Image.Image, grid: tuple[int, int], kept: Sequence[int]) -> Image.Image:
-    """The image with every dropped patch darkened, so what the model still sees stands out."""
+def dim_dropped(image: Image.Image, grid: tuple[int, int], kept: Sequence[int],
+                empty: Sequence[int] = ()) -> Image.Image:
+    """The image with every dropped patch darkened, so what the model still sees stands out. `empty` cells hold no
+    visual token (between a tiled image's views): left as they are."""
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
     height, width = rgb.shape[:2]
     rows, cols = grid
-    mask = kept_mask(grid, kept)
+    mask = kept_mask(grid, kept) | kept_mask(grid, empty)
     # Pixel -> patch lookup; works for sizes that are not exact multiples of the grid.
     row_of_pixel = np.minimum(np.arange(height) * rows // height, rows - 1)
     col_of_pixel = np.minimum(np.arange(width) * cols // width, cols - 1)
@@ -92,24 +94,27 @@ def patch_figure(
     score_name: str = "router score",
     title: str | None = None,
     height: int = 440,
+    empty: Sequence[int] = (),
 ) -> go.Figure:
     """The model-view image with dropped patches dimmed, or (show_scores) a per-patch score heatmap over it.
 
-    Hovering a patch shows its row, column, index, kept/dropped and score in both views.
+    Hovering a patch shows its row, column, index, kept/dropped and score in both views. `empty` cells hold no
+    visual token (a tiled image's grid has some between its tiles and its global view): neither kept nor dropped.
     """
     rows, cols = grid
     width, height_px = image.size
     cell_w, cell_h = width / cols, height_px / rows
     mask = kept_mask(grid, kept)
-    n_kept, n_total = int(mask.sum()), rows * cols
+    no_token = kept_mask(grid, empty)
+    n_kept, n_total = int(mask.sum()), rows * cols - int(no_token.sum())
     has_scores = scores is not None and len(scores) == n_total
     score_grid = np.asarray(scores, dtype=float).reshape(rows, cols) if has_scores else np.full((rows, cols), np.nan)
 
     heat_mode = show_scores and has_scores
-    background = _grayscale(image) if heat_mode else dim_dropped(image, grid, kept)
+    background = _grayscale(image) if heat_mode else dim_dropped(image, grid, kept, empty)
     fig = go.Figure(go.Image(source=png_data_uri(background), hoverinfo="skip", x0=0, y0=0, dx=1, dy=1))
 
-    status = np.where(mask, "kept", "dropped")
+    status = np.where(mask, "kept", np.where(no_token, "no visual token here", "dropped"))
     row_idx, col_idx = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
     customdata = np.stack([row_idx, col_idx, row_idx * cols + col_idx, status, np.round(score_grid, 4)], axis=-1)
     hover = ("patch %{customdata[2]} (row %{customdata[0]}, col %{customdata[1]})<br>%{customdata[3]}"
@@ -127,7 +132,7 @@ def patch_figure(
                           customdata=customdata, hovertemplate=hover)
     fig.add_trace(heat)
     if heat_mode:
-        _outline_dropped(fig, mask, cell_w, cell_h)
+        _outline_dropped(fig, mask | no_token, cell_w, cell_h)
 
     if title is None:
         share = 100.0 * n_kept / max(n_total, 1)

@@ -145,6 +145,14 @@ def test_the_patch_view_puts_each_tile_at_its_place_and_the_global_view_beside(m
     assert len(p.kept_visual_tokens) == 20 and all(0 <= i < rows * cols for i in p.kept_visual_tokens)
     scores = p.token_scores
     assert len(scores) == rows * cols and scores[12] is None and scores[0] is not None  # empty cells: no score
+    assert len(p.empty_cells) == rows * cols - p.n_visual_tokens and 12 in p.empty_cells and 0 not in p.empty_cells
+    # The figure counts visual tokens, not cells, and leaves the empty column as it is (white, not dimmed).
+    from par_demo import viz
+
+    figure = viz.patch_figure(view, p.grid, p.kept_visual_tokens, empty=p.empty_cells)
+    assert f"kept 20/{p.n_visual_tokens} " in figure.layout.title.text
+    dimmed = np.asarray(viz.dim_dropped(view, p.grid, p.kept_visual_tokens, p.empty_cells)).astype(int)
+    assert (dimmed[int(0.5 * cell_h), int(12.5 * cell_w)] == 255).all()
 
 
 @pytest.mark.parametrize("preset, family", [("smolvlm-tiny", "smolvlm"), ("internvl3-tiny", "internvl")])

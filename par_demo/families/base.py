@@ -99,6 +99,12 @@ class Layout:
         origin = torch.tensor([t.origin for t in self.tiles], device=self.rows.device)[self.tile]
         return self.tile, self.rows - origin[:, 0], self.cols - origin[:, 1], self.tiles[0].grid
 
+    def empty_cells(self) -> list[int]:
+        """Cells of the grid that hold no visual token (a tiled image's, around the global view); row-major."""
+        taken = torch.zeros(self.grid[0] * self.grid[1], dtype=torch.bool)
+        taken[self.patch_indices(torch.arange(self.n_visual))] = True
+        return (~taken).nonzero().squeeze(1).tolist()
+
     def centres(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(y, x) of each visual token's cell centre on the original image, in [0, 1]."""
         if self.tile is None:

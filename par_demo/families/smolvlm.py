@@ -68,6 +68,9 @@ PRESETS: dict[str, Preset] = {
     "smolvlm-256m": Preset(512, 16, 768, 12, 12, 3072, 4, 576, 30, 9, 3, 1536, 49280, 4),
     # SmolVLM-500M-Instruct: the same tower + SmolLM2-360M (32 x 960, 15 heads, 5 KV heads).
     "smolvlm-500m": Preset(512, 16, 768, 12, 12, 3072, 4, 960, 32, 15, 5, 2560, 49280, 4),
+    # CPU-sized stand-in with the real 64 tokens per view (256-px tiles, 2 x 2 folding) and a llava-mid-sized decoder
+    # (12 x 768): a 3 x 3-tile image gives 640 visual tokens, and the tower is a small share, as in larger SmolVLMs.
+    "smolvlm-mid": Preset(256, 16, 256, 4, 4, 1024, 2, 768, 12, 12, 12, 2048, 8192, 3),
     # Tiny, for tests: 64-px tiles of 8-px patches, 2 x 2 folding -> 16 tokens per view; up to 3 tiles per side.
     "smolvlm-tiny": Preset(64, 8, 32, 2, 2, 64, 2, 64, 6, 4, 2, 128, 512, 3),
 }
