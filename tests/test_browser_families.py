@@ -1,5 +1,6 @@
-"""The app with another model family in a real browser: Qwen2.5-VL (random weights, exact CPU-sized architecture)
-given a tall photo must draw a tall patch grid, as many cells as the image gave visual tokens.
+"""The app with other model families in a real browser: Qwen2.5-VL (random weights, exact CPU-sized architecture)
+given a tall photo must draw a tall patch grid, as many cells as the image gave visual tokens; SmolVLM given a wide
+photo must draw every tile at its place and the global view beside them.
 
 Debian's Chromium through Playwright (`executable_path`, never a downloaded browser). The screenshot goes to
 docs/screenshots/ with PAR_UPDATE_SCREENSHOTS=1, else to a temporary folder.
@@ -88,4 +89,63 @@ def test_a_tall_photo_gives_a_tall_patch_grid_on_qwen2_5_vl(page, tall_image):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     time.sleep(0.5)  # let plotly finish drawing before the picture
     page.screenshot(path=str(SCREENSHOTS / "qwen2.5-vl-tall.png"), full_page=True)
+    assert not page.page_errors, page.page_errors
+
+
+WIDE = (600, 300)  # width x height in px: SmolVLM-mid cuts it into 2 x 3 tiles of 256 px + the global view
+
+
+@pytest.fixture(scope="module")
+def wide_image(tmp_path_factory):
+    from par_demo.shapes import render_scene
+
+    image, _ = render_scene(np.random.default_rng(12))
+    path = tmp_path_factory.mktemp("wide") / "wide.png"
+    image.resize(WIDE).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def smolvlm_page():
+    import app as app_module
+    from par_demo.demo import DemoApp
+    from par_demo.service import DemoService
+
+    service = DemoService.from_model("random:smolvlm-mid", max_new_tokens=4)
+    with app_module.served_locally(DemoApp(service)) as url, sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(url)
+        page.wait_for_selector("#run", timeout=30_000)
+        page.page_errors = errors
+        yield page
+        browser.close()
+
+
+def test_a_wide_photo_on_smolvlm_shows_every_tile_at_its_place_and_the_global_view(smolvlm_page, wide_image):
+    page = smolvlm_page
+    page.locator("#image-input input[type=file]").set_input_files(str(wide_image))
+    sync_api.expect(page.locator("#image-input img").first).to_be_visible()
+    page.locator("#method").get_by_text("FastV", exact=True).click()
+    page.locator("#question textarea").fill("What color is the circle?")
+    page.click("#run")
+    title = page.locator("#patch-plot .js-plotly-plot .gtitle")
+    sync_api.expect(title).to_contain_text("/448", timeout=120_000)  # (6 tiles + the global view) x 64 tokens
+    page.wait_for_function("!document.querySelector('[data-testid=status-tracker].generating')", timeout=120_000)
+
+    # 2 x 3 tiles of 8 x 8 tokens, an empty column, the 8 x 8 global view: a 16 x 33 grid of cells.
+    cells = page.evaluate("""() => {
+        const plot = document.querySelector('#patch-plot .js-plotly-plot');
+        const z = plot.data.find(trace => trace.type === 'heatmap').z;
+        const [rows, cols] = z.shape ? String(z.shape).split(',').map(Number) : [z.length, z[0].length];
+        return {rows, cols};
+    }""")
+    assert cells == {"rows": 16, "cols": 33}, json.dumps(cells)
+    layers = page.locator("#layer-plot .js-plotly-plot .gtitle")
+    sync_api.expect(layers).to_contain_text("/12")  # the mid preset's 12 decoder layers
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    time.sleep(0.5)  # let plotly finish drawing before the picture
+    page.screenshot(path=str(SCREENSHOTS / "smolvlm-tiles.png"), full_page=True)
     assert not page.page_errors, page.page_errors

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from par_demo.errors import UserError
 
@@ -127,11 +127,14 @@ def tiled_view(image: Image.Image, layout: Layout, cell_px: int | None = None) -
     canvas = Image.new("RGB", (cols * cell, rows * cell), "white")
     image = image.convert("RGB")
     width, height = image.size
+    draw = ImageDraw.Draw(canvas)
     for tile in layout.tiles:
         top, left, bottom, right = tile.box
         crop = image.crop((round(left * width), round(top * height), round(right * width), round(bottom * height)))
         size = (tile.grid[1] * cell, tile.grid[0] * cell)
-        canvas.paste(crop.resize(size, Image.Resampling.BICUBIC), (tile.origin[1] * cell, tile.origin[0] * cell))
+        x, y = tile.origin[1] * cell, tile.origin[0] * cell
+        canvas.paste(crop.resize(size, Image.Resampling.BICUBIC), (x, y))
+        draw.rectangle((x, y, x + size[0] - 1, y + size[1] - 1), outline=(255, 255, 255))  # where a tile ends
     return canvas
 
 
