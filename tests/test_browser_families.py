@@ -8,6 +8,7 @@ docs/screenshots/ with PAR_UPDATE_SCREENSHOTS=1, else to a temporary folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -39,13 +40,14 @@ def tall_image(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def page():
+@contextlib.contextmanager
+def served_page(model: str):
+    """The app serving `model` in this process, and a desktop-sized page open on it."""
     import app as app_module
     from par_demo.demo import DemoApp
     from par_demo.service import DemoService
 
-    service = DemoService.from_model("random:qwen2.5-vl-mid", max_new_tokens=4)
+    service = DemoService.from_model(model, max_new_tokens=4)
     with app_module.served_locally(DemoApp(service)) as url, sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -56,6 +58,12 @@ def page():
         page.page_errors = errors
         yield page
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page():
+    with served_page("random:qwen2.5-vl-mid") as page:
+        yield page
 
 
 def test_a_tall_photo_gives_a_tall_patch_grid_on_qwen2_5_vl(page, tall_image):
@@ -107,21 +115,8 @@ def wide_image(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smolvlm_page():
-    import app as app_module
-    from par_demo.demo import DemoApp
-    from par_demo.service import DemoService
-
-    service = DemoService.from_model("random:smolvlm-mid", max_new_tokens=4)
-    with app_module.served_locally(DemoApp(service)) as url, sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(url)
-        page.wait_for_selector("#run", timeout=30_000)
-        page.page_errors = errors
+    with served_page("random:smolvlm-mid") as page:
         yield page
-        browser.close()
 
 
 def test_a_wide_photo_on_smolvlm_shows_every_tile_at_its_place_and_the_global_view(smolvlm_page, wide_image):

@@ -54,11 +54,31 @@ def test_llava_7b_full_prefill_is_in_the_published_range():
 ])
 def test_qwen2_5_vl_flops_match_flop_counter_within_5_percent(size, plan, rows):
     """Vision tower (window and full attention blocks), merger, decoder and a router, on images of two shapes."""
+    analytic, counted = analytic_and_counted_with_router("qwen2.5-vl-tiny", size, plan, rows)
+    assert abs(analytic - counted) / counted < 0.05, (analytic, counted)
+
+
+@pytest.mark.parametrize("preset, size", [("smolvlm-tiny", (200, 100)), ("smolvlm-tiny", (50, 40)),
+                                          ("internvl3-tiny", (160, 160)), ("internvl3-tiny", (300, 80))])
+@pytest.mark.parametrize("plan, rows", [
+    (PruningPlan(), 0),
+    (PruningPlan(start_layer=2, keep_visual=torch.arange(0, 80, 3), skip_layers=frozenset({3})), 0),
+    (PruningPlan(start_layer=1, keep_visual_count=20, skip_layers=frozenset({4})), 1),
+])
+def test_tiled_families_flops_match_flop_counter_within_5_percent(preset, size, plan, rows):
+    """Vision tower on every tile and the global view / thumbnail, connector, decoder and a router."""
+    analytic, counted = analytic_and_counted_with_router(preset, size, plan, rows)
+    assert abs(analytic - counted) / counted < 0.05, (analytic, counted)
+
+
+def analytic_and_counted_with_router(preset: str, size, plan, rows):
+    """(analytic, FlopCounterMode) FLOPs of vision path + a router's forward + the prefill under `plan`, for a tiny
+    random model with 6 layers of 64 on a scene of `size`."""
     from par_demo.models import encode_query, load_model
     from par_demo.router import MetaRouter, RouterConfig
     from par_demo.shapes import render_scene
 
-    loaded = load_model("random:qwen2.5-vl-tiny", device="cpu")
+    loaded = load_model(f"random:{preset}", device="cpu")
     image, _ = render_scene(np.random.default_rng(2))
     inputs = encode_query(loaded, image.resize(size), "How many objects are there?")
     engine = Engine(loaded.model)
@@ -73,40 +93,7 @@ def test_qwen2_5_vl_flops_match_flop_counter_within_5_percent(size, plan, rows):
     analytic = FlopsModel.from_config(loaded.config).prefill(
         query, kept, plan.skip_layers, plan.start_layer, router=router.flops(query.n_visual, query.n_text),
         attention_rows=rows)
-    counted = counter.get_total_flops()
-    assert abs(analytic - counted) / counted < 0.05, (analytic, counted)
-
-
-@pytest.mark.parametrize("preset, size", [("smolvlm-tiny", (200, 100)), ("smolvlm-tiny", (50, 40)),
-                                          ("internvl3-tiny", (160, 160)), ("internvl3-tiny", (300, 80))])
-@pytest.mark.parametrize("plan, rows", [
-    (PruningPlan(), 0),
-    (PruningPlan(start_layer=2, keep_visual=torch.arange(0, 80, 3), skip_layers=frozenset({3})), 0),
-    (PruningPlan(start_layer=1, keep_visual_count=20, skip_layers=frozenset({4})), 1),
-])
-def test_tiled_families_flops_match_flop_counter_within_5_percent(preset, size, plan, rows):
-    """Vision tower on every tile and the global view / thumbnail, connector, decoder and a router."""
-    from par_demo.models import encode_query, load_model
-    from par_demo.router import MetaRouter, RouterConfig
-    from par_demo.shapes import render_scene
-
-    loaded = load_model(f"random:{preset}", device="cpu")
-    image, _ = render_scene(np.random.default_rng(2))
-    inputs = encode_query(loaded, image.resize(size), "How many objects are there?")
-    engine = Engine(loaded.model)
-    router = MetaRouter(RouterConfig(lm_width=64, n_layers=6, width=16, heads=1)).eval()
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
-        query = engine.prepare(inputs)
-        text = query.inputs_embeds[0, : query.n_text]
-        router(query.image_features, text, torch.tensor([0.5]), query.layout)
-        engine.prefill(query, plan)
-    kept = None if plan.keep_visual is None and plan.keep_visual_count is None else (
-        plan.keep_visual.numel() if plan.keep_visual is not None else plan.keep_visual_count)
-    analytic = FlopsModel.from_config(loaded.config).prefill(
-        query, kept, plan.skip_layers, plan.start_layer, router=router.flops(query.n_visual, query.n_text),
-        attention_rows=rows)
-    counted = counter.get_total_flops()
-    assert abs(analytic - counted) / counted < 0.05, (analytic, counted)
+    return analytic, counter.get_total_flops()
 
 
 @pytest.mark.parametrize("preset, views, low, high", [

@@ -17,9 +17,11 @@ Everything else in a family is the stock transformers model; a family never copi
 
 from __future__ import annotations
 
+import json
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -231,6 +233,44 @@ class Family:
     def describe(self, loaded) -> str:
         """One line for people: the architecture in words."""
         return self.name
+
+
+def read_chat_template(folder) -> str | None:
+    """The multimodal chat template a hub checkpoint keeps in `chat_template.json`, if it has one."""
+    path = Path(folder) / "chat_template.json"
+    return json.loads(path.read_text())["chat_template"] if path.is_file() else None
+
+
+class ImageTextProcessor:
+    """Image processor + tokenizer + chat template: what a stock processor holds, for families whose stock processor
+    cannot be built here (it needs a video processor, which needs torchvision). Subclasses name their image token and
+    the chat template a checkpoint without one gets."""
+
+    image_token = ""
+    default_chat_template = ""
+
+    def __init__(self, image_processor, tokenizer):
+        self.image_processor, self.tokenizer = image_processor, tokenizer
+
+    def save_pretrained(self, folder) -> None:
+        self.image_processor.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+
+    @classmethod
+    def from_pretrained(cls, folder, local_files_only: bool = True):
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        image_processor = AutoImageProcessor.from_pretrained(folder, local_files_only=local_files_only)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local_files_only, trust_remote_code=False)
+        tokenizer.chat_template = (read_chat_template(folder) or tokenizer.chat_template
+                                   or cls.default_chat_template)
+        return cls(image_processor, tokenizer)
+
+
+def vit_layer_flops(n: int, width: int, mlp: int) -> float:
+    """One ViT encoder layer over n tokens: q, k, v, o projections, scores and weighted values, a 2-layer MLP
+    (2 FLOPs per multiply-add)."""
+    return 2 * n * width * width * 4 + 2 * 2 * n * n * width + 2 * 2 * n * width * mlp
 
 
 def language_model(model):

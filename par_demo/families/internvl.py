@@ -14,18 +14,16 @@ patches at the feature layer, the same score LLaVA's family gives, view by view.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 from PIL import Image
 
 from par_demo.errors import UserError
-from par_demo.families.base import (Family, Layout, Query, check_prompt_length, embed_with_features, fold_patches,
-                                   recorded_calls, tiled_view)
+from par_demo.families.base import (Family, ImageTextProcessor, Layout, Query, check_prompt_length, embed_with_features,
+                                   fold_patches, recorded_calls, tiled_view, vit_layer_flops)
 from par_demo.families.llava import cls_attention
 
 IMAGE_TOKEN, IMAGE_START, IMAGE_END = "<IMG_CONTEXT>", "<img>", "</img>"
@@ -46,28 +44,11 @@ CHAT_TEMPLATE = (
 )
 
 
-class Processor:
+class Processor(ImageTextProcessor):
     """Image processor (GotOcr2's, cropping to tiles) + tokenizer + chat template: what `InternVLProcessor` holds."""
 
-    def __init__(self, image_processor, tokenizer):
-        self.image_processor, self.tokenizer = image_processor, tokenizer
-        self.image_token = IMAGE_TOKEN
-
-    def save_pretrained(self, folder) -> None:
-        self.image_processor.save_pretrained(folder)
-        self.tokenizer.save_pretrained(folder)
-
-    @classmethod
-    def from_pretrained(cls, folder, local_files_only: bool = True) -> "Processor":
-        from transformers import AutoImageProcessor, AutoTokenizer
-
-        image_processor = AutoImageProcessor.from_pretrained(folder, local_files_only=local_files_only)
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local_files_only, trust_remote_code=False)
-        template = Path(folder) / "chat_template.json"  # hub checkpoints keep the multimodal template here
-        if template.is_file():
-            tokenizer.chat_template = json.loads(template.read_text())["chat_template"]
-        tokenizer.chat_template = tokenizer.chat_template or CHAT_TEMPLATE
-        return cls(image_processor, tokenizer)
+    image_token = IMAGE_TOKEN
+    default_chat_template = CHAT_TEMPLATE
 
     def max_tiles(self, options: dict) -> int:
         return int(options.get("max_tiles") or self.image_processor.max_patches)
@@ -266,8 +247,8 @@ class InternVL(Family):
         """InternViT (CLS + patches, every layer runs) on every view + the pixel-shuffle projector's two layers."""
         v, d_lm = config.vision_config, config.text_config.hidden_size
         patches = (v.image_size[0] // v.patch_size[0]) * (v.image_size[1] // v.patch_size[1])
-        n, d, m = patches + 1, v.hidden_size, v.intermediate_size
-        per_layer = 2 * n * d * d * 4 + 2 * 2 * n * n * d + 2 * 2 * n * d * m  # q,k,v,o + scores,AV + fc1,fc2
+        n, d = patches + 1, v.hidden_size
+        per_layer = vit_layer_flops(n, d, v.intermediate_size)
         patch_embed = patches * 2 * d * v.num_channels * v.patch_size[0] * v.patch_size[1]
         folded = int(1 / config.downsample_ratio) ** 2
         n_out = tokens_per_view(config)

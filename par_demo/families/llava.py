@@ -14,7 +14,8 @@ from functools import partial
 import torch
 from PIL import Image
 
-from par_demo.families.base import Family, Layout, Query, check_prompt_length, embed_with_features, recorded_calls
+from par_demo.families.base import (Family, Layout, Query, check_prompt_length, embed_with_features, recorded_calls,
+                                   vit_layer_flops)
 
 
 @dataclass(frozen=True)
@@ -185,8 +186,8 @@ class Llava(Family):
         """CLIP tower up to its feature layer + the 2-layer projector (2 FLOPs per multiply-add)."""
         v, d_lm = config.vision_config, config.text_config.hidden_size
         n_patches = (v.image_size // v.patch_size) ** 2
-        n, d, m = n_patches + 1, v.hidden_size, v.intermediate_size  # + CLS
-        per_layer = 2 * n * d * d * 4 + 2 * 2 * n * n * d + 2 * 2 * n * d * m  # q,k,v,o + scores,AV + fc1,fc2
+        n, d = n_patches + 1, v.hidden_size  # + CLS
+        per_layer = vit_layer_flops(n, d, v.intermediate_size)
         patch_embed = n_patches * 2 * d * v.num_channels * v.patch_size ** 2
         n_out = n_patches if config.vision_feature_select_strategy == "default" else n
         projector = 2 * n_out * (d * d_lm + d_lm * d_lm)

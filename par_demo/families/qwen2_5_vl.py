@@ -15,16 +15,15 @@ prod(image_grid_thw) / merge_size**2 of them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 from PIL import Image
 
 from par_demo.errors import UserError
-from par_demo.families.base import Family, Layout, Query, check_prompt_length, embed_with_features, recorded_calls
+from par_demo.families.base import (Family, ImageTextProcessor, Layout, Query, check_prompt_length, embed_with_features,
+                                   recorded_calls)
 
 IMAGE_TOKEN, VISION_START, VISION_END = "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"
 IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
@@ -46,28 +45,11 @@ DEFAULT_MIN_PIXELS = 4 * 28 * 28  # 4 visual tokens
 DEFAULT_MAX_PIXELS = 1280 * 28 * 28  # 1,280 visual tokens, the model card's default
 
 
-class Processor:
+class Processor(ImageTextProcessor):
     """Image processor + tokenizer + chat template: what the stock `Qwen2_5_VLProcessor` would hold."""
 
-    def __init__(self, image_processor, tokenizer):
-        self.image_processor, self.tokenizer = image_processor, tokenizer
-        self.image_token = IMAGE_TOKEN
-
-    def save_pretrained(self, folder) -> None:
-        self.image_processor.save_pretrained(folder)
-        self.tokenizer.save_pretrained(folder)
-
-    @classmethod
-    def from_pretrained(cls, folder, local_files_only: bool = True) -> "Processor":
-        from transformers import AutoImageProcessor, AutoTokenizer
-
-        image_processor = AutoImageProcessor.from_pretrained(folder, local_files_only=local_files_only)
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local_files_only, trust_remote_code=False)
-        template = Path(folder) / "chat_template.json"  # hub checkpoints keep the multimodal template here
-        if template.is_file():
-            tokenizer.chat_template = json.loads(template.read_text())["chat_template"]
-        tokenizer.chat_template = tokenizer.chat_template or CHAT_TEMPLATE
-        return cls(image_processor, tokenizer)
+    image_token = IMAGE_TOKEN
+    default_chat_template = CHAT_TEMPLATE
 
     def size(self, options: dict) -> dict:
         """The image processor's pixel range, with --min-pixels / --max-pixels applied."""

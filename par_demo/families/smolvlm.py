@@ -15,18 +15,16 @@ its patches receive from every patch of the same view in the tower's last layer 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 from PIL import Image
 
 from par_demo.errors import UserError
 from par_demo.families.base import (Family, Layout, Query, check_prompt_length, embed_with_features, fold_patches,
-                                   recorded_calls, tiled_view)
+                                   read_chat_template, recorded_calls, tiled_view, vit_layer_flops)
 
 IMAGE_TOKEN, FAKE_TOKEN, GLOBAL_TOKEN = "<image>", "<fake_token_around_image>", "<global-img>"
 BOS, END_OF_UTTERANCE, END_OF_TEXT = "<|im_start|>", "<end_of_utterance>", "<|endoftext|>"
@@ -135,8 +133,7 @@ class SmolVLM(Family):
 
         image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=local_files_only)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only, trust_remote_code=False)
-        template = Path(path) / "chat_template.json"
-        chat_template = json.loads(template.read_text())["chat_template"] if template.is_file() else None
+        chat_template = read_chat_template(path)
         config = AutoConfig.from_pretrained(path, local_files_only=local_files_only, trust_remote_code=False)
         return Idefics3Processor(image_processor, tokenizer, image_seq_len=tokens_per_view(config),
                                  chat_template=chat_template or tokenizer.chat_template or CHAT_TEMPLATE)
@@ -247,8 +244,8 @@ class SmolVLM(Family):
     def vision_flops(config, n_views: int) -> float:
         """SigLIP tower (no CLS) on every view + the connector's one linear layer (2 FLOPs per multiply-add)."""
         v, d_lm = config.vision_config, config.text_config.hidden_size
-        n, d, m = (v.image_size // v.patch_size) ** 2, v.hidden_size, v.intermediate_size
-        per_layer = 2 * n * d * d * 4 + 2 * 2 * n * n * d + 2 * 2 * n * d * m  # q,k,v,o + scores,AV + fc1,fc2
+        n, d = (v.image_size // v.patch_size) ** 2, v.hidden_size
+        per_layer = vit_layer_flops(n, d, v.intermediate_size)
         patch_embed = n * 2 * d * v.num_channels * v.patch_size ** 2
         connector = 2 * n * d * d_lm  # n / s^2 tokens of width d * s^2, projected to the decoder's width
         return float(n_views * (patch_embed + v.num_hidden_layers * per_layer + connector))
