@@ -173,6 +173,8 @@ class InternVL(Family):
         super().check_supported(model)
         if not isinstance(model.config.vision_feature_layer, int):
             raise UserError("vision towers that concatenate several feature layers are not supported")
+        if getattr(model.config.text_config, "use_sliding_window", False):
+            raise UserError("InternVL checkpoints with sliding-window attention in the decoder are not supported")
 
     # ---------------------------------------------------------------------------------------- one query
     def encode(self, loaded, image, question):
