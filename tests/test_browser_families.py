@@ -40,16 +40,24 @@ def tall_image(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """One Chromium for the module: Playwright's sync API runs once per thread."""
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
 @contextlib.contextmanager
-def served_page(model: str):
+def served_page(browser, model: str):
     """The app serving `model` in this process, and a desktop-sized page open on it."""
     import app as app_module
     from par_demo.demo import DemoApp
     from par_demo.service import DemoService
 
     service = DemoService.from_model(model, max_new_tokens=4)
-    with app_module.served_locally(DemoApp(service)) as url, sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+    with app_module.served_locally(DemoApp(service)) as url:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -57,12 +65,12 @@ def served_page(model: str):
         page.wait_for_selector("#run", timeout=30_000)
         page.page_errors = errors
         yield page
-        browser.close()
+        page.close()
 
 
 @pytest.fixture(scope="module")
-def page():
-    with served_page("random:qwen2.5-vl-mid") as page:
+def page(browser):
+    with served_page(browser, "random:qwen2.5-vl-mid") as page:
         yield page
 
 
@@ -114,8 +122,8 @@ def wide_image(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def smolvlm_page():
-    with served_page("random:smolvlm-mid") as page:
+def smolvlm_page(browser):
+    with served_page(browser, "random:smolvlm-mid") as page:
         yield page
 
 
