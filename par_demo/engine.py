@@ -175,12 +175,11 @@ class Engine:
                        next_position=query.next_position + len(token_ids))
 
     # ----------------------------------------------------------------------------------------- layers
-    def run_layer(self, index: int, h: torch.Tensor, rope, cache: KVCache | None, score_rows: int = 0,
-                  mask: torch.Tensor | None = None):
+    def run_layer(self, index: int, h: torch.Tensor, rope, cache: KVCache | None, score_rows: int = 0):
         """One decoder layer on h (B, n, D). Returns (h, attention rows of the last `score_rows` queries or None).
 
-        Inference uses B = 1 and the cache; router training runs padded batches of pruned sequences without a cache,
-        with `mask` (B, 1, n, n) saying which keys each query sees (causal, padding excluded)."""
+        Inference uses B = 1 and the cache; router training runs right-padded batches of pruned sequences without
+        a cache (causal attention keeps every real token blind to the padding after it)."""
         layer = self.layers[index]
         attn = layer.self_attn
         b, n = h.shape[:2]
@@ -194,8 +193,7 @@ class Engine:
         gqa = q.shape[1] != k.shape[1]
         # Prefill: causal over the (possibly gathered) sequence, whose order is the original order.
         # Decode: one query against every cached key, no mask needed.
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and n > 1,
-                                           scale=attn.scaling, enable_gqa=gqa)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1, scale=attn.scaling, enable_gqa=gqa)
         scores = self._attention_rows(q[:, :, -score_rows:], k, attn.scaling) if score_rows else None
         h = h + attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))

@@ -106,7 +106,8 @@ def run(args) -> int:
     summary = train_router(predictor, queries, out, train, args, progress=True, resume=args.resume,
                            accelerator=accelerator)
     if accelerator.is_main_process:
-        keys = ("steps", "seconds", "flows", "flows_per_s", "processes", "stopped_early", "pareto", "validation")
+        keys = ("steps", "seconds", "flows", "flows_per_s", "processes", "replicas_agree", "stopped_early", "pareto",
+                "validation")
         print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=1))
         print(f"router saved to {out}", file=sys.stderr)
     return 0

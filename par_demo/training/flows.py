@@ -2,8 +2,8 @@
 
 A flow is one way to prune one query: the visual tokens kept (from layer K on) and the decoder layers skipped.
 Its score is KL(full || pruned) over the teacher-forced answer. Training scores thousands of flows, so they run
-batched: every flow is its query's prompt + answer, gathered down to its kept tokens, left-padded to the longest
-flow of the batch; a mask keeps each flow causal and blind to padding, each token keeps its original position id
+batched: every flow is its query's prompt + answer, gathered down to its kept tokens, right-padded to the longest
+flow of the batch (causal attention alone keeps real tokens blind to the padding); each token keeps its original position id
 (1-D or M-RoPE's three axes), and a layer is run only on the flows that do not skip it. The result equals running
 each flow alone (`flow_kl`, the engine's own prefill; tested to 1e-4).
 """
@@ -138,23 +138,19 @@ def kept_sequence(query, keep: torch.Tensor | None) -> torch.Tensor:
     return is_kept.nonzero().squeeze(1)
 
 
-def left_pad(hidden: list[torch.Tensor], positions: list[torch.Tensor]):
-    """Rows of different lengths -> (h (B, n, D), positions (B, n) or (3, B, n), mask (B, 1, n, n), lengths).
+def right_pad(hidden: list[torch.Tensor], positions: list[torch.Tensor]):
+    """Rows of different lengths -> (h (B, n, D), positions (B, n) or (3, B, n), lengths).
 
-    Left padding puts every row's last tokens (the answer) in the same final columns. The mask is causal and hides
-    the padding; a padding query sees itself only, so that no row of the softmax is empty (its output is unused)."""
+    Padding goes after each row's last token, so a causal mask alone keeps every real token blind to it: no mask
+    tensor, and SDPA's fast causal kernel. What the padding positions compute is never read."""
     lengths = [h.shape[0] for h in hidden]
     n, b = max(lengths), len(hidden)
     h = hidden[0].new_zeros(b, n, hidden[0].shape[-1])
     pos = positions[0].new_zeros(*positions[0].shape[:-1], b, n)
-    valid = torch.zeros(b, n, dtype=torch.bool, device=h.device)
     for r, (row, p) in enumerate(zip(hidden, positions)):
-        h[r, n - row.shape[0]:] = row
-        pos[..., r, n - row.shape[0]:] = p
-        valid[r, n - row.shape[0]:] = True
-    causal = torch.ones(n, n, dtype=torch.bool, device=h.device).tril()
-    mask = (causal & valid[:, None, :]) | torch.eye(n, dtype=torch.bool, device=h.device)
-    return h, pos, mask[:, None], lengths
+        h[r, :row.shape[0]] = row
+        pos[..., r, :row.shape[0]] = p
+    return h, pos, lengths
 
 
 def run_batch(engine, rows: list[tuple[object, Flow]], start_layer: int) -> list[torch.Tensor]:
@@ -167,24 +163,22 @@ def run_batch(engine, rows: list[tuple[object, Flow]], start_layer: int) -> list
         else:
             hidden = [t.query.inputs_embeds[0] for t, _ in rows]
             positions = [row_positions(t.query) for t, _ in rows]
-        h, pos, mask, lengths = left_pad(hidden, positions)
+        h, pos, lengths = right_pad(hidden, positions)
         rope = engine.rope(h, pos)
         for i in range(engine.n_layers):
             if i == start_layer and i > 0:  # the gather: each row keeps its own tokens, with their positions
-                n = h.shape[1]
                 kept = [kept_sequence(t.query, f.keep) for t, f in rows]
-                hidden = [h[r, n - lengths[r] + k] for r, k in enumerate(kept)]
+                hidden = [h[r, k] for r, k in enumerate(kept)]
                 positions = [row_positions(t.query)[..., k] for (t, _), k in zip(rows, kept)]
-                h, pos, mask, lengths = left_pad(hidden, positions)
+                h, pos, lengths = right_pad(hidden, positions)
                 rope = engine.rope(h, pos)
             running = [r for r, (_, f) in enumerate(rows) if i not in f.skip]
             if len(running) == len(rows):
-                h, _ = engine.run_layer(i, h, rope, None, mask=mask)
+                h, _ = engine.run_layer(i, h, rope, None)
             elif running:  # only the flows that run this layer; the others pass their hidden states on
                 index = torch.tensor(running, device=h.device)
-                sub_rope = tuple(part[index] for part in rope)
-                h[index], _ = engine.run_layer(i, h[index], sub_rope, None, mask=mask[index])
-        answers = torch.cat([h[r, -t.m:] for r, (t, _) in enumerate(rows)])
+                h[index], _ = engine.run_layer(i, h[index], tuple(part[index] for part in rope), None)
+        answers = torch.cat([h[r, n - t.m:n] for r, ((t, _), n) in enumerate(zip(rows, lengths))])
         logits = engine.lm_head(engine.lm.norm(answers)).float()
         return list(logits.split([t.m for t, _ in rows]))
 

@@ -159,6 +159,13 @@ def average_gradients(router, accelerator) -> None:
         p.grad = accelerator.reduce(p.grad, reduction="mean")
 
 
+def replicas_agree(router, accelerator) -> bool:
+    """Do all processes hold the same router weights (as averaged gradients and equal steps guarantee)?"""
+    checksum = torch.stack([p.detach().double().sum() for p in router.parameters()]).sum().reshape(1)
+    every = accelerator.gather(checksum.to(accelerator.device)) if accelerator.num_processes > 1 else checksum
+    return bool((every - every[0]).abs().max() <= 1e-9 * max(1.0, float(every[0].abs())))
+
+
 def all_agree(flag: bool, accelerator) -> bool:
     """True on every process when it is true on any (so that all stop at the same step)."""
     if accelerator.num_processes == 1:
@@ -238,7 +245,8 @@ def train_router(predictor, queries, out: Path, train: TrainConfig, args, progre
     seconds = time.time() - started
     summary = {"steps": step, "seconds": round(seconds, 1), "flows": flows_done + flows_here * world,
                "flows_per_s": round(flows_here * world / max(seconds, 1e-9), 2), "processes": world,
-               "stopped_early": stopped_early, "history": history}
+               "replicas_agree": replicas_agree(router, accelerator), "stopped_early": stopped_early,
+               "history": history}
     if accelerator.is_main_process:
         router.eval()
         grid = [round(b, 2) for b in np.arange(args.pareto_low, args.pareto_high + 1e-9, args.pareto_step)]

@@ -53,14 +53,16 @@ def make_target(predictor, image_path: str, question: str, start_layer: int, max
     prior_plan = PruningPlan(start_layer=row_layer + 1, keep_visual_count=query.n_visual)
     pre = engine.prefill(query, prior_plan, reserve=max_new_tokens)
     eos = predictor.loaded.processor.tokenizer.eos_token_id
-    answer = [int(pre.logits.argmax())]
+    # The greedy answer's own logits are the teacher-forced ones: no second prefill over prompt + answer is needed.
+    logits = [pre.logits]
     position = pre.next_position
-    while len(answer) < max_new_tokens and answer[-1] != eos:
-        answer.append(int(engine.decode_step(answer[-1], position, pre.cache, PruningPlan()).argmax()))
+    while len(logits) < max_new_tokens and int(logits[-1].argmax()) != eos:
+        logits.append(engine.decode_step(int(logits[-1].argmax()), position, pre.cache, PruningPlan()))
         position += 1
-    forced = engine.extend(query, answer[:-1])
+    answer = [int(z.argmax()) for z in logits]
+    forced = engine.extend(query, answer[:-1])  # what every flow runs: prompt + answer, all but its last token
     m = len(answer)
-    logits = engine.prefill(forced, PruningPlan(), n_logits=m).logits.reshape(m, -1)
+    logits = torch.stack(logits).float()
     visual, text = router_inputs(query)
     token_prior = pre.attention_to_image.float()
     if prior == "relevance":  # CDPruner's score: the best training-free one on the embedded model
