@@ -43,7 +43,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches the step's queries are split into (one batched forward each)
     budgets_per_query: int = 2  # budgets sampled per query (one router forward scores them all)
     flows: int = 6  # pruning flows sampled per budget
-    flow_batch: int = 64  # flows per batched forward of the frozen model (0: each flow alone, the unbatched path)
+    flow_batch: int = 16  # flows per batched forward of the frozen model (0: each flow alone, the unbatched path)
     budget_low: float = 0.15
     budget_high: float = 0.9
     noise: float = 1.0  # std of the Gaussian noise on standardised scores
@@ -137,7 +137,7 @@ def build_router_config(predictor, args, sample) -> RouterConfig:
 
 def mixed_precision(precision: str, device: str | None) -> str:
     """Accelerate's mixed_precision for the router: autocast only on a GPU (on CPU it would only slow it down)."""
-    on_gpu = device not in (None, "cpu") and torch.cuda.is_available()
+    on_gpu = device != "cpu" and torch.cuda.is_available()  # no --device: the GPU when there is one
     if precision == "auto":
         return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
     return "no" if precision == "fp32" or not on_gpu else precision
@@ -231,7 +231,7 @@ def train_router(predictor, queries, out: Path, train: TrainConfig, args, progre
                   for k, v in stats.items()}
         bar.update()
         bar.set_postfix(flows_s=f"{rate:.1f}", pref=f"{recent['preference']:.3f}",
-                        kl_now=f"{recent['kl_current']:.4f}", router=f"{use_router:.2f}")
+                        kl_now=f"{recent['kl_current']:.4f}", router=f"{use_router:.2f}", refresh=False)
         if step % 10 == 0 or step == train.steps:
             history.append({"step": step, **recent, "router_share": use_router})
         out_of_time = all_agree(bool(train.max_minutes) and elapsed > 60 * train.max_minutes, accelerator)
