@@ -183,18 +183,26 @@ def run_batch(engine, rows: list[tuple[object, Flow]], start_layer: int) -> list
         return list(logits.split([t.m for t, _ in rows]))
 
 
-def score_flows(engine, rows: list[tuple[object, Flow]], start_layer: int, batch_rows: int = 64,
-                batched: bool = True) -> list[tuple[float, bool]]:
-    """(KL, agreement) of every (target, flow) row. Rows are sorted by length and run `batch_rows` at a time, so
-    that a batch pads little; `batched=False` runs each flow alone through the engine (the old, slow path)."""
+def score_flows(engine, rows: list[tuple[object, Flow]], start_layer: int, batch_rows: int = 16,
+                batched: bool = True, slack: float = 0.1) -> list[tuple[float, bool]]:
+    """(KL, agreement) of every (target, flow) row. Rows are sorted by length and run up to `batch_rows` at a time,
+    a batch holding only rows within `slack` (10 %) of its shortest: padding is computed like real tokens, and flows
+    of one budget differ a lot in length (fewer layers leave room for more tokens). `batched=False` runs each flow
+    alone through the engine (the old path)."""
     if not batched:
         return [flow_kl(engine, t, f.keep, f.skip, start_layer) for t, f in rows]
     length = [t.query.length - t.query.n_visual + (f.tokens if f.keep is not None else t.query.n_visual)
               for t, f in rows]
     order = sorted(range(len(rows)), key=lambda r: length[r])
+    chunks, chunk = [], []
+    for r in order:
+        if chunk and (len(chunk) == batch_rows or length[r] > (1 + slack) * length[chunk[0]]):
+            chunks.append(chunk)
+            chunk = []
+        chunk.append(r)
+    chunks += [chunk] if chunk else []
     scores: list = [None] * len(rows)
-    for start in range(0, len(order), batch_rows):
-        chunk = order[start:start + batch_rows]
+    for chunk in chunks:
         for r, logits in zip(chunk, run_batch(engine, [rows[r] for r in chunk], start_layer)):
             scores[r] = kl_and_agreement(rows[r][0], logits)
     return scores

@@ -226,7 +226,7 @@ def train_router(predictor, queries, out: Path, train: TrainConfig, args, progre
         optimizer.zero_grad()
         step += 1
         elapsed = time.time() - started
-        rate = flows_here * world / max(elapsed, 1e-9)
+        rate = flows_here * world / max(elapsed, 1e-9)  # this process's count, times the processes
         recent = {k: float(np.mean(v[-train.batch * train.budgets_per_query * 5:])) if v else float("nan")
                   for k, v in stats.items()}
         bar.update()
@@ -243,8 +243,10 @@ def train_router(predictor, queries, out: Path, train: TrainConfig, args, progre
     bar.close()
     accelerator.wait_for_everyone()
     seconds = time.time() - started
-    summary = {"steps": step, "seconds": round(seconds, 1), "flows": flows_done + flows_here * world,
-               "flows_per_s": round(flows_here * world / max(seconds, 1e-9), 2), "processes": world,
+    if world > 1:  # every process's own count, summed
+        flows_here = int(accelerator.reduce(torch.tensor([flows_here], device=accelerator.device), reduction="sum"))
+    summary = {"steps": step, "seconds": round(seconds, 1), "flows": flows_done + flows_here,
+               "flows_per_s": round(flows_here / max(seconds, 1e-9), 2), "processes": world,
                "replicas_agree": replicas_agree(router, accelerator), "stopped_early": stopped_early,
                "history": history}
     if accelerator.is_main_process:
