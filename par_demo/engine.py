@@ -107,7 +107,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(q, k, cos, sin):
-    """RoPE on (1, heads, n, head_dim) tensors; cos/sin are (1, n, head_dim) for the tokens' *original* positions."""
+    """RoPE on (B, heads, n, head_dim) tensors; cos/sin are (B, n, head_dim) for the tokens' *original* positions."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
@@ -175,23 +175,27 @@ class Engine:
                        next_position=query.next_position + len(token_ids))
 
     # ----------------------------------------------------------------------------------------- layers
-    def run_layer(self, index: int, h: torch.Tensor, rope, cache: KVCache, score_rows: int = 0):
-        """One decoder layer on h (1, n, D). Returns (h, attention rows of the last `score_rows` queries or None)."""
+    def run_layer(self, index: int, h: torch.Tensor, rope, cache: KVCache | None, score_rows: int = 0):
+        """One decoder layer on h (B, n, D). Returns (h, attention rows of the last `score_rows` queries or None).
+
+        Inference uses B = 1 and the cache; router training runs right-padded batches of pruned sequences without
+        a cache (causal attention keeps every real token blind to the padding after it)."""
         layer = self.layers[index]
         attn = layer.self_attn
-        n = h.shape[1]
+        b, n = h.shape[:2]
         x = layer.input_layernorm(h)
-        q = attn.q_proj(x).view(1, n, -1, attn.head_dim).transpose(1, 2)  # (1, heads, n, hd)
-        k = attn.k_proj(x).view(1, n, -1, attn.head_dim).transpose(1, 2)  # (1, kv_heads, n, hd)
-        v = attn.v_proj(x).view(1, n, -1, attn.head_dim).transpose(1, 2)
+        q = attn.q_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2)  # (B, heads, n, hd)
+        k = attn.k_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2)  # (B, kv_heads, n, hd)
+        v = attn.v_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2)
         q, k = apply_rope(q, k, *rope)
-        k, v = cache.append(index, k, v)
+        if cache is not None:
+            k, v = cache.append(index, k, v)
         gqa = q.shape[1] != k.shape[1]
         # Prefill: causal over the (possibly gathered) sequence, whose order is the original order.
         # Decode: one query against every cached key, no mask needed.
         o = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1, scale=attn.scaling, enable_gqa=gqa)
         scores = self._attention_rows(q[:, :, -score_rows:], k, attn.scaling) if score_rows else None
-        h = h + attn.o_proj(o.transpose(1, 2).reshape(1, n, -1))
+        h = h + attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         return h, scores
 

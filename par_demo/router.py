@@ -202,7 +202,8 @@ def check_model(config: RouterConfig, loaded, where: str = "") -> None:
     diff = [f"{k}: router {want.get(k)!r} vs model {have[k]!r}" for k in hard if want.get(k) != have[k]]
     if diff:
         raise UserError(f"the router{where} was trained for another model ({'; '.join(diff)}); "
-                        f"train one for this model with: python -m par_demo train-router --model {loaded.name}")
+                        f"train one for this model with: python -m par_demo train-router --model {loaded.name} "
+                        f"--images PHOTO_FOLDER --out OUT")
     if want.get("weights") and want["weights"] != have["weights"]:
         warnings.warn(f"the router{where} was trained on different weights of {have['name']} "
                       f"(was the model retrained?); its choices may be poor until it is retrained", stacklevel=2)

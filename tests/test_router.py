@@ -45,7 +45,7 @@ def image_file(tmp_path_factory, scene):
 
 @pytest.fixture(scope="module")
 def target(par_predictor, image_file):
-    from par_demo.train_router import make_target
+    from par_demo.training.targets import make_target
 
     return make_target(par_predictor, image_file, QUESTION, start_layer=2, max_new_tokens=3)
 
@@ -151,23 +151,24 @@ def test_predict_command_with_method_par(router_dir, image_file, monkeypatch, ca
 
 # ------------------------------------------------------------------------------------------------ training
 def train_parts(par_predictor, config):
-    from par_demo.train_router import Budgeter, TrainConfig
+    from par_demo.training.flows import Budgeter
+    from par_demo.training.loop import TrainConfig
 
     return TrainConfig(flows=4, budgets_per_query=2, beta=5.0), Budgeter(par_predictor.flops, config)
 
 
 def test_flows_fit_their_budget_and_keep_protected_layers(par_predictor, config, target):
-    from par_demo.train_router import sample_flows
+    from par_demo.training.flows import sample_flows
 
     _, budgeter = train_parts(par_predictor, config)
     gen = torch.Generator().manual_seed(0)
     for budget in (0.3, 0.6):
         flows = sample_flows(target, target.prior.log(), torch.zeros(8), budget, 5, 1.0, budgeter, gen)
         assert len(flows) == 5
-        for keep, skip, tokens, layers in flows:
-            assert not skip & {0, 7} and layers == 8 - len(skip)
-            kept = None if keep is None else keep.numel()
-            cost = par_predictor.flops.prefill(target.shape, kept, skip, 2,
+        for flow in flows:
+            assert not flow.skip & {0, 7} and flow.layers == 8 - len(flow.skip)
+            kept = None if flow.keep is None else flow.keep.numel()
+            cost = par_predictor.flops.prefill(target.shape, kept, flow.skip, 2,
                                                router=router_flops(config, 144, target.n_text))
             assert cost <= budget * par_predictor.flops.full(target.shape) * (1 + 1e-9)
 
@@ -176,7 +177,7 @@ def test_flows_fit_their_budget_and_keep_protected_layers(par_predictor, config,
 def test_a_training_step_changes_the_weights(par_predictor, config, target, pairs):
     from dataclasses import replace
 
-    from par_demo.train_router import query_loss
+    from par_demo.training.loop import batch_loss
 
     train, budgeter = train_parts(par_predictor, config)
     train = replace(train, pairs=pairs)
@@ -187,8 +188,8 @@ def test_a_training_step_changes_the_weights(par_predictor, config, target, pair
     stats = {"kl_current": [], "kl_best": [], "preference": []}
     gen = torch.Generator().manual_seed(0)
     for use_router in (0.0, 1.0):  # one step from the attention prior, one from the router's own scores
-        loss = query_loss(router, target, train, budgeter, par_predictor.engine, torch.ones(8), use_router, gen,
-                          stats)
+        loss, _ = batch_loss(router, [target], train, budgeter, par_predictor.engine, torch.ones(8), use_router, gen,
+                             stats)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -200,13 +201,13 @@ def test_a_training_step_changes_the_weights(par_predictor, config, target, pair
 def test_preference_loss_decreases_on_a_fixed_batch(par_predictor, config, target):
     import torch.nn.functional as F
 
-    from par_demo.train_router import flow_kl, log_pi, sample_flows
+    from par_demo.training.flows import flow_kl, log_pi, sample_flows
 
     _, budgeter = train_parts(par_predictor, config)
     gen = torch.Generator().manual_seed(3)
     budget = 0.5
     flows = sample_flows(target, target.prior.log(), torch.zeros(8), budget, 4, 1.0, budgeter, gen)
-    scored = sorted(((flow_kl(par_predictor.engine, target, keep, skip, 2)[0], keep, skip) for keep, skip, *_ in flows),
+    scored = sorted(((flow_kl(par_predictor.engine, target, f.keep, f.skip, 2)[0], f.keep, f.skip) for f in flows),
                     key=lambda s: s[0])
     best, worst = scored[0], scored[-1]
     assert best[0] <= worst[0]
@@ -253,17 +254,22 @@ def test_train_router_command_writes_a_usable_resumable_checkpoint(tmp_path, tin
 
 
 def test_train_router_refuses_bad_data(tmp_path):
-    from par_demo.train_router import read_queries
+    from par_demo.training.questions import read_queries
 
     with pytest.raises(UserError, match="not found"):
         read_queries(tmp_path / "missing.jsonl")
     (tmp_path / "bad.jsonl").write_text('{"image": "a.png"}\n')
     with pytest.raises(UserError, match="question"):
         read_queries(tmp_path / "bad.jsonl")
+    with pytest.raises(UserError, match="--images"):
+        read_queries(tmp_path)  # a folder given as --data
     with pytest.raises(UserError, match="no images"):
-        read_queries(tmp_path)
-    (tmp_path / "x.png").write_bytes(b"")
-    assert len(read_queries(tmp_path, questions_per_image=3)) == 3
+        read_queries(images=tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x.WEBP").write_bytes(b"")  # recursive, any case of the suffix
+    (tmp_path / "notes.txt").write_text("not an image")
+    queries = read_queries(images=tmp_path, questions_per_image=3)
+    assert len(queries) == 3 and all(q.question is None for q in queries)
 
 
 def test_par_budget_out_of_reach_is_one_clear_message(par_predictor, scene):
@@ -304,7 +310,7 @@ def test_ablations_refuse_overrides_of_the_part_they_do_not_route(par_predictor,
 def test_the_relevance_prior_is_cdpruner_s_question_relevance(par_predictor, image_file):
     from par_demo.images import load_image
     from par_demo.methods.cdpruner import instruction_tokens, relevance
-    from par_demo.train_router import make_target
+    from par_demo.training.targets import make_target
 
     target = make_target(par_predictor, image_file, QUESTION, start_layer=0, max_new_tokens=2, prior="relevance")
     query = par_predictor.engine.prepare(par_predictor.encode(load_image(image_file), QUESTION))

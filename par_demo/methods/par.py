@@ -107,7 +107,7 @@ class Par(Method):
         found = next((f for f in folders if (f / CONFIG_FILE).is_file()), None)
         if found is None:
             self._problem = (f"no router for this model; train one with: python -m par_demo train-router "
-                             f"--model {self.context.loaded.name} --data DATA.jsonl "
+                             f"--model {self.context.loaded.name} --images PHOTO_FOLDER "
                              f"--out {ROUTERS_DIR / sanitize(self.context.loaded.name)}")
             return
         try:
