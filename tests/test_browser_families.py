@@ -30,14 +30,19 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (Python) is not installed")
 
 
-@pytest.fixture(scope="module")
-def tall_image(tmp_path_factory):
+def scene_file(tmp_path_factory, name: str, size: tuple[int, int], seed: int):
+    """A shapes scene stretched to `size` (width, height), saved as a PNG the page can upload."""
     from par_demo.shapes import render_scene
 
-    image, _ = render_scene(np.random.default_rng(11))
-    path = tmp_path_factory.mktemp("tall") / "tall.png"
-    image.resize(TALL).save(path)
+    image, _ = render_scene(np.random.default_rng(seed))
+    path = tmp_path_factory.mktemp(name) / f"{name}.png"
+    image.resize(size).save(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tall_image(tmp_path_factory):
+    return scene_file(tmp_path_factory, "tall", TALL, seed=11)
 
 
 @pytest.fixture(scope="module")
@@ -113,12 +118,7 @@ WIDE = (600, 300)  # width x height in px: SmolVLM-mid cuts it into 2 x 3 tiles 
 
 @pytest.fixture(scope="module")
 def wide_image(tmp_path_factory):
-    from par_demo.shapes import render_scene
-
-    image, _ = render_scene(np.random.default_rng(12))
-    path = tmp_path_factory.mktemp("wide") / "wide.png"
-    image.resize(WIDE).save(path)
-    return path
+    return scene_file(tmp_path_factory, "wide", WIDE, seed=12)
 
 
 @pytest.fixture(scope="module")
