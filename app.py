@@ -21,8 +21,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default
 import gradio as gr  # noqa: E402
 
 from par_demo import panels  # noqa: E402
-from par_demo.demo import PATCH_VIEWS, CheckedRadio, CheckedSlider, DemoApp, SafeImage  # noqa: E402
+from par_demo.demo import (  # noqa: E402
+    PATCH_VIEWS, CheckedCheckboxGroup, CheckedRadio, CheckedSlider, DemoApp, SafeImage,
+)
 from par_demo.errors import UserError  # noqa: E402
+from par_demo.inputs import EXTRA_CHOICES  # noqa: E402
 from par_demo.predict import IMAGE_OPTIONS  # noqa: E402
 from par_demo.service import DEFAULT_START_LAYER, DemoService, zerogpu_enabled  # noqa: E402
 
@@ -73,6 +76,8 @@ def build_demo(app: DemoApp) -> gr.Blocks:
                                                 value=min(DEFAULT_START_LAYER, service.n_layers - 1),
                                                 label="FastV / random: prune visual tokens from layer "
                                                       "(PAR uses the layer its router was trained for)")
+                    extras = CheckedCheckboxGroup(EXTRA_CHOICES, value=[], label=panels.EXTRAS_LABEL,
+                                                 elem_id="compare-extras")
                 run = gr.Button("Run", variant="primary", elem_id="run")
                 with gr.Row():
                     compare_all = gr.Button("Compare all methods", elem_id="compare-all-button", min_width=150)
@@ -134,7 +139,7 @@ def build_demo(app: DemoApp) -> gr.Blocks:
         budget.release(app.rerun, run_inputs, run_outputs, api_visibility="private", **model_queue)
         patch_view.change(app.redraw_patches, [view_state, patch_view], patch_plot, api_visibility="private",
                           queue=False)
-        compare_all.click(app.compare_all, [image, question, budget, start_layer],
+        compare_all.click(app.compare_all, [image, question, budget, start_layer, extras],
                           [compare_grid, compare_summary, compare_download], api_name="all_methods_grid",
                           api_visibility="private", **model_queue)  # its own name: "compare_all" is the API's
         compare_all.click(None, js=SCROLL_TO_GRID, api_visibility="private", queue=False)
@@ -142,8 +147,8 @@ def build_demo(app: DemoApp) -> gr.Blocks:
                     api_visibility="private", **model_queue)
         api_trigger.click(app.api_compare, [image, question, method, budget],
                           [api_full, api_pruned, api_stats, api_full_stats], api_name="compare", **model_queue)
-        api_all_trigger.click(app.api_compare_all, [image, question, budget], api_all, api_name="compare_all",
-                              **model_queue)
+        api_all_trigger.click(app.api_compare_all, [image, question, budget, extras], api_all,
+                              api_name="compare_all", **model_queue)
     # One model serves everyone: requests wait in a bounded queue instead of piling up in memory.
     demo.queue(default_concurrency_limit=1, max_size=64)
     return demo

@@ -182,6 +182,17 @@ class CheckedRadio(gr.Radio):
             raise refuse(str(exc.message)) from None
 
 
+class CheckedCheckboxGroup(gr.CheckboxGroup):
+    """`gr.CheckboxGroup` whose ticked values are checked by the handler, so an API caller's unknown value gets the
+    handler's one clear line (Gradio's own check fails with a generic error and a logged traceback)."""
+
+    def get_block_name(self) -> str:
+        return "checkboxgroup"  # render with Gradio's own widget
+
+    def preprocess(self, payload: Any) -> Any:
+        return list(payload) if isinstance(payload, (list, tuple)) else payload
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Handlers: the functions app.py wires to events. Each returns exactly the outputs listed in its docstring.
 
@@ -308,13 +319,13 @@ class DemoApp:
         return result.full.answer, result.pruned.answer, stats, full_stats
 
     # -- every method at one budget
-    def compare_all(self, image: Any, question: Any, budget: Any, start_layer: Any,
+    def compare_all(self, image: Any, question: Any, budget: Any, start_layer: Any, extras: Any = (),
                     progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
         """Streams outputs: the grid (HTML), its summary line, the download button (shown once all are timed)."""
-        yield from friendly_errors(self._compare_all)(image, question, budget, start_layer, progress)
+        yield from friendly_errors(self._compare_all)(image, question, budget, start_layer, extras, progress)
 
-    def _compare_all(self, image, question, budget, start_layer, progress) -> Iterator[tuple]:
-        for state in self.service.compare_all(image, question, budget, start_layer):
+    def _compare_all(self, image, question, budget, start_layer, extras, progress) -> Iterator[tuple]:
+        for state in self.service.compare_all(image, question, budget, start_layer, extras=extras):
             if not state.results and not state.timed:
                 _show_notices(*state.notices)
             total = len(state.results) + len(state.skipped) + len(state.pending)
@@ -337,14 +348,15 @@ class DemoApp:
         card = self.service.card
         return card.name if card is not None else Path(self.service.model_name).name
 
-    def api_compare_all(self, image: Any, question: Any, budget: Any) -> dict:
-        """The public `compare_all` endpoint. Output: {model, question, budget, full, methods, skipped, notices};
-        `full` and each entry of `methods` have exactly the `predict --json` keys."""
-        return friendly_errors(self._api_compare_all)(image, question, budget)
+    def api_compare_all(self, image: Any, question: Any, budget: Any, extras: Any = ()) -> dict:
+        """The public `compare_all` endpoint. Output: {model, question, budget, full, methods, skipped, notices,
+        left_out}; `full` and each entry of `methods` have exactly the `predict --json` keys. `extras` (optional,
+        default none): groups of extra methods to run as well, any of "baseline", "ablation"."""
+        return friendly_errors(self._api_compare_all)(image, question, budget, extras)
 
-    def _api_compare_all(self, image, question, budget) -> dict:
+    def _api_compare_all(self, image, question, budget, extras) -> dict:
         state = None
-        for state in self.service.compare_all(image, question, budget):
+        for state in self.service.compare_all(image, question, budget, extras=extras):
             pass
         return {"model": self.shown_model_name(), **state.to_json()}
 

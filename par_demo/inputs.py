@@ -16,7 +16,7 @@ from PIL import Image
 
 from par_demo import images
 from par_demo.errors import UserError
-from par_demo.methods import METHODS
+from par_demo.methods import METHODS, REGISTRY
 from par_demo.models import MAX_QUESTION_CHARS  # the engine's limit, so a clipped question gets one notice
 
 # Display names; a method without one here is shown under its registry name.
@@ -28,6 +28,13 @@ _LABELS = {
 # (label shown in the UI, method name of the engine), in registry order. "full" is the reference, never a choice.
 METHOD_CHOICES: list[tuple[str, str]] = [(_LABELS.get(name, name), name) for name in METHODS if name != "full"]
 METHOD_LABELS = {name: _LABELS.get(name, name) for name in METHODS}
+# The groups of methods that "compare all" runs only when asked (each method's `extra`), and how the page names them.
+_EXTRA_LABELS = {"baseline": "simple baselines", "ablation": "PAR's ablations"}
+EXTRA_GROUPS: dict[str, list[str]] = {
+    group: [n for n in METHODS if REGISTRY[n].extra == group] for group in _EXTRA_LABELS}
+EXTRA_CHOICES: list[tuple[str, str]] = [
+    (f"{_EXTRA_LABELS[group]} ({', '.join(METHOD_LABELS[n] for n in names)})", group)
+    for group, names in EXTRA_GROUPS.items()]
 
 MAX_SIDE = 2048  # larger images are downscaled: the model sees a few hundred pixels per side anyway
 MIN_SIDE = 16  # smaller images are upscaled: image processors cannot tell channels from 1x1 pixels
@@ -94,6 +101,21 @@ def check_method(method: Any, available: dict[str, str | None] | None = None) ->
     if reason:
         raise UserError(f"{METHOD_LABELS[name]} is not available: {reason}")
     return name
+
+
+def check_extras(extras: Any) -> tuple[str, ...]:
+    """Which groups of extra methods to add to "compare all": none, or any of `EXTRA_GROUPS` (a list, or one name
+    or a comma-separated string from an API caller)."""
+    if extras is None or extras is False:
+        return ()
+    items = extras.split(",") if isinstance(extras, str) else extras
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        raise UserError("Extra methods must be a list of: " + ", ".join(EXTRA_GROUPS) + ".")
+    groups = tuple(dict.fromkeys(item.strip().lower() for item in items if item.strip()))
+    unknown = [g for g in groups if g not in EXTRA_GROUPS]
+    if unknown:
+        raise UserError(f"Unknown extra methods {unknown[0][:40]!r}; choose from: " + ", ".join(EXTRA_GROUPS) + ".")
+    return groups
 
 
 def check_budget(budget: Any) -> float:

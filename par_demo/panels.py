@@ -152,8 +152,10 @@ CSS = """
 """
 
 
-GRID_PLACEHOLDER = ('<p class="pg-waiting">Press <b>Compare all methods</b> to run every method at the chosen budget on '
-                    "this image and question, side by side: what each keeps, what it answers, how fast it is.</p>")
+EXTRAS_LABEL = "Compare all: also run"  # the page's choice of extra methods, named in the summary line
+GRID_PLACEHOLDER = ('<p class="pg-waiting">Press <b>Compare all methods</b> to run PAR and the methods of the field at '
+                    "the chosen budget on this image and question, side by side: what each keeps, what it answers, "
+                    "how fast it is.</p>")
 
 
 def all_methods_html(state: AllMethods) -> str:
@@ -226,6 +228,9 @@ def all_methods_summary(state: AllMethods) -> str:
         parts.append(f"times: medians of {rounds} rounds, every method in turns with the full model (fastest–"
                      "slowest round in brackets)")
     text = " · ".join(parts)
+    if state.left_out:
+        names = ", ".join(METHOD_LABELS.get(n, n) for n in state.left_out)
+        text += f"  \nNot run this time: {names}. Tick them under *Advanced → {EXTRAS_LABEL}* to add them."
     for notice in state.notices:  # e.g. a photo shown to a model that knows only shape scenes: said next to answers
         text += f"  \n⚠ {notice}"
     if state.timed and any(p.timing and p.timing.noise for p in state.results.values()):

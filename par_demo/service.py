@@ -27,8 +27,9 @@ from PIL import Image
 from par_demo import timing
 from par_demo.errors import BudgetOutOfReach, UserError
 from par_demo.inputs import (
-    METHOD_CHOICES, METHOD_LABELS, check_budget, check_count, check_method, check_question, load_image,
+    METHOD_CHOICES, METHOD_LABELS, check_budget, check_count, check_extras, check_method, check_question, load_image,
 )
+from par_demo.methods import REGISTRY
 from par_demo.model_card import ModelCard
 
 if TYPE_CHECKING:  # the engine is imported lazily: building a service for tests needs no model code
@@ -42,7 +43,8 @@ SWEEP_BUDGETS = tuple(round(1.0 - 0.1 * i, 1) for i in range(10))  # 1.0, 0.9, .
 DEFAULT_START_LAYER = 2  # the paper prunes tokens from layer K=2 on
 DEFAULT_CACHE_ITEMS = 64
 # Requests that time many settings use fewer rounds each, so the whole request stays short: all methods at one
-# budget (8 settings in turns) and the sweep (10 budgets, each in turns with the full model).
+# budget (the full model and 5 methods in turns, the answering pass being the first round) and the sweep (10
+# budgets, each in turns with the full model).
 COMPARE_ALL_ROUNDS = 3
 SWEEP_ROUNDS = 3
 
@@ -108,8 +110,9 @@ def _predict_on_device(predictor: Predictor, image: Image.Image, question: str, 
 
 @on_gpu
 def _measure_on_device(predictor: Predictor, image: Image.Image, question: str, predictions: list, settings: list,
-                       rounds: int, max_new_tokens: int) -> list:
-    return timing.measure(predictor, image, question, predictions, settings, rounds, max_new_tokens)
+                       rounds: int, max_new_tokens: int, answers_are_a_round: bool = False) -> list:
+    return timing.measure(predictor, image, question, predictions, settings, rounds, max_new_tokens,
+                          answers_are_a_round=answers_are_a_round)
 
 
 def answer_agreement(reference: str, answer: str) -> float:
@@ -167,6 +170,7 @@ class AllMethods:
     pending: list[str] = field(default_factory=list)
     timed: bool = False
     notices: list[str] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)  # extra methods (baselines, ablations) not asked for
 
     def to_json(self) -> dict:
         """The `/compare_all` reply (and the page's download): every entry has exactly the `predict --json` keys."""
@@ -174,7 +178,7 @@ class AllMethods:
             "question": self.question, "budget": self.budget, "full": self.full.to_json(),
             "methods": [p.to_json() for p in self.results.values()],
             "skipped": [{"method": name, "reason": reason} for name, reason in self.skipped.items()],
-            "notices": list(self.notices),
+            "notices": list(self.notices), "left_out": list(self.left_out),
         }
 
 
@@ -232,10 +236,10 @@ class DemoService:
             return _predict_on_device(self.predictor, image, question, kwargs)
 
     def _measure(self, image: Image.Image, question: str, predictions: list, settings: list,
-                 rounds: int) -> list[Prediction]:
+                 rounds: int, answers_are_a_round: bool = False) -> list[Prediction]:
         with self._model_lock:
             return _measure_on_device(self.predictor, image, question, predictions, settings, rounds,
-                                      self.max_new_tokens)
+                                      self.max_new_tokens, answers_are_a_round)
 
     def model_view(self, image: Image.Image, fingerprint: str | None = None) -> Image.Image:
         key = (fingerprint or image_fingerprint(image), self.model_name)
@@ -248,13 +252,16 @@ class DemoService:
     def full_answer(self, image: Image.Image, question: str, fingerprint: str | None = None) -> tuple[Prediction, bool]:
         """The unpruned prediction, computed once per (image, question, model) and then served from the cache.
         Its timing is that one run's: callers that show a latency time it again (`_measure`)."""
-        key = (fingerprint or image_fingerprint(image), question, self.model_name, self.max_new_tokens)
+        key = self._full_key(fingerprint or image_fingerprint(image), question)
         cached = self.full_cache.get(key)
         if cached is not None:
             return cached, True
         prediction = self._run(image, question, method="full", budget=1.0)
         self.full_cache.put(key, prediction)
         return prediction, False
+
+    def _full_key(self, fingerprint: str, question: str) -> tuple:
+        return fingerprint, question, self.model_name, self.max_new_tokens
 
     def image_notice(self, fingerprint: str) -> str | None:
         """What to say next to the answers about the image itself: a model that knows only synthetic scenes is
@@ -293,19 +300,27 @@ class DemoService:
         return Comparison(full, pruned, from_cache, view, notice, self.image_notice(fingerprint))
 
     def compare_all(self, image: Any, question: Any, budget: Any, start_layer: Any = DEFAULT_START_LAYER,
-                    rounds: int = COMPARE_ALL_ROUNDS) -> Iterator[AllMethods]:
-        """Every method of the registry at one budget: yields the state after each method answers, then once more
-        after all of them and the full model were timed together, in turns."""
+                    rounds: int = COMPARE_ALL_ROUNDS, extras: Any = ()) -> Iterator[AllMethods]:
+        """Every method of the field at one budget: yields the state after each method answers, then once more
+        after all of them and the full model were timed together, in turns. The simple baselines and PAR's
+        ablations run only when `extras` names their group ("baseline", "ablation"): each method costs `rounds`
+        more runs, and a visitor waits for all of them.
+
+        The answering pass (the full model, then every method, one after another) is the first timing round, so
+        the full model answers afresh here rather than from the cache; `rounds - 1` more rounds follow."""
         pil_image = load_image(image)
         text, notice = check_question(question)
         value = check_budget(budget)
         start = self.check_overrides(None, None, start_layer)["start_layer"]
+        groups = check_extras(extras)
         fingerprint = image_fingerprint(pil_image)
-        full, _ = self.full_answer(pil_image, text, fingerprint)
-        names = [name for _, name in METHOD_CHOICES]
+        full = self._run(pil_image, text, **timing.FULL)
+        self.full_cache.put(self._full_key(fingerprint, text), full)
+        names = [name for _, name in METHOD_CHOICES if REGISTRY[name].extra in (None, *groups)]
         state = AllMethods(text, value, full, self.model_view(pil_image, fingerprint),
                            skipped={n: self._available[n] for n in names if self._available.get(n)},
-                           notices=[n for n in (notice, self.image_notice(fingerprint)) if n])
+                           notices=[n for n in (notice, self.image_notice(fingerprint)) if n],
+                           left_out=[n for _, n in METHOD_CHOICES if n not in names])
         state.pending = [n for n in names if n not in state.skipped]
         yield state
         settings = {}
@@ -319,7 +334,7 @@ class DemoService:
             yield state
         ran = list(state.results)
         timed = self._measure(pil_image, text, [full] + [state.results[n] for n in ran],
-                              [dict(timing.FULL)] + [settings[n] for n in ran], rounds)
+                              [dict(timing.FULL)] + [settings[n] for n in ran], rounds, answers_are_a_round=True)
         state.full, state.results = timed[0], dict(zip(ran, timed[1:]))
         state.timed = True
         yield state
@@ -373,6 +388,7 @@ class DemoService:
         image = load_image(examples[0][0]) if examples else Image.new("RGB", (64, 64), (200, 200, 200))
         question = examples[0][1] if examples else "What is in the image?"
         self._run(image, question, method="full", budget=1.0)
+        self._examples()  # the examples' fingerprints, read on every request's image notice
         for _, name in METHOD_CHOICES:
             if not self._available.get(name):
                 try:

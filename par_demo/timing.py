@@ -121,17 +121,28 @@ def setting_of(prediction: Prediction, tokens: int | None = None, layers: int | 
 
 def measure(predictor: Predictor, image: Any, question: str, predictions: Sequence[Prediction],
             settings: Sequence[dict], rounds: int = DEFAULT_ROUNDS, max_new_tokens: int = 16,
-            warm_up: bool = False) -> list[Prediction]:
+            warm_up: bool = False, answers_are_a_round: bool = False) -> list[Prediction]:
     """Times answered predictions against each other (the first must be the full model) and returns them with
-    their `timing`: `rounds` interleaved rounds of `Predictor.generate` with each prediction's own settings."""
+    their `timing`: `rounds` interleaved rounds of `Predictor.generate` with each prediction's own settings.
+
+    `answers_are_a_round`: the predictions were answered just now, warm, one after another in this order, so
+    their own runs already are one round in turns; they count as the first of the `rounds` (a request that
+    answers N settings then pays for N x (rounds - 1) more runs, not N x rounds)."""
     if not predictions or predictions[0].method != "full":
         raise ValueError("the first prediction must be the full model's: it is the reference of every speed-up")
     question, _ = clip_question(question)  # exactly the text `Predictor.predict` answered
+    encoded = predictor.encode(image, question)  # pixels and token ids: the same for every run, and not timed
 
     def run(setting: dict) -> Sample:
-        generation = predictor.generate(image, question, max_new_tokens=max_new_tokens, **setting)[0]
+        generation = predictor.generate(image, question, max_new_tokens=max_new_tokens, encoded=encoded,
+                                        **setting)[0]
         return generation.prefill_s, generation.total_s
 
-    samples = time_interleaved(run, settings, rounds, warm_up)
+    if answers_are_a_round:
+        answered = [[(p.prefill_s, p.total_s)] for p in predictions]
+        more = time_interleaved(run, settings, rounds - 1, warm_up) if rounds > 1 else [[] for _ in settings]
+        samples = [first + rest for first, rest in zip(answered, more)]
+    else:
+        samples = time_interleaved(run, settings, rounds, warm_up)
     timings = summarize(samples, [p.flops_ratio for p in predictions])
     return [with_timing(p, t) for p, t in zip(predictions, timings)]

@@ -1,13 +1,14 @@
 """Benchmarks of what the page shows, through its public API (`gradio_client` against the app served in-process).
 
     python scripts/bench_page.py compare --requests 50 --budgets 0.3,0.5,1.0
-    python scripts/bench_page.py compare-all --repeats 5 --budget 0.5
+    python scripts/bench_page.py compare-all --repeats 5 --budget 0.5 [--extras baseline,ablation]
 
 `compare`: `--requests` `/compare` calls per budget (budgets taken in turns, the shipped examples in turns), and per
 budget the median and range of the prefill speed-up the page shows, against its FLOPs bound; `over bound` counts
 speed-ups above the bound by more than their own shown spread, and `unmarked` those of them the page did not mark as
 noise (it must be 0). `compare-all`: the wall time of a whole `/compare_all` request (every method at one budget),
-as a client sees it, median of `--repeats`, one example per request so the full answer is never a cache hit.
+as a client sees it, median of `--repeats`, one example per request so the full answer is never a cache hit;
+by default the methods of the field, with `--extras` the simple baselines and/or PAR's ablations as well.
 
 Timings depend on the machine's load: the script prints the load average; re-run it on a quiet machine.
 """
@@ -66,14 +67,14 @@ def bench_compare(client, examples: list[list[str]], budgets: list[float], reque
     return rows
 
 
-def bench_compare_all(client, examples: list[list[str]], budget: float, repeats: int) -> dict:
+def bench_compare_all(client, examples: list[list[str]], budget: float, repeats: int, extras: list[str]) -> dict:
     from gradio_client import handle_file
 
     walls, methods = [], []
     for i in range(repeats):
         image, question = examples[i % len(examples)]
         started = time.perf_counter()
-        reply = client.predict(handle_file(image), question, budget, api_name="/compare_all")
+        reply = client.predict(handle_file(image), question, budget, extras, api_name="/compare_all")
         walls.append(time.perf_counter() - started)
         methods.append(len(reply["methods"]))
         assert all(entry["flops_ratio"] <= budget + 1e-9 for entry in reply["methods"])
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     every = sub.add_parser("compare-all", help="wall time of a whole /compare_all request")
     every.add_argument("--repeats", type=int, default=5)
     every.add_argument("--budget", type=float, default=0.5)
+    every.add_argument("--extras", default="", help="extra method groups to run as well: baseline, ablation")
     for p in (compare, every):
         p.add_argument("--model", default=None, help="default: the embedded model")
         p.add_argument("--json", action="store_true", help="print the rows as JSON as well")
@@ -118,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"| {r['speedup_min']:.2f}–{r['speedup_max']:.2f}× | {r['bound']:.2f}× | {r['marked_noise']} "
                       f"| {r['over_bound']} | {r['over_bound_unmarked']} | {r['request_s_median'] * 1000:.0f} ms |")
         else:
-            rows = [bench_compare_all(client, examples, args.budget, args.repeats)]
+            extras = [group for group in args.extras.split(",") if group]
+            rows = [bench_compare_all(client, examples, args.budget, args.repeats, extras)]
             r = rows[0]
             print(f"/compare_all at budget {r['budget']}: {r['methods']} methods + the full model, "
                   f"{r['repeats']} requests (one example each, the full answer never cached)")

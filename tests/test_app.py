@@ -16,7 +16,7 @@ from par_demo import demo as d
 from par_demo import panels, viz
 from par_demo import service as s
 from par_demo.errors import UserError
-from par_demo.inputs import METHOD_CHOICES
+from par_demo.inputs import EXTRA_GROUPS, METHOD_CHOICES
 from par_demo.model_card import ModelCard
 from par_demo.predict import Prediction
 
@@ -25,6 +25,7 @@ QUESTION = "Where is the blue square?"
 PREDICT_JSON_KEYS = {f.name for f in dataclasses.fields(Prediction)}  # what `predict --json` prints
 ROUNDS = 2  # timed rounds per request in these tests (the app uses 5); enough to have a spread
 NO_PROGRESS = dict(progress=lambda *a, **k: None)
+OF_THE_FIELD = [name for _, name in METHOD_CHOICES if not any(name in group for group in EXTRA_GROUPS.values())]
 
 
 class CountingPredictor:
@@ -39,6 +40,9 @@ class CountingPredictor:
 
     def model_view(self, image):
         return self.inner.model_view(image)
+
+    def encode(self, image, question):
+        return self.inner.encode(image, question)
 
     def predict(self, image, question, method="full", **kwargs):
         self.calls.append(method)
@@ -136,19 +140,32 @@ def test_compare_all_streams_every_method_then_times_them_together(service):
     service.predictor.calls.clear()
     states = [(dict(st.results), list(st.pending), st.timed) for st in service.compare_all(EXAMPLE, QUESTION, 0.6,
                                                                                           rounds=ROUNDS)]
-    available = [name for _, name in METHOD_CHOICES if not service.available_methods().get(name)]
+    available = [name for name in OF_THE_FIELD if not service.available_methods().get(name)]
     assert states[0] == ({}, available, False)  # first an empty grid with every method waiting
     assert [len(results) for results, _, _ in states[1:-1]] == list(range(1, len(available) + 1))
     final, pending, timed = states[-1]
     assert timed and not pending and list(final) == available
     assert all(p.flops_ratio <= 0.6 + 1e-6 and p.timing.rounds == ROUNDS for p in final.values())
-    # One timing phase for all: full and every method in turns, `ROUNDS` times.
-    timed_calls = [c for c in service.predictor.calls if c.startswith("timed")]
-    assert timed_calls == (["timed full"] + [f"timed {n}" for n in available]) * ROUNDS
+    # The answering pass (full, then each method) is the first round; the other rounds follow, in the same turns.
+    assert service.predictor.calls == ["full", *available] + (["timed full"] + [f"timed {n}" for n in available]) * (
+        ROUNDS - 1)
+
+
+def test_compare_all_runs_the_baselines_and_ablations_only_when_asked(service):
+    *_, plain = service.compare_all(EXAMPLE, QUESTION, 0.6, rounds=1)
+    extras = [name for names in EXTRA_GROUPS.values() for name in names]
+    assert plain.left_out == [n for _, n in METHOD_CHOICES if n in extras] and "Not run this time" in (
+        panels.all_methods_summary(plain))
+    *_, every = service.compare_all(EXAMPLE, QUESTION, 0.6, rounds=1, extras=["baseline", "ablation"])
+    assert not every.left_out and set(every.results) | set(every.skipped) == {n for _, n in METHOD_CHOICES}
+    *_, baselines = service.compare_all(EXAMPLE, QUESTION, 0.6, rounds=1, extras="baseline")
+    assert set(baselines.results) >= set(EXTRA_GROUPS["baseline"]) and baselines.left_out == EXTRA_GROUPS["ablation"]
+    with pytest.raises(UserError, match="Unknown extra methods 'everything'"):
+        next(service.compare_all(EXAMPLE, QUESTION, 0.6, extras=["everything"]))
 
 
 def test_compare_all_lists_what_could_not_run_and_why(service):
-    *_, state = service.compare_all(EXAMPLE, QUESTION, 0.12, rounds=1)
+    *_, state = service.compare_all(EXAMPLE, QUESTION, 0.12, rounds=1, extras=["baseline", "ablation"])
     assert "train-router" in state.skipped["par"]  # no router for the tiny model
     assert any("below what" in reason for reason in state.skipped.values())  # out of reach at this budget
     reply = state.to_json()
@@ -232,7 +249,7 @@ def test_compare_all_handler_streams_a_grid_and_offers_the_run_as_json(app):
 
     updates = list(app.compare_all(EXAMPLE, QUESTION, 0.6, 2, **NO_PROGRESS))
     grid, summary, download = updates[-1]
-    available = [n for _, n in METHOD_CHOICES if not app.service.available_methods().get(n)]
+    available = [n for n in OF_THE_FIELD if not app.service.available_methods().get(n)]
     for name in ["full", *available]:
         assert grid.count(f'data-method="{name}"') == 1
     assert grid.count("<img ") == 1 + len(available)  # a patch view per cell

@@ -35,10 +35,11 @@ def compare(client, image, question, method, budget):
     return client.predict(handle_file(str(image)) if image else None, question, method, budget, api_name="/compare")
 
 
-def compare_all(client, image, question, budget):
+def compare_all(client, image, question, budget, *extras):
     from gradio_client import handle_file
 
-    return client.predict(handle_file(str(image)) if image else None, question, budget, api_name="/compare_all")
+    return client.predict(handle_file(str(image)) if image else None, question, budget, *extras,
+                          api_name="/compare_all")
 
 
 def test_api_compare(client):
@@ -66,14 +67,26 @@ def test_api_compare_all_gives_one_entry_per_method_with_the_predict_json_keys(c
     assert set(reply["full"]) == PREDICT_JSON_KEYS and reply["full"]["method"] == "full"
     ran = [entry["method"] for entry in reply["methods"]]
     skipped = [entry["method"] for entry in reply["skipped"]]
-    assert sorted(ran + skipped) == sorted(name for _, name in METHOD_CHOICES)
-    # the tiny model has no PAR router: PAR and its ablations are skipped, every method without a router runs
-    assert ran == ["fastv", "random", "layerdrop", "visionzip", "divprune", "cdpruner", "downsample"]
+    # the methods of the field; the tiny model has no PAR router, so PAR is skipped and says why
+    assert ran == ["fastv", "visionzip", "divprune", "cdpruner"] and skipped == ["par"]
+    assert sorted(ran + skipped + reply["left_out"]) == sorted(name for _, name in METHOD_CHOICES)
     for entry in reply["methods"]:
         assert set(entry) == PREDICT_JSON_KEYS
         assert entry["flops_ratio"] <= 0.5 + 1e-9 and entry["budget"] == 0.5
         assert entry["timing"]["prefill_speedup"]["median"] > 0
     assert all("train-router" in entry["reason"] for entry in reply["skipped"])
+
+
+def test_api_compare_all_adds_the_baselines_and_ablations_when_asked(client):
+    reply = compare_all(client, EXAMPLE, QUESTION, 0.5, ["baseline", "ablation"])
+    ran = [entry["method"] for entry in reply["methods"]]
+    assert ran == ["fastv", "random", "layerdrop", "visionzip", "divprune", "cdpruner", "downsample"]
+    assert not reply["left_out"] and all("train-router" in entry["reason"] for entry in reply["skipped"])
+    assert sorted(ran + [entry["method"] for entry in reply["skipped"]]) == sorted(n for _, n in METHOD_CHOICES)
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="^Unknown extra methods 'all'; choose from: baseline, ablation.$"):
+        compare_all(client, EXAMPLE, QUESTION, 0.5, ["all"])
 
 
 BAD_INPUTS = [  # (image, question, budget, the message /compare gives for it)

@@ -171,19 +171,39 @@ def test_example_slider_run_and_figures(page):
     assert not page.page_errors, page.page_errors
 
 
-def test_compare_all_methods_fills_a_grid_with_every_method(page, server):
-    from par_demo.inputs import METHOD_CHOICES
-
-    _, service = server
-    reasons = service.available_methods()
-    available = [name for _, name in METHOD_CHOICES if not reasons[name]]
-    pick_first_example(page)
-    page.locator("#budget input[type=range]").fill("0.5")
+def compare_all_and_wait(page, n_cells: int) -> dict:
     page.click("#compare-all-button")
+    # The grid takes its new size with the request's first update (grid and summary change together), so the
+    # summary waited for next is this request's, not the last one's.
+    sync_api.expect(page.locator("#compare-grid .pg-cell")).to_have_count(n_cells, timeout=SLOW)
     sync_api.expect(page.locator("#compare-summary")).to_contain_text("medians of", timeout=SLOW)
     wait_until_idle(page, SLOW)
     cells = page.locator("#compare-grid .pg-cell")
-    by_method = {cells.nth(i).get_attribute("data-method"): cells.nth(i) for i in range(cells.count())}
+    return {cells.nth(i).get_attribute("data-method"): cells.nth(i) for i in range(cells.count())}
+
+
+def test_compare_all_methods_fills_a_grid_with_every_method(page, server):
+    from par_demo.inputs import EXTRA_GROUPS, METHOD_CHOICES
+
+    _, service = server
+    reasons = service.available_methods()
+    extras = [name for names in EXTRA_GROUPS.values() for name in names]
+    pick_first_example(page)
+    page.locator("#budget input[type=range]").fill("0.5")
+    # By default the methods of the field; the summary names the baselines and ablations left out.
+    of_the_field = [name for _, name in METHOD_CHOICES if name not in extras]
+    by_method = compare_all_and_wait(page, 1 + len(of_the_field))
+    assert set(by_method) == {"full", *of_the_field}
+    assert "Not run this time" in page.locator("#compare-summary").inner_text()
+    sync_api.expect(page.locator("#compare-download")).to_be_visible()
+    time.sleep(0.5)
+    page.locator("#compare-all").screenshot(path=str(SCREENSHOTS / "compare-all.png"))
+    # Ticking both extra groups under Advanced adds every other method.
+    page.get_by_role("button", name="Advanced").click()
+    for label in ("simple baselines", "PAR's ablations"):
+        page.locator("#compare-extras label", has_text=label).click()
+    by_method = compare_all_and_wait(page, 1 + len(METHOD_CHOICES))
+    available = [name for _, name in METHOD_CHOICES if not reasons[name]]
     assert list(by_method)[:1 + len(available)] == ["full", *available]  # the full model, then every method
     for name in ["full", *available]:
         cell = by_method[name]
@@ -193,9 +213,10 @@ def test_compare_all_methods_fills_a_grid_with_every_method(page, server):
         assert "prefill" in cell.locator(".pg-time").inner_text()
     for name in set(by_method) - {"full", *available}:  # an unavailable method says why, in its cell
         assert reasons[name][:40] in by_method[name].inner_text()
+    assert "Not run this time" not in page.locator("#compare-summary").inner_text()
     sync_api.expect(page.locator("#compare-download")).to_be_visible()
     time.sleep(0.5)
-    page.locator("#compare-all").screenshot(path=str(SCREENSHOTS / "compare-all.png"))
+    page.locator("#compare-all").screenshot(path=str(SCREENSHOTS / "compare-all-extras.png"))
     assert not page.page_errors, page.page_errors
 
 

@@ -68,6 +68,29 @@ def test_measure_replaces_single_run_times_by_medians(predictor, scene):
     assert timed_full.timing.prefill_speedup is None and timed.timing.prefill_speedup is not None
 
 
+def test_answers_given_just_now_count_as_the_first_timing_round(predictor, scene):
+    question = "What color is the circle?"
+    full = predictor.predict(scene, question, "full", 1.0, max_new_tokens=2)
+    pruned = predictor.predict(scene, question, "random", 0.5, max_new_tokens=2)
+    calls = []
+    real_generate = predictor.generate
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["method"])
+        return real_generate(*args, **kwargs)
+
+    predictor.generate = counted
+    try:
+        timed_full, timed = measure(predictor, scene, question, [full, pruned],
+                                    [{"method": "full", "budget": 1.0}, {"method": "random", "budget": 0.5}],
+                                    rounds=3, max_new_tokens=2, answers_are_a_round=True)
+    finally:
+        del predictor.generate
+    assert calls == ["full", "random"] * 2  # two more rounds in turns: the answers were the first
+    assert timed.timing.rounds == timed_full.timing.rounds == 3
+    assert timed_full.timing.prefill_s.low <= full.prefill_s <= timed_full.timing.prefill_s.high  # one of the three
+
+
 def test_the_page_marks_noise_and_says_why_in_one_line(predictor, scene):
     import dataclasses
 

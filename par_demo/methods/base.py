@@ -52,6 +52,9 @@ class Method:
     uses_tokens = False  # accepts an explicit `tokens` override
     uses_layers = False  # accepts an explicit `layers` override
     min_start_layer = 0  # the earliest layer this method can drop tokens at (FastV needs layer K-1's attention)
+    # None: a method of the field, always in "compare all". Else the group that "compare all" runs only when asked:
+    # "baseline" (a simple reference: random, pooled, layers by a fixed prior) or "ablation" (one part of PAR).
+    extra: str | None = None
 
     def __init__(self, context: MethodContext):
         self.context = context

@@ -51,6 +51,7 @@ def view_counts(layout) -> dict[int, tuple[int, int]]:
 
 class Downsample(PreLLMMethod):
     name = "downsample"
+    extra = "baseline"
 
     def candidates(self, query, start_layer):
         counts = sorted(view_counts(query.layout), reverse=True)

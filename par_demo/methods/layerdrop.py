@@ -47,6 +47,7 @@ def block_influence(context, n_queries: int = 8, seed: int = 0) -> list[float]:
 
 class LayerDrop(Method):
     name = "layerdrop"
+    extra = "baseline"
     uses_layers = True
 
     def __init__(self, context):

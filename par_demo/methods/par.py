@@ -251,6 +251,7 @@ class ParTokens(Par):
     """Ablation: the router chooses visual tokens only; every layer runs."""
 
     name = "par-tokens"
+    extra = "ablation"
     uses_layers = False
     route_layers = False
 
@@ -259,6 +260,7 @@ class ParLayers(Par):
     """Ablation: the router chooses layers only; every visual token is kept."""
 
     name = "par-layers"
+    extra = "ablation"
     uses_tokens = False
     route_tokens = False
 
@@ -271,6 +273,7 @@ class ParPrior(Par):
     """
 
     name = "par-prior"
+    extra = "ablation"
     min_start_layer = 1
 
     def start_layer(self):

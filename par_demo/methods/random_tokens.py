@@ -8,6 +8,7 @@ from par_demo.methods.base import TokenMethod
 
 class RandomTokens(TokenMethod):
     name = "random"
+    extra = "baseline"
 
     def __init__(self, context, seed: int = 0):
         super().__init__(context)
