@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from par_demo import cpu_kernels
 from par_demo.errors import UserError
 from par_demo.families import Family, family_for_model_type, family_of, preset_families
 
@@ -162,7 +163,7 @@ def load_model(spec: str = DEFAULT_MODEL, quant: str = "none", device: str | Non
         family.check_supported(model)
         family.check_options(dict(options or {}))
         if quant == "none":
-            return LoadedModel(model.to(device), processor, spec, quant, family, dict(options or {}))
+            return LoadedModel(for_inference(model.to(device), quant), processor, spec, quant, family, dict(options or {}))
         # bitsandbytes quantizes while loading, so a random model goes through a temporary checkpoint:
         # one code path for every quantized model.
         with tempfile.TemporaryDirectory(prefix="par-demo-") as tmp:
@@ -221,7 +222,16 @@ def _from_pretrained(spec: str, quant: str, device: str, dtype: torch.dtype, opt
     family.check_supported(model)
     # bitsandbytes' 8-bit matmul logs on every call that it casts fp32 inputs to fp16: expected, not news.
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
-    return LoadedModel(model.eval(), processor, spec, quant, family, dict(options or {}))
+    return LoadedModel(for_inference(model, quant), processor, spec, quant, family, dict(options or {}))
+
+
+def for_inference(model, quant: str):
+    """Eval mode, and for an unquantized model on a CPU the linear layers' weights prepacked for oneDNN
+    (`cpu_kernels`: short, pruned sequences run as fast per FLOP as long ones)."""
+    model.eval()
+    if quant == "none" and cpu_kernels.wanted(model):
+        cpu_kernels.prepack(model)
+    return model
 
 
 def encode_query(loaded: LoadedModel, image: Image.Image, question: str) -> dict[str, torch.Tensor]:

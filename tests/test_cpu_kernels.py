@@ -1,0 +1,76 @@
+"""oneDNN-prepacked linear layers on CPU (`par_demo.cpu_kernels`): the same products as the stock layers, the same
+Parameters and state dict, the stock path under autograd, counted by FlopCounterMode, and off on request."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from par_demo import cpu_kernels
+from par_demo.cpu_kernels import PackedLinear, PackedPatchConv, prepack
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="this torch build has no oneDNN linear op")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [1, 39, 300])
+def test_packed_linear_computes_the_stock_product(bias, rows):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 160, bias=bias)
+    x = torch.randn(2, rows, 96)
+    with torch.no_grad():
+        assert torch.allclose(PackedLinear(linear)(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_patch_conv_equals_the_convolution_on_whole_windows_and_runs_it_on_others():
+    torch.manual_seed(0)
+    conv = nn.Conv3d(3, 32, kernel_size=(2, 14, 14), stride=(2, 14, 14))
+    packed = PackedPatchConv(conv)
+    windows = torch.randn(50, 3, 2, 14, 14)  # Qwen2.5-VL's patch embedding input: one window per row
+    image = torch.randn(1, 3, 4, 28, 42)  # several windows: not a linear map of one window
+    with torch.no_grad():
+        assert torch.allclose(packed(windows), conv(windows), rtol=1e-5, atol=1e-5)
+        assert torch.equal(packed(image), conv(image))
+
+
+def test_prepack_keeps_the_parameters_state_dict_and_lm_head():
+    model = nn.Module()
+    model.body = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+    model.patch = nn.Conv2d(3, 8, kernel_size=4, stride=4)
+    model.lm_head = nn.Linear(8, 30, bias=False)
+    model.get_output_embeddings = lambda: model.lm_head
+    params = {name: p for name, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    assert prepack(model) == 3
+    assert isinstance(model.body[0], PackedLinear) and isinstance(model.patch, PackedPatchConv)
+    assert type(model.lm_head) is nn.Linear  # one row per step, and tied to the embeddings in some models
+    assert list(model.state_dict()) == keys
+    assert all(p is params[name] for name, p in model.named_parameters())
+
+
+def test_with_gradients_the_stock_linear_runs_and_backpropagates():
+    torch.manual_seed(0)
+    linear = nn.Linear(12, 6)
+    packed = PackedLinear(linear)
+    x = torch.randn(4, 12, requires_grad=True)
+    packed(x).sum().backward()
+    assert linear.weight.grad is not None and x.grad is not None
+    assert torch.allclose(linear.weight.grad, F.linear(x, linear.weight, linear.bias).new_ones(4, 6).t() @ x)
+
+
+def test_flop_counter_counts_a_packed_linear_as_its_matrix_product():
+    linear = PackedLinear(nn.Linear(64, 32))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        linear(torch.randn(1, 10, 64))
+    assert counter.get_total_flops() == 2 * 10 * 64 * 32
+
+
+def test_a_cpu_model_is_prepacked_and_the_environment_switch_keeps_the_stock_layers(monkeypatch):
+    from par_demo.models import load_model
+
+    layers = load_model("random:llava-tiny", device="cpu").model.model.language_model.layers
+    assert isinstance(layers[0].mlp.gate_proj, PackedLinear)
+    monkeypatch.setenv(cpu_kernels.ENV, "stock")
+    layers = load_model("random:llava-tiny", device="cpu").model.model.language_model.layers
+    assert type(layers[0].mlp.gate_proj) is nn.Linear
