@@ -37,14 +37,15 @@ def add_arguments(parser) -> None:
                  "max_new_tokens", "val", "save_every", "seed", "prior_layer"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     for name in ("budget_low", "budget_high", "noise", "beta", "fraction_weight", "lr", "weight_decay",
-                 "max_minutes"):
+                 "max_minutes", "prior_share"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=defaults.precision,
                         help="autocast of the router on GPU (its weights stay fp32; the model keeps its --dtype)")
     parser.add_argument("--pairs", choices=["extremes", "all"], default=defaults.pairs,
                         help="preference pairs per budget: best vs worst flow, or every ordered pair of flows")
-    parser.add_argument("--prior", choices=["attention", "relevance"], default=defaults.prior,
-                        help="warm-up token prior: an attention row (--prior-layer) or CDPruner's question relevance")
+    parser.add_argument("--prior", choices=["attention", "relevance", "cdpruner"], default=defaults.prior,
+                        help="token prior of the warm-up flows: an attention row (--prior-layer), CDPruner's question "
+                             "relevance, or CDPruner's selection (its greedy DPP's pick order)")
     parser.add_argument("--width", type=int, default=None, help="router width (default: widest within 1%% FLOPs)")
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--protected-first", type=int, default=None, help="default: max(1, N/16)")
@@ -69,6 +70,8 @@ def check_args(args, train: TrainConfig) -> None:
         raise UserError("--steps, --batch, --budgets-per-query must be >= 1 and --flows >= 2")
     if not 1 <= train.grad_accum <= train.batch or train.flow_batch < 0:
         raise UserError("--grad-accum must be in [1, --batch] and --flow-batch >= 0")
+    if not 0 <= train.prior_share < 1:
+        raise UserError("--prior-share must be in [0, 1)")
     if not 0 < train.budget_low <= train.budget_high <= 1:
         raise UserError("budgets must satisfy 0 < --budget-low <= --budget-high <= 1")
     if train.max_new_tokens < 1 or train.save_every < 1 or train.val < 0 or train.max_minutes < 0:

@@ -319,6 +319,21 @@ def test_the_relevance_prior_is_cdpruner_s_question_relevance(par_predictor, ima
     assert deeper.prior.shape == (144,) and not torch.allclose(deeper.prior, target.prior)
 
 
+def test_the_cdpruner_prior_ranks_tokens_in_cdpruner_s_own_pick_order(par_predictor, image_file):
+    from par_demo.images import load_image
+    from par_demo.methods.cdpruner import greedy_dpp, instruction_tokens, relevance
+    from par_demo.methods.base import top_indices
+    from par_demo.training.targets import make_target
+
+    target = make_target(par_predictor, image_file, QUESTION, start_layer=0, max_new_tokens=2, prior="cdpruner")
+    query = par_predictor.engine.prepare(par_predictor.encode(load_image(image_file), QUESTION))
+    quality = relevance(query.image_features, instruction_tokens(query))
+    assert bool((target.prior > 0).all())
+    for k in (5, 20, 60):  # the prior's top k is CDPruner's selection of k, whatever k the flows keep
+        picked = greedy_dpp(query.image_features, quality, k).sort().values
+        assert top_indices(target.prior, k).tolist() == picked.tolist()
+
+
 def test_a_dpp_router_keeps_a_diverse_set_of_its_best_tokens_and_pays_for_choosing(tiny, config, scene, tmp_path):
     from dataclasses import replace
 

@@ -138,3 +138,11 @@ def test_two_processes_train_with_averaged_gradients(tmp_path, scene):
     summary = json.loads(done.stdout[done.stdout.index("{"):])
     assert summary["processes"] == 2 and summary["replicas_agree"] and summary["steps"] == 2
     assert json.loads((out / "router.json").read_text())["pareto"]
+
+
+def test_a_prior_share_keeps_that_share_of_flows_around_the_prior_after_warm_up():
+    from par_demo.training.loop import TrainConfig, router_share
+
+    plain, shared = TrainConfig(warmup=10), TrainConfig(warmup=10, prior_share=0.3)
+    assert [router_share(s, plain) for s in (0, 5, 10, 500)] == [0.0, 0.5, 1.0, 1.0]
+    assert [router_share(s, shared) for s in (0, 5, 10, 500)] == pytest.approx([0.0, 0.5, 0.7, 0.7])

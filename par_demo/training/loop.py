@@ -51,7 +51,8 @@ class TrainConfig:
     beta: float = 5.0
     fraction_weight: float = 1.0  # the kept-fraction regulariser
     pairs: str = "extremes"  # preference pairs per budget: best vs worst flow ("extremes"), or every ordered pair ("all")
-    prior: str = "attention"  # warm-up token prior: "attention" (last prompt row at `prior_layer`) or "relevance"
+    prior: str = "attention"  # token prior: "attention" (last prompt row at `prior_layer`), "relevance", "cdpruner"
+    prior_share: float = 0.0  # after warm-up, this share of the budgets still samples its flows around the prior
     prior_layer: int = -1  # decoder layer of the attention prior; -1 = K-1 (FastV's row)
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -173,6 +174,13 @@ def all_agree(flag: bool, accelerator) -> bool:
     return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum") > 0)
 
 
+def router_share(step: int, train: TrainConfig) -> float:
+    """The probability that a budget's flows are sampled around the router's own scores rather than the prior:
+    rising over the warm-up, then 1 - prior_share. Off-policy flows around a strong prior (CDPruner's selection)
+    keep showing the router selections it would not sample itself."""
+    return min(1.0 - train.prior_share, step / max(train.warmup, 1))
+
+
 # ------------------------------------------------------------------------------------------------ training
 def train_router(predictor, queries, out: Path, train: TrainConfig, args, progress: bool = True,
                  resume: bool = False, accelerator=None) -> dict:
@@ -213,7 +221,7 @@ def train_router(predictor, queries, out: Path, train: TrainConfig, args, progre
     started, flows_here, stopped_early = time.time(), 0, False
     micro = math.ceil(train.batch / max(train.grad_accum, 1))
     while step < train.steps:
-        use_router = min(1.0, step / max(train.warmup, 1))
+        use_router = router_share(step, train)
         indices = [int(order_rng.integers(len(train_queries)) + rank) % len(train_queries) for _ in range(train.batch)]
         for start in range(0, train.batch, micro):
             chunk = [cache[i] for i in indices[start:start + micro]]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from par_demo.engine import PruningPlan
 from par_demo.flops import Shape
 from par_demo.images import load_image
-from par_demo.methods.cdpruner import instruction_tokens, relevance
+from par_demo.methods.cdpruner import greedy_dpp, instruction_tokens, relevance
 from par_demo.methods.par import router_inputs
 from par_demo.training.questions import QuerySpec, QuestionBank
 
@@ -28,7 +28,7 @@ class Target:
     m: int  # answer tokens scored
     log_p: torch.Tensor  # (m, vocab) full model's log-probabilities
     answer: list[int]
-    prior: torch.Tensor  # (n_v,) > 0: the warm-up token prior (attention row, or CDPruner's question relevance)
+    prior: torch.Tensor  # (n_v,) > 0: the token prior (attention row, CDPruner's relevance, or its selection order)
     visual: torch.Tensor  # (n_v, D) router input
     text: torch.Tensor  # (n_t, D) router input
     layout: object  # each visual token's row and column (router input)
@@ -40,6 +40,16 @@ class Target:
     def nbytes(self) -> int:
         embeds = self.query.inputs_embeds
         return self.log_p.numel() * 4 + 2 * embeds.numel() * embeds.element_size()
+
+
+def selection_order_prior(features: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    """A positive prior (n,) from a greedy DPP's pick order: log prior falls linearly with the rank, so that the top
+    T of the prior are CDPruner's own T tokens at every T and the flows' noise perturbs its selection."""
+    n = features.shape[0]
+    order = greedy_dpp(features, quality, n)
+    rank = torch.empty(n)
+    rank[order] = torch.arange(n, dtype=torch.float32)
+    return torch.exp(-3.0 * rank / n)
 
 
 def make_target(predictor, image_path: str, question: str, start_layer: int, max_new_tokens: int,
@@ -65,8 +75,10 @@ def make_target(predictor, image_path: str, question: str, start_layer: int, max
     logits = torch.stack(logits).float()
     visual, text = router_inputs(query)
     token_prior = pre.attention_to_image.float()
-    if prior == "relevance":  # CDPruner's score: the best training-free one on the embedded model
+    if prior in ("relevance", "cdpruner"):  # CDPruner's score: the best training-free one on the embedded model
         token_prior = relevance(query.image_features, instruction_tokens(query)).float()
+    if prior == "cdpruner":  # CDPruner's whole selection: the order its greedy DPP picks tokens in, as a score
+        token_prior = selection_order_prior(query.image_features, token_prior)
     return Target(forced, Shape.of(query), m, F.log_softmax(logits, dim=-1), answer, token_prior, visual, text,
                   query.layout)
 
