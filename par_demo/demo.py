@@ -38,9 +38,10 @@ log = logging.getLogger("par_demo.demo")
 # What the per-patch and per-layer scores of each method are (shown on hover and in the colour bar).
 # FastV's patch scores are attention to the image (the default name); DivPrune and downsampling have none.
 TOKEN_SCORE_NAMES = {"par": "router score", "par-tokens": "router score", "visionzip": "vision-tower attention",
-                     "cdpruner": "question relevance"}
-LAYER_SCORE_NAMES = {"par": "router score", "par-layers": "router score", "layerdrop": "block influence",
-                     "par-prior": "block influence"}
+                     "cdpruner": "question relevance", "cdpruner-absorb": "question relevance",
+                     "par-drop": "router score"}
+LAYER_SCORE_NAMES = {"par": "router score", "par-layers": "router score", "par-drop": "router score",
+                     "layerdrop": "block influence", "par-prior": "block influence"}
 PATCH_VIEWS = ("kept / dropped", "per-patch scores")
 KEPT_DOWNLOADS = 64  # all-methods runs kept as JSON files for the download button
 

@@ -38,6 +38,11 @@ class PruningPlan:
     # replaces the features of visual token keep_visual[i], which keeps its own position. Input features only make
     # sense before the first layer, so only at K = 0.
     visual_features: torch.Tensor | None = None  # (len(keep_visual), D)
+    # Proportional attention (ToMe, Bolya et al. 2023): kept visual token i stands for kept_sizes[i] >= 1 visual
+    # tokens, itself and the dropped ones it absorbed (`methods/absorb.py`). From layer K on, every attention logit
+    # towards its key gets + log(size), in prefill and decode, so what the absorbed tokens held of the attention
+    # stays with their look-alike instead of being spread over the rest. Row i goes with keep_visual[i].
+    kept_sizes: torch.Tensor | None = None  # (len(keep_visual),); None: each kept token is itself only
     skip_layers: frozenset[int] = frozenset()  # decoder layers that are not run at all
     token_scores: torch.Tensor | None = None  # per visual token, for display (router logits, attention, ...)
     layer_scores: torch.Tensor | None = None  # per layer, for display
@@ -55,6 +60,12 @@ class KVCache:
         self.values: list[torch.Tensor | None] = [None] * n_layers
         self.lengths = [0] * n_layers
         self.capacity = 0  # extra slots reserved beyond the prefill length
+        # Proportional attention: the prompt's key bias (log sizes, 0 for text) of the layers from `bias_from` on
+        self.key_bias: torch.Tensor | None = None  # (n_prompt_kept,)
+        self.bias_from = 0
+
+    def bias_for(self, layer: int) -> torch.Tensor | None:
+        return self.key_bias if self.key_bias is not None and layer >= self.bias_from else None
 
     def reserve(self, extra: int) -> None:
         self.capacity = extra
@@ -112,6 +123,15 @@ def apply_rope(q, k, cos, sin):
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
+def attention_mask(key_bias: torch.Tensor, n_queries: int, n_keys: int) -> torch.Tensor:
+    """Additive mask (..., 1, n_queries, n_keys) for the last n_queries of n_keys positions: causal, plus each key's
+    bias. key_bias (..., n_bias) covers the first n_bias keys (the prompt); later keys (decoded tokens) get 0."""
+    bias = F.pad(key_bias, (0, n_keys - key_bias.shape[-1]))  # (..., n_keys)
+    future = torch.ones(n_queries, n_keys, dtype=torch.bool, device=bias.device).triu(n_keys - n_queries + 1)
+    mask = bias[..., None, :].masked_fill(future, float("-inf"))  # (..., n_queries, n_keys)
+    return mask.unsqueeze(-3)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -147,6 +167,10 @@ class Engine:
                 raise UserError("attention-ranked token pruning needs a start layer >= 1 (it ranks at layer K-1)")
             if plan.start_layer - 1 in plan.skip_layers:
                 raise UserError(f"attention-ranked token pruning needs layer {plan.start_layer - 1} to run")
+        if plan.kept_sizes is not None:
+            n_keep = -1 if plan.keep_visual is None else plan.keep_visual.numel()
+            if plan.kept_sizes.shape != (n_keep,) or bool((plan.kept_sizes < 1).any()):
+                raise UserError("kept token sizes need one value >= 1 per kept visual token")
         if plan.visual_features is not None:
             n_keep = -1 if plan.keep_visual is None else plan.keep_visual.numel()
             if plan.start_layer != 0 or plan.visual_features.shape != (n_keep, query.image_features.shape[1]):
@@ -175,11 +199,13 @@ class Engine:
                        next_position=query.next_position + len(token_ids))
 
     # ----------------------------------------------------------------------------------------- layers
-    def run_layer(self, index: int, h: torch.Tensor, rope, cache: KVCache | None, score_rows: int = 0):
+    def run_layer(self, index: int, h: torch.Tensor, rope, cache: KVCache | None, score_rows: int = 0,
+                  key_bias: torch.Tensor | None = None):
         """One decoder layer on h (B, n, D). Returns (h, attention rows of the last `score_rows` queries or None).
 
         Inference uses B = 1 and the cache; router training runs right-padded batches of pruned sequences without
-        a cache (causal attention keeps every real token blind to the padding after it)."""
+        a cache (causal attention keeps every real token blind to the padding after it). `key_bias` (B, n_prompt):
+        proportional attention's log sizes, added to the attention logits of the first n_prompt keys."""
         layer = self.layers[index]
         attn = layer.self_attn
         b, n = h.shape[:2]
@@ -192,8 +218,10 @@ class Engine:
             k, v = cache.append(index, k, v)
         gqa = q.shape[1] != k.shape[1]
         # Prefill: causal over the (possibly gathered) sequence, whose order is the original order.
-        # Decode: one query against every cached key, no mask needed.
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1, scale=attn.scaling, enable_gqa=gqa)
+        # Decode: one query against every cached key, no mask needed. With proportional attention: both as a mask.
+        mask = None if key_bias is None else attention_mask(key_bias.to(q.dtype), n, k.shape[2])
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=n > 1 and mask is None,
+                                           scale=attn.scaling, enable_gqa=gqa)
         scores = self._attention_rows(q[:, :, -score_rows:], k, attn.scaling) if score_rows else None
         h = h + attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
@@ -229,11 +257,15 @@ class Engine:
         hidden = []
         for i in range(self.n_layers + 1):
             if i == plan.start_layer and plan.prunes_tokens:
-                kept_visual, features = self._choose_visual(plan, query, attention_to_image)
+                kept_visual, features, sizes = self._choose_visual(plan, query, attention_to_image)
                 keep = self._kept_positions(query, kept_visual)
                 h = h[:, keep]  # the gather: dropped tokens leave the sequence here
+                slots = torch.searchsorted(keep, query.image_positions[kept_visual])  # kept visual tokens' places
                 if features is not None:  # merged / pooled tokens take their representative token's place
-                    h[0, torch.searchsorted(keep, query.image_positions[kept_visual])] = features.to(h.dtype)
+                    h[0, slots] = features.to(h.dtype)
+                if sizes is not None:  # proportional attention from here on: log(size) on each kept visual key
+                    cache.key_bias = h.new_zeros(keep.numel()).index_put_((slots,), sizes.to(h.dtype).log())
+                    cache.bias_from = i
                 positions = positions[..., keep]  # ... and keep their original (1-D or 3-D) positions
                 rope = self.rope(h, positions)
             if i == self.n_layers:
@@ -243,7 +275,9 @@ class Engine:
                     hidden.append(h)
                 continue
             wants_scores = plan.keep_visual_count is not None and i == plan.start_layer - 1
-            h, rows = self.run_layer(i, h, rope, cache, score_rows if wants_scores else 0)
+            bias = cache.bias_for(i)
+            h, rows = self.run_layer(i, h, rope, cache, score_rows if wants_scores else 0,
+                                     None if bias is None else bias[None])
             if rows is not None:
                 attention_to_image = rows[query.image_positions]
             if keep_hidden:
@@ -253,13 +287,15 @@ class Engine:
 
     @staticmethod
     def _choose_visual(plan: PruningPlan, query: Query, attention_to_image):
-        """(kept visual token indices in sequence order, their replacement features in the same order or None)."""
+        """(kept visual token indices in sequence order, their replacement features and their sizes in the same
+        order, or None)."""
         if plan.keep_visual is not None:
             kept, order = plan.keep_visual.to(query.image_positions.device).sort()
             features = None if plan.visual_features is None else plan.visual_features.to(kept.device)[order]
-            return kept, features
+            sizes = None if plan.kept_sizes is None else plan.kept_sizes.to(kept.device)[order]
+            return kept, features, sizes
         top = torch.topk(attention_to_image, plan.keep_visual_count).indices
-        return top.sort().values, None
+        return top.sort().values, None, None
 
     @staticmethod
     def _kept_positions(query: Query, kept_visual: torch.Tensor) -> torch.Tensor:
@@ -277,7 +313,8 @@ class Engine:
         rope = self.rope(h, torch.tensor([[position]], device=h.device))
         for i in range(self.n_layers):
             if i not in plan.skip_layers:
-                h, _ = self.run_layer(i, h, rope, cache)
+                bias = cache.bias_for(i)
+                h, _ = self.run_layer(i, h, rope, cache, key_bias=None if bias is None else bias[None])
         return self.logits(h[:, -1])
 
     @torch.inference_mode()

@@ -23,6 +23,7 @@ from par_demo.models import MAX_QUESTION_CHARS  # the engine's limit, so a clipp
 _LABELS = {
     "full": "full model", "par": "PAR", "fastv": "FastV", "random": "random tokens", "layerdrop": "layer drop",
     "par-tokens": "PAR tokens only", "par-layers": "PAR layers only", "par-prior": "PAR with prior scores",
+    "par-drop": "PAR without absorbing", "cdpruner-absorb": "CDPruner + absorbing",
     "visionzip": "VisionZip", "divprune": "DivPrune", "cdpruner": "CDPruner", "downsample": "downsample (pooled)",
 }
 # (label shown in the UI, method name of the engine), in registry order. "full" is the reference, never a choice.

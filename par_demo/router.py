@@ -49,6 +49,9 @@ class RouterConfig:
     # How kept tokens follow from the token scores: "top" = the T best-scored; "dpp" = a diverse set weighted by the
     # scores (greedy DPP, as CDPruner with the router's scores as the relevance; see methods/par.py `select_tokens`)
     token_selection: str = "top"
+    # Dropped tokens absorbed by their look-alikes with proportional attention (methods/absorb.py), in the flows
+    # and the Pareto table as at inference. Routers saved before it existed load with False.
+    absorb: bool = False
     model: dict = field(default_factory=dict)  # fingerprint of the model this router belongs to
 
     def protected(self) -> list[int]:

@@ -24,6 +24,21 @@ def predictor(tiny):
 
 
 @pytest.fixture(scope="session")
+def random_models():
+    """`get(preset)`: the `random:<preset>` model (exact architecture, random weights), loaded once per session."""
+    from par_demo.models import load_model
+
+    cache = {}
+
+    def get(preset):
+        if preset not in cache:
+            cache[preset] = load_model(f"random:{preset}", device="cpu")
+        return cache[preset]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def scene():
     from par_demo.shapes import render_scene
 

@@ -80,7 +80,7 @@ def test_api_compare_all_gives_one_entry_per_method_with_the_predict_json_keys(c
 def test_api_compare_all_adds_the_baselines_and_ablations_when_asked(client):
     reply = compare_all(client, EXAMPLE, QUESTION, 0.5, ["baseline", "ablation"])
     ran = [entry["method"] for entry in reply["methods"]]
-    assert ran == ["fastv", "random", "layerdrop", "visionzip", "divprune", "cdpruner", "downsample"]
+    assert ran == ["fastv", "random", "layerdrop", "visionzip", "divprune", "cdpruner", "downsample", "cdpruner-absorb"]
     assert not reply["left_out"] and all("train-router" in entry["reason"] for entry in reply["skipped"])
     assert sorted(ran + [entry["method"] for entry in reply["skipped"]]) == sorted(n for _, n in METHOD_CHOICES)
     from gradio_client.exceptions import AppError

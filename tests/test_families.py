@@ -34,17 +34,8 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def models():
-    from par_demo.models import load_model
-
-    cache = {}
-
-    def get(preset):
-        if preset not in cache:
-            cache[preset] = load_model(f"random:{preset}", device="cpu")
-        return cache[preset]
-
-    return get
+def models(random_models):
+    return random_models
 
 
 def encode(loaded, size):
@@ -81,17 +72,23 @@ def reference_logits(model, query, plan, extra_tokens=()):
         embeds = embeds.clone()
         embeds[0, query.image_positions[plan.keep_visual]] = plan.visual_features
     keep = torch.ones(embeds.shape[1], dtype=torch.bool)
+    bias = torch.zeros(embeds.shape[1])  # absorbed tokens: log size on their keys, as the layers' own additive mask
     if plan.keep_visual is not None:
         keep[query.image_positions] = False
         keep[query.image_positions[plan.keep_visual]] = True
-    h = embeds
+    if plan.kept_sizes is not None:
+        bias[query.image_positions[plan.keep_visual]] = plan.kept_sizes.log()
+    h, mask = embeds, None
     with torch.no_grad():
         for i, layer in enumerate(lm.layers):
             if i == plan.start_layer:
-                h, positions = h[:, keep], positions[..., keep]
+                h, positions, bias = h[:, keep], positions[..., keep], bias[keep]
+                if plan.kept_sizes is not None:
+                    future = torch.ones(len(bias), len(bias), dtype=torch.bool).triu(1)
+                    mask = bias.expand(len(bias), -1).masked_fill(future, float("-inf"))[None, None]
             if i in plan.skip_layers:
                 continue
-            h = layer(h, position_embeddings=lm.rotary_emb(h, positions))
+            h = layer(h, attention_mask=mask, position_embeddings=lm.rotary_emb(h, positions))
         return model.lm_head(lm.norm(h[:, -1])).reshape(-1)
 
 
@@ -160,6 +157,25 @@ def test_merged_tokens_replace_their_representatives_like_stock_layers(models, p
     pre = check_against_stock_layers(loaded, engine, query, plan)
     plain = engine.prefill(query, PruningPlan(start_layer=0, keep_visual=keep, skip_layers=frozenset({1})))
     assert not torch.allclose(plain.logits, pre.logits)  # the features were used
+
+
+@pytest.mark.parametrize("preset, size", CASES)
+@pytest.mark.parametrize("start_layer", [0, 2])
+def test_absorbing_plans_match_stock_layers_given_the_same_additive_mask(models, preset, size, start_layer):
+    """Proportional attention: each kept token's key gets + log(its size) from layer K on, in prefill and in every
+    decode step; the stock layers, handed that as their own additive attention mask, agree."""
+    from par_demo.methods.absorb import absorbed_sizes
+
+    loaded = models(preset)
+    engine = Engine(loaded.model)
+    query = engine.prepare(encode(loaded, size))
+    keep = torch.tensor([query.n_visual - 1, 0, 7 % query.n_visual, query.n_visual // 2, 3])  # any order
+    sizes = absorbed_sizes(query.image_features, keep)
+    assert sizes.max() > 1
+    plan = PruningPlan(start_layer=start_layer, keep_visual=keep, kept_sizes=sizes, skip_layers=frozenset({1}))
+    pre = check_against_stock_layers(loaded, engine, query, plan)
+    dropped = engine.prefill(query, PruningPlan(start_layer=start_layer, keep_visual=keep, skip_layers=frozenset({1})))
+    assert not torch.allclose(dropped.logits, pre.logits, atol=1e-4)  # the sizes were used
 
 
 def test_image_shape_sets_the_qwen_grid_and_token_count(models):

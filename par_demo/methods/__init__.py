@@ -9,19 +9,19 @@ from __future__ import annotations
 
 from par_demo.errors import UserError
 from par_demo.methods.base import Method, Setting
-from par_demo.methods.cdpruner import CDPruner
+from par_demo.methods.cdpruner import CDPruner, CDPrunerAbsorb
 from par_demo.methods.divprune import DivPrune
 from par_demo.methods.downsample import Downsample
 from par_demo.methods.fastv import FastV
 from par_demo.methods.full import Full
 from par_demo.methods.layerdrop import LayerDrop
-from par_demo.methods.par import Par, ParLayers, ParPrior, ParTokens
+from par_demo.methods.par import Par, ParDrop, ParLayers, ParPrior, ParTokens
 from par_demo.methods.random_tokens import RandomTokens
 from par_demo.methods.visionzip import VisionZip
 
 REGISTRY: dict[str, type[Method]] = {
     m.name: m for m in (Full, Par, FastV, RandomTokens, LayerDrop, VisionZip, DivPrune, CDPruner, Downsample,
-                        ParTokens, ParLayers, ParPrior)
+                        CDPrunerAbsorb, ParTokens, ParLayers, ParPrior, ParDrop)
 }
 METHODS: tuple[str, ...] = tuple(REGISTRY)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Protocol
 
 import torch
@@ -11,6 +11,7 @@ import torch
 from par_demo.engine import Engine, PruningPlan, Query
 from par_demo.errors import BudgetOutOfReach, UserError
 from par_demo.flops import FlopsModel
+from par_demo.methods.absorb import absorb_flops, absorbed_sizes
 
 
 class MethodContext(Protocol):
@@ -55,6 +56,8 @@ class Method:
     # None: a method of the field, always in "compare all". Else the group that "compare all" runs only when asked:
     # "baseline" (a simple reference: random, pooled, layers by a fixed prior) or "ablation" (one part of PAR).
     extra: str | None = None
+    # Dropped visual tokens are absorbed by their look-alikes, with proportional attention (`methods/absorb.py`)
+    absorbs = False
 
     def __init__(self, context: MethodContext):
         self.context = context
@@ -86,8 +89,10 @@ class Method:
     def setting_flops(self, query: Query, setting: Setting) -> float:
         kept = None if setting.tokens >= query.n_visual else setting.tokens
         rows = self.attention_rows() if kept is not None else 0
-        return self.flops.prefill(query, kept, setting.skip, setting.start_layer,
-                                  router=self.extra_flops(query, setting), attention_rows=rows)
+        extra = self.extra_flops(query, setting)
+        if self.absorbs:
+            extra += absorb_flops(query.n_visual, setting.tokens, query.image_features.shape[1])
+        return self.flops.prefill(query, kept, setting.skip, setting.start_layer, router=extra, attention_rows=rows)
 
     def choose(self, query: Query, budget: float, start_layer: int) -> Setting:
         """The first (most expensive) candidate whose prefill FLOPs fit the budget.
@@ -111,18 +116,21 @@ class Method:
              start_layer: int = 2) -> tuple[PruningPlan, Setting]:
         if tokens is not None and not self.uses_tokens:
             raise UserError(f"{self.name} does not prune tokens; "
-                            "--tokens applies to: fastv, random, visionzip, divprune, cdpruner, downsample, par, "
-                            "par-tokens, par-prior")
+                            "--tokens applies to: fastv, random, visionzip, divprune, cdpruner, cdpruner-absorb, "
+                            "downsample, par, par-tokens, par-prior, par-drop")
         if layers is not None and not self.uses_layers:
             raise UserError(f"{self.name} does not skip layers; "
-                            "--layers applies to: layerdrop, par, par-layers, par-prior")
+                            "--layers applies to: layerdrop, par, par-layers, par-prior, par-drop")
         if not 0 <= start_layer <= self.n_layers:
             raise UserError(f"pruning start layer must be in [0, {self.n_layers}], got {start_layer}")
         if tokens is not None or layers is not None:
             setting = self.fixed(query, tokens, layers, start_layer)
         else:
             setting = self.choose(query, budget, start_layer)
-        return self.make_plan(query, setting), setting
+        plan = self.make_plan(query, setting)
+        if self.absorbs and plan.keep_visual is not None and 0 < plan.keep_visual.numel() < query.n_visual:
+            plan = replace(plan, kept_sizes=absorbed_sizes(query.image_features, plan.keep_visual))
+        return plan, setting
 
 
 def check_count(value, low: int, high: int, what: str) -> int:

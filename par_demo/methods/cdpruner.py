@@ -89,3 +89,12 @@ class CDPruner(PreLLMMethod):
     def select(self, query, tokens):
         r = relevance(query.image_features, instruction_tokens(query))
         return Selection(greedy_dpp(query.image_features, r, tokens), scores=r)
+
+
+class CDPrunerAbsorb(CDPruner):
+    """CDPruner whose dropped tokens are absorbed by their look-alikes with proportional attention, as PAR's are
+    (`methods/absorb.py`): tells what of PAR's lead is the absorption and what its routing."""
+
+    name = "cdpruner-absorb"
+    extra = "baseline"
+    absorbs = True

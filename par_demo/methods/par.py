@@ -7,15 +7,19 @@ For a budget b (fraction of the full prefill FLOPs, router included):
      L = N * min(1, 0.5 + 0.6 b), which passes through the paper's operating points (b 0.62 -> 28/32 layers,
      b 0.47 -> 25/32);
   3. the L - |protected| best-scored routable layers run (protected first/last layers always run), and as many
-     top-scored visual tokens are kept as the budget then allows. When every token fits, more layers are tried.
+     top-scored visual tokens are kept as the budget then allows. When every token fits, more layers are tried;
+  4. the dropped tokens are absorbed by the kept token each is most like, whose attention logits get + log(its size)
+     from layer K on (proportional attention, `methods/absorb.py`; its cosines are charged to the budget), when the
+     router's config says `absorb` (its Pareto table is then measured that way too). Without it, counting questions
+     fall apart on the embedded model (count_all at 0.25: 55.5 % dropped against 95.0 % absorbed).
 `--tokens T --layers L` are the paper's fixed versions (the router still chooses which ones).
 Visual tokens leave the sequence at the layer K the router was trained for (`start_layer` in its config; the
 `--start-layer` option applies to the attention heuristics, whose scores come from layer K-1).
 
 Ablations (same budget search, same Pareto split): `par-tokens` routes tokens only (every layer runs),
-`par-layers` routes layers only (every token kept), `par-prior` replaces the router's scores by the attention
-prior it is trained from (FastV's attention row at layer K-1 for tokens, block influence for layers; no router
-FLOPs) — what training bought.
+`par-layers` routes layers only (every token kept), `par-drop` drops without absorbing, `par-prior` replaces the
+router's scores by the attention prior it is trained from (FastV's attention row at layer K-1 for tokens, block
+influence for layers; no router FLOPs) — what training bought.
 
 A router is found, in order, at: `predictor.router_path` or $PAR_DEMO_ROUTER (explicit), `<model folder>/router/`
 for local models, `assets/routers/<model name>/`. Without one the method reports itself unavailable, with the
@@ -124,6 +128,11 @@ class Par(Method):
     @property
     def config(self):
         return self.router.config
+
+    @property
+    def absorbs(self) -> bool:
+        """Dropped tokens are absorbed (proportional attention) when the router was measured that way."""
+        return self.route_tokens and self.router is not None and self.config.absorb
 
     def route(self, query, budget: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits for one query at one budget: tokens (n_v,), layers (N,). Cached for the last query."""
@@ -265,6 +274,15 @@ class ParLayers(Par):
     route_tokens = False
 
 
+class ParDrop(Par):
+    """Ablation: PAR's routing and split with dropped tokens simply gone (no absorption, no proportional attention),
+    as in the paper: what absorbing them buys."""
+
+    name = "par-drop"
+    extra = "ablation"
+    absorbs = False
+
+
 class ParPrior(Par):
     """Ablation: PAR's budget split with the attention prior the router is trained from instead of its scores.
 
@@ -275,6 +293,7 @@ class ParPrior(Par):
     name = "par-prior"
     extra = "ablation"
     min_start_layer = 1
+    absorbs = False  # FastV's rule keeps its tokens inside the engine; compare with par-drop
 
     def start_layer(self):
         return max(1, self.config.start_layer)  # FastV's row is read at layer K-1
