@@ -11,6 +11,7 @@ is described in `par_demo/training/`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -56,6 +57,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--start-layer", type=int, default=0, help="K: the layer visual tokens are dropped at")
     parser.add_argument("--token-selection", choices=["top", "dpp"], default="top",
                         help="kept tokens from scores: the best-scored, or a diverse set weighted by the scores")
+    parser.add_argument("--absorb", action=argparse.BooleanOptionalAction, default=None,
+                        help="dropped tokens absorbed by their look-alikes with proportional attention, in the flows, "
+                             "the Pareto table and at inference (default: on for a new router; with --resume, sets "
+                             "it on the saved router, whose Pareto table is then measured that way)")
     parser.add_argument("--pareto-low", type=float, default=0.15)
     parser.add_argument("--pareto-high", type=float, default=0.9)
     parser.add_argument("--pareto-step", type=float, default=0.05)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from par_demo.methods.absorb import absorbed_sizes
 from par_demo.training.flows import Flow, score_flows
 from par_demo.training.questions import PROBES, QuestionBank, TEMPLATES, mentions_in
 
@@ -32,8 +33,9 @@ def targets(predictor, tmp_path_factory):
     return out
 
 
-def random_flows(targets, start_layer, seed=0):
-    """Flows of every kind: all tokens kept or few, no layer or several skipped (before K too, when K > 0)."""
+def random_flows(targets, start_layer, seed=0, absorb=False):
+    """Flows of every kind: all tokens kept or few, no layer or several skipped (before K too, when K > 0); with
+    `absorb`, the dropped tokens absorbed by their look-alikes (proportional attention)."""
     g = torch.Generator().manual_seed(seed)
     rows = []
     for t in targets:
@@ -42,13 +44,15 @@ def random_flows(targets, start_layer, seed=0):
             tokens = int(torch.randint(3, n_v, (1,), generator=g)) if j else n_v
             keep = torch.randperm(n_v, generator=g)[:tokens] if j else None
             skip = [frozenset(), frozenset({3, 5}), frozenset({1, 6}), frozenset({2})][j]
-            rows.append((t, Flow(keep, skip, tokens, 8 - len(skip))))
+            sizes = absorbed_sizes(t.visual, keep) if absorb and keep is not None else None
+            rows.append((t, Flow(keep, skip, tokens, 8 - len(skip), sizes)))
     return rows
 
 
 @pytest.mark.parametrize("start_layer", [0, 2])
-def test_batched_flow_losses_equal_the_unbatched_ones(predictor, targets, start_layer):
-    rows = random_flows(targets, start_layer)
+@pytest.mark.parametrize("absorb", [False, True])
+def test_batched_flow_losses_equal_the_unbatched_ones(predictor, targets, start_layer, absorb):
+    rows = random_flows(targets, start_layer, absorb=absorb)
     alone = score_flows(predictor.engine, rows, start_layer, batched=False)  # each flow through engine.prefill
     for batch_rows in (len(rows), 5):  # one forward for every flow of every query; and uneven chunks
         batched = score_flows(predictor.engine, rows, start_layer, batch_rows=batch_rows)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from par_demo.engine import PruningPlan
+from par_demo.methods.absorb import absorb_flops, absorbed_sizes
 from par_demo.methods.par import select_tokens, selection_flops, standardise
 from par_demo.router import RouterConfig, router_flops
 
@@ -26,6 +27,14 @@ class Flow:
     skip: frozenset[int]  # decoder layers not run
     tokens: int  # visual tokens kept
     layers: int  # decoder layers run
+    sizes: torch.Tensor | None = None  # proportional attention: what each kept token stands for (keep's order)
+
+
+def make_flow(config: RouterConfig, target, keep: torch.Tensor | None, skip: frozenset[int], tokens: int,
+              layers: int) -> Flow:
+    """A flow, with its kept tokens' sizes when the router absorbs dropped tokens (as `par` will at inference)."""
+    sizes = absorbed_sizes(target.visual, keep) if config.absorb and keep is not None and keep.numel() else None
+    return Flow(keep, skip, tokens, layers, sizes)
 
 
 class Budgeter:
@@ -43,6 +52,8 @@ class Budgeter:
         def cost(tokens):
             kept = None if tokens >= n_v else tokens
             chosen = extra + selection_flops(self.config, n_v, tokens, width)
+            if self.config.absorb:
+                chosen += absorb_flops(n_v, tokens, width)
             return self.flops.prefill(target.shape, kept, skip, self.config.start_layer, router=chosen)
 
         if cost(0) > limit:
@@ -77,7 +88,7 @@ def sample_flows(target, token_scores, layer_scores, budget: float, n_flows: int
         if tokens < 1:
             continue
         keep = select_tokens(cfg, target.visual, noisy_tok, tokens) if tokens < tok.numel() else None
-        flows.append(Flow(keep, skip, tokens, n_protected + n_run))
+        flows.append(make_flow(cfg, target, keep, skip, tokens, n_protected + n_run))
     return flows
 
 
@@ -116,9 +127,10 @@ def kl_and_agreement(target, logits: torch.Tensor) -> tuple[float, bool]:
     return kl, agree
 
 
-def flow_kl(engine, target, keep: torch.Tensor | None, skip: frozenset[int], start_layer: int):
+def flow_kl(engine, target, keep: torch.Tensor | None, skip: frozenset[int], start_layer: int,
+            sizes: torch.Tensor | None = None):
     """One flow alone, through the engine's own prefill: the reference the batched path is tested against."""
-    plan = PruningPlan(start_layer=start_layer, keep_visual=keep, skip_layers=skip)
+    plan = PruningPlan(start_layer=start_layer, keep_visual=keep, skip_layers=skip, kept_sizes=sizes)
     logits = engine.prefill(target.query, plan, n_logits=target.m).logits.reshape(target.m, -1)
     return kl_and_agreement(target, logits)
 
@@ -153,31 +165,52 @@ def right_pad(hidden: list[torch.Tensor], positions: list[torch.Tensor]):
     return h, pos, lengths
 
 
+def kept_bias(query, flow: Flow, kept: torch.Tensor) -> torch.Tensor:
+    """(len(kept),) proportional attention's key bias of a flow's gathered sequence: log size at its kept visual
+    tokens' places, 0 at text (and everywhere when the flow absorbs nothing)."""
+    bias = torch.zeros(kept.numel(), device=kept.device)
+    if flow.sizes is not None:
+        order = flow.keep.argsort()
+        slots = torch.searchsorted(kept, query.image_positions[flow.keep.to(kept.device)[order]])
+        bias[slots] = flow.sizes.to(bias.device)[order].log()
+    return bias
+
+
 def run_batch(engine, rows: list[tuple[object, Flow]], start_layer: int) -> list[torch.Tensor]:
     """Teacher-forced logits (m, vocab) of every (target, flow) row, all rows in one batched forward."""
-    with torch.inference_mode():
-        if start_layer == 0:  # gather before the first layer: no row ever holds a dropped token
-            kept = [kept_sequence(t.query, f.keep) for t, f in rows]
-            hidden = [t.query.inputs_embeds[0, k] for (t, _), k in zip(rows, kept)]
-            positions = [row_positions(t.query)[..., k] for (t, _), k in zip(rows, kept)]
-        else:
-            hidden = [t.query.inputs_embeds[0] for t, _ in rows]
-            positions = [row_positions(t.query) for t, _ in rows]
+    absorbs = any(f.sizes is not None for _, f in rows)
+
+    def gathered(source: list[torch.Tensor]):
+        kept = [kept_sequence(t.query, f.keep) for t, f in rows]
+        hidden = [row[k] for row, k in zip(source, kept)]
+        positions = [row_positions(t.query)[..., k] for (t, _), k in zip(rows, kept)]
         h, pos, lengths = right_pad(hidden, positions)
+        bias = None
+        if absorbs:  # padding keys get 0: the causal mask already hides them from every real query
+            bias = h.new_zeros(h.shape[:2])
+            for r, ((t, f), k) in enumerate(zip(rows, kept)):
+                bias[r, :k.numel()] = kept_bias(t.query, f, k)
+        return h, pos, lengths, bias
+
+    with torch.inference_mode():
+        bias = None
+        if start_layer == 0:  # gather before the first layer: no row ever holds a dropped token
+            h, pos, lengths, bias = gathered([t.query.inputs_embeds[0] for t, _ in rows])
+        else:
+            h, pos, lengths = right_pad([t.query.inputs_embeds[0] for t, _ in rows],
+                                        [row_positions(t.query) for t, _ in rows])
         rope = engine.rope(h, pos)
         for i in range(engine.n_layers):
             if i == start_layer and i > 0:  # the gather: each row keeps its own tokens, with their positions
-                kept = [kept_sequence(t.query, f.keep) for t, f in rows]
-                hidden = [h[r, k] for r, k in enumerate(kept)]
-                positions = [row_positions(t.query)[..., k] for (t, _), k in zip(rows, kept)]
-                h, pos, lengths = right_pad(hidden, positions)
+                h, pos, lengths, bias = gathered(list(h))
                 rope = engine.rope(h, pos)
             running = [r for r, (_, f) in enumerate(rows) if i not in f.skip]
             if len(running) == len(rows):
-                h, _ = engine.run_layer(i, h, rope, None)
+                h, _ = engine.run_layer(i, h, rope, None, key_bias=bias)
             elif running:  # only the flows that run this layer; the others pass their hidden states on
                 index = torch.tensor(running, device=h.device)
-                h[index], _ = engine.run_layer(i, h[index], tuple(part[index] for part in rope), None)
+                h[index], _ = engine.run_layer(i, h[index], tuple(part[index] for part in rope), None,
+                                               key_bias=None if bias is None else bias[index])
         answers = torch.cat([h[r, n - t.m:n] for r, ((t, _), n) in enumerate(zip(rows, lengths))])
         logits = engine.lm_head(engine.lm.norm(answers)).float()
         return list(logits.split([t.m for t, _ in rows]))
@@ -190,7 +223,7 @@ def score_flows(engine, rows: list[tuple[object, Flow]], start_layer: int, batch
     of one budget differ a lot in length (fewer layers leave room for more tokens). `batched=False` runs each flow
     alone through the engine (the old path)."""
     if not batched:
-        return [flow_kl(engine, t, f.keep, f.skip, start_layer) for t, f in rows]
+        return [flow_kl(engine, t, f.keep, f.skip, start_layer, f.sizes) for t, f in rows]
     length = [t.query.length - t.query.n_visual + (f.tokens if f.keep is not None else t.query.n_visual)
               for t, f in rows]
     order = sorted(range(len(rows)), key=lambda r: length[r])

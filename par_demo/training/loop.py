@@ -133,7 +133,8 @@ def build_router_config(predictor, args, sample) -> RouterConfig:
     return RouterConfig(lm_width=loaded.config.text_config.hidden_size, n_layers=n_layers, width=width,
                         depth=args.depth, heads=heads, protected_first=protected_first,
                         protected_last=args.protected_last, start_layer=args.start_layer,
-                        token_selection=args.token_selection, model=fingerprint(loaded))
+                        token_selection=args.token_selection, absorb=getattr(args, "absorb", None) is not False,
+                        model=fingerprint(loaded))
 
 
 def mixed_precision(precision: str, device: str | None) -> str:
@@ -195,6 +196,8 @@ def train_router(predictor, queries, out: Path, train: TrainConfig, args, progre
     if resume and (out / "router.json").is_file():
         router, meta = load_router(out, predictor.loaded)
         config = meta["config"]
+        if getattr(args, "absorb", None) is not None:
+            config.absorb = bool(args.absorb)
     else:
         config = build_router_config(predictor, args, cache[0])
         router = MetaRouter(config)
@@ -208,6 +211,8 @@ def train_router(predictor, queries, out: Path, train: TrainConfig, args, progre
         optimizer.load_state_dict(state["optimizer"])
         step, flows_done = int(state["step"]), int(state.get("flows", 0))
         history = read_meta(out).get("training", {}).get("history", [])
+    elif resume and (out / "router.json").is_file():  # a shipped router keeps no optimizer state: only its step count
+        step = int(read_meta(out).get("training", {}).get("steps", 0))
     optimizer = accelerator.prepare(optimizer)  # the loss scaler for fp16; the router is not wrapped (see above)
     layer_prior = torch.tensor(predictor.method("layerdrop").influence())  # block influence: high = keep
 

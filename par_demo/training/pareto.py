@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from par_demo.methods.par import select_tokens
-from par_demo.training.flows import Budgeter, Flow, score_flows
+from par_demo.training.flows import Budgeter, Flow, make_flow, score_flows
 
 
 def measure_pareto(router, targets, engine, budgeter: Budgeter, budgets: list[float], progress: bool = False,
@@ -42,7 +42,7 @@ def measure_pareto(router, targets, engine, budgeter: Budgeter, budgets: list[fl
                 if tokens < 1:
                     break  # this many layers leave no room for tokens at this budget
                 keep = select_tokens(cfg, t.visual, z_tok[bi], tokens) if tokens < z_tok.shape[1] else None
-                chosen.append((t, Flow(keep, skip, tokens, n_protected + n_run)))
+                chosen.append((t, make_flow(cfg, t, keep, skip, tokens, n_protected + n_run)))
             if len(chosen) == len(targets):
                 settings.append((n_run, len(flows)))
                 flows += chosen
