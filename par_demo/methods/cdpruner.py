@@ -93,8 +93,9 @@ class CDPruner(PreLLMMethod):
 
 class CDPrunerAbsorb(CDPruner):
     """CDPruner whose dropped tokens are absorbed by their look-alikes with proportional attention, as PAR's are
-    (`methods/absorb.py`): tells what of PAR's lead is the absorption and what its routing."""
+    (`methods/absorb.py`). An ablation of PAR rather than a method of the field: PAR's absorbing without PAR's
+    router, CDPruner's picks instead; it tells what of PAR's lead is the absorbing and what the routing."""
 
     name = "cdpruner-absorb"
-    extra = "baseline"
+    extra = "ablation"
     absorbs = True
