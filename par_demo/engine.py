@@ -200,12 +200,12 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------- layers
     def run_layer(self, index: int, h: torch.Tensor, rope, cache: KVCache | None, score_rows: int = 0,
-                  key_bias: torch.Tensor | None = None):
+                  mask: torch.Tensor | None = None):
         """One decoder layer on h (B, n, D). Returns (h, attention rows of the last `score_rows` queries or None).
 
         Inference uses B = 1 and the cache; router training runs right-padded batches of pruned sequences without
-        a cache (causal attention keeps every real token blind to the padding after it). `key_bias` (B, n_prompt):
-        proportional attention's log sizes, added to the attention logits of the first n_prompt keys."""
+        a cache (causal attention keeps every real token blind to the padding after it). `mask` (B, 1, n, n_keys):
+        an additive attention mask (`attention_mask`: causal + proportional attention's log sizes), else causal."""
         layer = self.layers[index]
         attn = layer.self_attn
         b, n = h.shape[:2]
@@ -217,11 +217,15 @@ class Engine:
         if cache is not None:
             k, v = cache.append(index, k, v)
         gqa = q.shape[1] != k.shape[1]
+        if gqa and mask is not None and q.device.type == "cuda":
+            # CUDA's fused SDPA kernels take a mask or grouped keys, not both (it would fall back to the math
+            # kernel): with a mask, the key/value heads are repeated here instead (as transformers does).
+            k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+            gqa = False
         # Prefill: causal over the (possibly gathered) sequence, whose order is the original order.
         # Decode: one query against every cached key, no mask needed. With proportional attention: both as a mask.
-        mask = None if key_bias is None else attention_mask(key_bias.to(q.dtype), n, k.shape[2])
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=n > 1 and mask is None,
-                                           scale=attn.scaling, enable_gqa=gqa)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(q.dtype),
+                                           is_causal=n > 1 and mask is None, scale=attn.scaling, enable_gqa=gqa)
         scores = self._attention_rows(q[:, :, -score_rows:], k, attn.scaling) if score_rows else None
         h = h + attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
@@ -253,7 +257,7 @@ class Engine:
         cache = KVCache(self.n_layers)
         cache.reserve(reserve)
         kept_visual = torch.arange(query.n_visual, device=h.device)
-        attention_to_image = None
+        attention_to_image, mask = None, None
         hidden = []
         for i in range(self.n_layers + 1):
             if i == plan.start_layer and plan.prunes_tokens:
@@ -264,8 +268,10 @@ class Engine:
                 if features is not None:  # merged / pooled tokens take their representative token's place
                     h[0, slots] = features.to(h.dtype)
                 if sizes is not None:  # proportional attention from here on: log(size) on each kept visual key
-                    cache.key_bias = h.new_zeros(keep.numel()).index_put_((slots,), sizes.to(h.dtype).log())
+                    log_sizes = sizes.float().log().to(h.dtype)  # the log in fp32: bf16 rounds sizes above 256
+                    cache.key_bias = h.new_zeros(keep.numel()).index_put_((slots,), log_sizes)
                     cache.bias_from = i
+                    mask = attention_mask(cache.key_bias[None], keep.numel(), keep.numel())  # one for every layer
                 positions = positions[..., keep]  # ... and keep their original (1-D or 3-D) positions
                 rope = self.rope(h, positions)
             if i == self.n_layers:
@@ -275,9 +281,8 @@ class Engine:
                     hidden.append(h)
                 continue
             wants_scores = plan.keep_visual_count is not None and i == plan.start_layer - 1
-            bias = cache.bias_for(i)
             h, rows = self.run_layer(i, h, rope, cache, score_rows if wants_scores else 0,
-                                     None if bias is None else bias[None])
+                                     mask if cache.bias_for(i) is not None else None)
             if rows is not None:
                 attention_to_image = rows[query.image_positions]
             if keep_hidden:
@@ -311,10 +316,13 @@ class Engine:
         position id serves 1-D RoPE and M-RoPE alike (M-RoPE's rotary module repeats it on its three axes)."""
         h = self.lm.embed_tokens(torch.tensor([[token]], device=self.lm_head.weight.device))
         rope = self.rope(h, torch.tensor([[position]], device=h.device))
+        mask = None  # proportional attention: one row over the prompt's keys (log sizes) and those decoded since
         for i in range(self.n_layers):
             if i not in plan.skip_layers:
                 bias = cache.bias_for(i)
-                h, _ = self.run_layer(i, h, rope, cache, key_bias=None if bias is None else bias[None])
+                if bias is not None and mask is None:
+                    mask = attention_mask(bias[None], 1, cache.lengths[i] + 1)
+                h, _ = self.run_layer(i, h, rope, cache, mask=mask if bias is not None else None)
         return self.logits(h[:, -1])
 
     @torch.inference_mode()

@@ -251,6 +251,28 @@ def test_train_router_command_writes_a_usable_resumable_checkpoint(tmp_path, tin
     predictor = Predictor(tiny)
     predictor.router_path = out
     assert predictor.method("par").available() is None
+    assert meta["config"]["absorb"] and predictor.method("par").absorbs  # a new router absorbs by default
+
+    # A shipped router has no optimizer state: --resume at its own step count only re-measures its Pareto table,
+    # here without absorbing, and keeps the run's figures.
+    (out / "train_state.pt").unlink()
+    assert main(common + ["--steps", "2", "--resume", "--no-absorb"]) == 0
+    again = json.loads((out / "router.json").read_text())
+    assert not again["config"]["absorb"] and again["training"]["steps"] == 2
+    assert again["training"]["flows"] == meta["training"]["flows"] > 0 and again["pareto"]
+    assert not (out / "train_state.pt").is_file()  # no step was run, so no checkpoint was written
+    reloaded = Predictor(tiny)
+    reloaded.router_path = out
+    assert reloaded.method("par").available() is None and not reloaded.method("par").absorbs
+
+
+def test_a_router_saved_before_absorbing_loads_with_it_off(tiny, config, tmp_path):
+    save_router(MetaRouter(config), tmp_path)
+    data = json.loads((tmp_path / "router.json").read_text())
+    del data["config"]["absorb"]
+    (tmp_path / "router.json").write_text(json.dumps(data))
+    _, meta = load_router(tmp_path, tiny)
+    assert meta["config"].absorb is False
 
 
 def test_train_router_refuses_bad_data(tmp_path):
@@ -355,3 +377,4 @@ def test_a_dpp_router_keeps_a_diverse_set_of_its_best_tokens_and_pays_for_choosi
     assert p.kept_visual_tokens == expected.tolist()  # the 12 x 12 grid is row-major: cell = token index
     assert par.extra_flops(query, Setting(kept, frozenset(), 0)) == \
         par.router.flops(144, query.n_text) + dpp_flops(144, kept, 128)
+

@@ -196,6 +196,8 @@ class Par(Method):
                     if fits(n_v, skip):
                         return Setting(n_v, skip, k)
                     continue
+                if fits(n_v, skip):  # every token: nothing absorbed or charged for it (cost dips at n_v)
+                    return Setting(n_v, skip, k)
                 if not fits(0, skip):
                     continue
                 low, high = 0, n_v  # fits(low) holds

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from par_demo.engine import PruningPlan
+from par_demo.engine import PruningPlan, attention_mask
 from par_demo.methods.absorb import absorb_flops, absorbed_sizes
 from par_demo.methods.par import select_tokens, selection_flops, standardise
 from par_demo.router import RouterConfig, router_flops
@@ -56,6 +56,8 @@ class Budgeter:
                 chosen += absorb_flops(n_v, tokens, width)
             return self.flops.prefill(target.shape, kept, skip, self.config.start_layer, router=chosen)
 
+        if cost(n_v) <= limit:  # every token: nothing absorbed, nothing charged for it (cost dips at n_v)
+            return n_v
         if cost(0) > limit:
             return -1
         low, high = 0, n_v  # invariant: cost(low) fits
@@ -185,32 +187,33 @@ def run_batch(engine, rows: list[tuple[object, Flow]], start_layer: int) -> list
         hidden = [row[k] for row, k in zip(source, kept)]
         positions = [row_positions(t.query)[..., k] for (t, _), k in zip(rows, kept)]
         h, pos, lengths = right_pad(hidden, positions)
-        bias = None
+        mask = None
         if absorbs:  # padding keys get 0: the causal mask already hides them from every real query
             bias = h.new_zeros(h.shape[:2])
             for r, ((t, f), k) in enumerate(zip(rows, kept)):
                 bias[r, :k.numel()] = kept_bias(t.query, f, k)
-        return h, pos, lengths, bias
+            mask = attention_mask(bias, h.shape[1], h.shape[1])  # (B, 1, n, n)
+        return h, pos, lengths, mask
 
     with torch.inference_mode():
-        bias = None
+        mask = None
         if start_layer == 0:  # gather before the first layer: no row ever holds a dropped token
-            h, pos, lengths, bias = gathered([t.query.inputs_embeds[0] for t, _ in rows])
+            h, pos, lengths, mask = gathered([t.query.inputs_embeds[0] for t, _ in rows])
         else:
             h, pos, lengths = right_pad([t.query.inputs_embeds[0] for t, _ in rows],
                                         [row_positions(t.query) for t, _ in rows])
         rope = engine.rope(h, pos)
         for i in range(engine.n_layers):
             if i == start_layer and i > 0:  # the gather: each row keeps its own tokens, with their positions
-                h, pos, lengths, bias = gathered(list(h))
+                h, pos, lengths, mask = gathered(list(h))
                 rope = engine.rope(h, pos)
             running = [r for r, (_, f) in enumerate(rows) if i not in f.skip]
             if len(running) == len(rows):
-                h, _ = engine.run_layer(i, h, rope, None, key_bias=bias)
+                h, _ = engine.run_layer(i, h, rope, None, mask=mask)
             elif running:  # only the flows that run this layer; the others pass their hidden states on
                 index = torch.tensor(running, device=h.device)
                 h[index], _ = engine.run_layer(i, h[index], tuple(part[index] for part in rope), None,
-                                               key_bias=None if bias is None else bias[index])
+                                               mask=None if mask is None else mask[index])
         answers = torch.cat([h[r, n - t.m:n] for r, ((t, _), n) in enumerate(zip(rows, lengths))])
         logits = engine.lm_head(engine.lm.norm(answers)).float()
         return list(logits.split([t.m for t, _ in rows]))

@@ -193,11 +193,12 @@ def train_router(predictor, queries, out: Path, train: TrainConfig, args, progre
     val_queries, train_queries = queries[:n_val], queries[n_val:] or queries
     cache = TargetCache(predictor, train_queries, train, args.start_layer)
 
+    saved, stale_table = {}, False  # the saved run's training figures; its Pareto table no longer describes it
     if resume and (out / "router.json").is_file():
         router, meta = load_router(out, predictor.loaded)
-        config = meta["config"]
-        if getattr(args, "absorb", None) is not None:
-            config.absorb = bool(args.absorb)
+        config, saved = meta["config"], read_meta(out).get("training", {})
+        if getattr(args, "absorb", None) is not None and bool(args.absorb) != config.absorb:
+            config.absorb, stale_table = bool(args.absorb), True
     else:
         config = build_router_config(predictor, args, cache[0])
         router = MetaRouter(config)
@@ -211,8 +212,9 @@ def train_router(predictor, queries, out: Path, train: TrainConfig, args, progre
         optimizer.load_state_dict(state["optimizer"])
         step, flows_done = int(state["step"]), int(state.get("flows", 0))
         history = read_meta(out).get("training", {}).get("history", [])
-    elif resume and (out / "router.json").is_file():  # a shipped router keeps no optimizer state: only its step count
-        step = int(read_meta(out).get("training", {}).get("steps", 0))
+    elif saved:  # a shipped router keeps no optimizer state: its step count, flows and history go on
+        step, flows_done, history = int(saved.get("steps", 0)), int(saved.get("flows", 0)), saved.get("history", [])
+    first_step = step
     optimizer = accelerator.prepare(optimizer)  # the loss scaler for fp16; the router is not wrapped (see above)
     layer_prior = torch.tensor(predictor.method("layerdrop").influence())  # block influence: high = keep
 
@@ -249,7 +251,8 @@ def train_router(predictor, queries, out: Path, train: TrainConfig, args, progre
             history.append({"step": step, **recent, "router_share": use_router})
         out_of_time = all_agree(bool(train.max_minutes) and elapsed > 60 * train.max_minutes, accelerator)
         if accelerator.is_main_process and (step % train.save_every == 0 or step == train.steps or out_of_time):
-            save_checkpoint(router, optimizer, step, flows_done + flows_here * world, out, train, history)
+            save_checkpoint(router, optimizer, step, flows_done + flows_here * world, out, train, history,
+                            keep_table=not stale_table)
         if out_of_time:
             stopped_early = step < train.steps
             break
@@ -262,6 +265,8 @@ def train_router(predictor, queries, out: Path, train: TrainConfig, args, progre
                "flows_per_s": round(flows_here / max(seconds, 1e-9), 2), "processes": world,
                "replicas_agree": replicas_agree(router, accelerator), "stopped_early": stopped_early,
                "history": history}
+    if step == first_step and saved:  # nothing trained in this run (it re-measures the table): the run's own figures
+        summary.update({k: saved[k] for k in ("seconds", "flows_per_s", "processes", "replicas_agree") if k in saved})
     if accelerator.is_main_process:
         router.eval()
         grid = [round(b, 2) for b in np.arange(args.pareto_low, args.pareto_high + 1e-9, args.pareto_step)]
@@ -274,8 +279,9 @@ def train_router(predictor, queries, out: Path, train: TrainConfig, args, progre
     return summary
 
 
-def save_checkpoint(router, optimizer, step: int, flows: int, out: Path, train: TrainConfig, history) -> None:
-    previous = read_meta(out).get("pareto", []) if (out / "router.json").is_file() else []
+def save_checkpoint(router, optimizer, step: int, flows: int, out: Path, train: TrainConfig, history,
+                    keep_table: bool = True) -> None:
+    previous = read_meta(out).get("pareto", []) if keep_table and (out / "router.json").is_file() else []
     save_router(router, out, previous, {"training": {"steps": step, "flows": flows, "history": history},
                                         "train_config": asdict(train)})
     tmp = out / (STATE_FILE + ".tmp")

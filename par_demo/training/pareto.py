@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from par_demo.methods.par import select_tokens
-from par_demo.training.flows import Budgeter, Flow, make_flow, score_flows
+from par_demo.training.flows import Budgeter, make_flow, score_flows
 
 
 def measure_pareto(router, targets, engine, budgeter: Budgeter, budgets: list[float], progress: bool = False,
@@ -64,7 +64,8 @@ def measure_pareto(router, targets, engine, budgeter: Budgeter, budgets: list[fl
 
 def baseline_kl(targets, engine, budgeter: Budgeter, budget: float, kind: str, seed: int = 0,
                 batch_rows: int = 64) -> float | None:
-    """Mean KL of token-only baselines at a budget (all layers run; router FLOPs not charged): 'prior' (the
+    """Mean KL of token-only baselines at a budget (all layers run; as many tokens as the router's flows could keep
+    there, its FLOPs charged, and absorbed the same way, so that only the choice of tokens differs): 'prior' (the
     attention prior's top-T, i.e. FastV at layer K) or 'random'."""
     rng = torch.Generator().manual_seed(seed)
     flows = []
@@ -75,7 +76,7 @@ def baseline_kl(targets, engine, budgeter: Budgeter, budget: float, kind: str, s
             return None  # tokens alone cannot reach this budget at layer K
         scores = t.prior if kind == "prior" else torch.rand(n_v, generator=rng)
         keep = scores.topk(tokens).indices.sort().values if tokens < n_v else None
-        flows.append((t, Flow(keep, frozenset(), tokens, budgeter.config.n_layers)))
+        flows.append((t, make_flow(budgeter.config, t, keep, frozenset(), tokens, budgeter.config.n_layers)))
     return float(np.mean([kl for kl, _ in score_flows(engine, flows, budgeter.config.start_layer, batch_rows)]))
 
 
