@@ -67,6 +67,10 @@ def timing_markdown(prediction: Prediction, cached: bool = False) -> str:
     return line + (f"  \n{NOISE_NOTE}" if t.noise else "")
 
 
+# Shown next to the kept tokens when a method absorbed the dropped ones (PAR, cdpruner-absorb): what that means.
+ABSORBED_NOTE = " · the dropped ones absorbed into their look-alikes (they keep their share of the attention)"
+
+
 def stats_markdown(pruned: Prediction) -> str:
     """FLOPs, visual tokens and layers kept, as a short table."""
     tokens = len(pruned.kept_visual_tokens)
@@ -74,8 +78,8 @@ def stats_markdown(pruned: Prediction) -> str:
     return (
         "| FLOPs (prefill) | visual tokens kept | decoder layers run |\n|---|---|---|\n"
         f"| **{pruned.flops_ratio:.0%}** of full ({pruned.flops / 1e9:.3g} / {pruned.flops_full / 1e9:.3g} GFLOPs) "
-        f"| **{tokens}** / {pruned.n_visual_tokens} ({tokens / max(pruned.n_visual_tokens, 1):.0%}) "
-        f"| **{layers}** / {pruned.n_layers} |"
+        f"| **{tokens}** / {pruned.n_visual_tokens} ({tokens / max(pruned.n_visual_tokens, 1):.0%})"
+        f"{ABSORBED_NOTE if pruned.absorbed else ''} | **{layers}** / {pruned.n_layers} |"
     )
 
 
@@ -192,7 +196,7 @@ def _cell(state: AllMethods, name: str, p: Prediction) -> str:
         f'<div class="pg-layers" title="decoder layers: green run, red skipped">{strip}</div>'
         f'<div class="pg-answer">{html.escape(display_answer(p.answer))}</div>{verdict}'
         f'<div class="pg-facts">FLOPs {p.flops_ratio:.0%} · tokens {len(p.kept_visual_tokens)}/{p.n_visual_tokens}'
-        f' · layers {len(p.kept_layers)}/{p.n_layers}</div>'
+        f'{" (rest absorbed)" if p.absorbed else ""} · layers {len(p.kept_layers)}/{p.n_layers}</div>'
         f'<div class="pg-time">{_cell_time(p, state.timed)}</div></div>'
     )
 

@@ -52,6 +52,7 @@ class Prediction:
     layer_scores: list[float] | None = None
     kv_cache_bytes: int = 0
     empty_cells: list[int] = field(default_factory=list)  # cells of `grid` without a token (between a tiled image's views)
+    absorbed: bool = False  # the dropped visual tokens were absorbed by kept look-alikes (proportional attention)
     family: str = ""  # the model family (llava, qwen2.5-vl, ...)
     notices: list[str] = field(default_factory=list)  # things the user should know (e.g. a clipped question)
     # Rounds, spread and speed-up over the full model timed in the same rounds (`par_demo.timing`); None when the
@@ -154,6 +155,7 @@ class Predictor:
             layer_scores=None if plan.layer_scores is None else [float(s) for s in plan.layer_scores.float().cpu()],
             kv_cache_bytes=generation.kv_cache_bytes,
             empty_cells=layout.empty_cells(),
+            absorbed=plan.kept_sizes is not None,
             family=self.loaded.family.name,
             notices=notices,
         )
@@ -266,7 +268,8 @@ def _print_human(p: Prediction, out) -> None:
         print(f"note: {notice}", file=out)
     print(f"answer: {p.answer}", file=out)
     print(f"method: {p.method}  budget: {p.budget:g}  FLOPs: {p.flops_ratio:.1%} of full", file=out)
-    print(f"visual tokens kept: {len(p.kept_visual_tokens)}/{p.n_visual_tokens}  "
+    absorbed = " (the dropped ones absorbed)" if p.absorbed else ""
+    print(f"visual tokens kept: {len(p.kept_visual_tokens)}/{p.n_visual_tokens}{absorbed}  "
           f"layers kept: {len(p.kept_layers)}/{p.n_layers}", file=out)
     t = p.timing
     if t is None:

@@ -93,3 +93,14 @@ def test_cdpruner_absorb_stays_within_budget_and_charges_its_absorbing(family_pr
         assert len(p.kept_visual_tokens) < p.n_visual_tokens
         plan, _ = absorbing.plan(query, budget)
         assert plan.kept_sizes is not None and int(plan.kept_sizes.sum()) == query.n_visual
+
+
+def test_the_prediction_and_the_page_say_when_dropped_tokens_were_absorbed(predictor, scene):
+    from par_demo.panels import stats_markdown
+
+    absorbed = predictor.predict(scene, QUESTION, "cdpruner-absorb", 0.5, max_new_tokens=1)
+    dropped = predictor.predict(scene, QUESTION, "cdpruner", 0.5, max_new_tokens=1)
+    assert absorbed.absorbed and absorbed.to_json()["absorbed"] is True and not dropped.absorbed
+    assert "absorbed" in stats_markdown(absorbed) and "absorbed" not in stats_markdown(dropped)
+    full = predictor.predict(scene, QUESTION, "cdpruner-absorb", 1.0, max_new_tokens=1)
+    assert not full.absorbed  # every token kept: nothing to absorb
