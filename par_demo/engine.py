@@ -123,6 +123,13 @@ def apply_rope(q, k, cos, sin):
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
+def key_bias(n_keys: int, slots: torch.Tensor, sizes: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """(n_keys,) proportional attention's key bias of a gathered sequence: log size at the kept visual tokens' places
+    `slots` (sizes in the same order), 0 elsewhere (text). The log in fp32: bf16 would round sizes above 256 first."""
+    return torch.zeros(n_keys, dtype=dtype, device=slots.device).index_put_(
+        (slots,), sizes.to(slots.device).float().log().to(dtype))
+
+
 def attention_mask(key_bias: torch.Tensor, n_queries: int, n_keys: int) -> torch.Tensor:
     """Additive mask (..., 1, n_queries, n_keys) for the last n_queries of n_keys positions: causal, plus each key's
     bias. key_bias (..., n_bias) covers the first n_bias keys (the prompt); later keys (decoded tokens) get 0."""
@@ -268,9 +275,7 @@ class Engine:
                 if features is not None:  # merged / pooled tokens take their representative token's place
                     h[0, slots] = features.to(h.dtype)
                 if sizes is not None:  # proportional attention from here on: log(size) on each kept visual key
-                    log_sizes = sizes.float().log().to(h.dtype)  # the log in fp32: bf16 rounds sizes above 256
-                    cache.key_bias = h.new_zeros(keep.numel()).index_put_((slots,), log_sizes)
-                    cache.bias_from = i
+                    cache.key_bias, cache.bias_from = key_bias(keep.numel(), slots, sizes, h.dtype), i
                     mask = attention_mask(cache.key_bias[None], keep.numel(), keep.numel())  # one for every layer
                 positions = positions[..., keep]  # ... and keep their original (1-D or 3-D) positions
                 rope = self.rope(h, positions)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from par_demo.engine import PruningPlan, attention_mask
+from par_demo.engine import PruningPlan, attention_mask, key_bias
 from par_demo.methods.absorb import absorb_flops, absorbed_sizes
 from par_demo.methods.par import select_tokens, selection_flops, standardise
 from par_demo.router import RouterConfig, router_flops
@@ -170,12 +170,11 @@ def right_pad(hidden: list[torch.Tensor], positions: list[torch.Tensor]):
 def kept_bias(query, flow: Flow, kept: torch.Tensor) -> torch.Tensor:
     """(len(kept),) proportional attention's key bias of a flow's gathered sequence: log size at its kept visual
     tokens' places, 0 at text (and everywhere when the flow absorbs nothing)."""
-    bias = torch.zeros(kept.numel(), device=kept.device)
-    if flow.sizes is not None:
-        order = flow.keep.argsort()
-        slots = torch.searchsorted(kept, query.image_positions[flow.keep.to(kept.device)[order]])
-        bias[slots] = flow.sizes.to(bias.device)[order].log()
-    return bias
+    if flow.sizes is None:
+        return torch.zeros(kept.numel(), device=kept.device)
+    order = flow.keep.argsort()
+    slots = torch.searchsorted(kept, query.image_positions[flow.keep.to(kept.device)[order]])
+    return key_bias(kept.numel(), slots, flow.sizes[order])
 
 
 def run_batch(engine, rows: list[tuple[object, Flow]], start_layer: int) -> list[torch.Tensor]:

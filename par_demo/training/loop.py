@@ -211,7 +211,7 @@ def train_router(predictor, queries, out: Path, train: TrainConfig, args, progre
         state = torch.load(state_path, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         step, flows_done = int(state["step"]), int(state.get("flows", 0))
-        history = read_meta(out).get("training", {}).get("history", [])
+        history = saved.get("history", [])
     elif saved:  # a shipped router keeps no optimizer state: its step count, flows and history go on
         step, flows_done, history = int(saved.get("steps", 0)), int(saved.get("flows", 0)), saved.get("history", [])
     first_step = step
