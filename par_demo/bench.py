@@ -38,6 +38,7 @@ class Row:
     flops_ratio: float = 0.0
     kept_visual_tokens: int = 0
     kept_layers: int = 0
+    views: str = "1/1"  # views the vision tower ran on / the image's (tiles + global view)
     prefill_s: float = 0.0
     total_s: float = 0.0
     decode_tok_s: float = 0.0
@@ -112,6 +113,7 @@ def run_bench(predictor: Predictor, rows: list[Row], image, question: str, new_t
         row.flops_ratio = ratio
         row.kept_visual_tokens = int(generation.kept_visual.numel())
         row.kept_layers = predictor.engine.n_layers - len(generation.plan.skip_layers)
+        row.views = "{}/{}".format(*generation.views)
         row.kv_cache_mb = generation.kv_cache_bytes / 2**20
         row.new_tokens = len(generation.tokens)
         row.peak_mem_mb = peak_memory_mb(device)
@@ -140,11 +142,13 @@ def run_bench(predictor: Predictor, rows: list[Row], image, question: str, new_t
 def reachable_rows(predictor: Predictor, rows: list[Row], image, question: str) -> tuple[list[Row], list[str]]:
     """The rows whose budget the method can meet on this query, and one line for each it cannot (on a model whose
     vision path is a large share, e.g. Qwen2.5-VL, low budgets are out of reach for methods inside the decoder)."""
-    query = predictor.engine.prepare(predictor.encode(image, question))
+    inputs = predictor.encode(image, question)
     kept, notes = [], []
     for row in rows:
-        try:
-            predictor.method(row.method).plan(query, row.budget or 1.0, row.tokens, row.layers)
+        method = predictor.method(row.method)
+        try:  # a fresh query each: a method that routes views encodes into it
+            method.plan(predictor.engine.prepare(inputs, method.routes_views), row.budget or 1.0, row.tokens,
+                        row.layers)
         except BudgetOutOfReach as exc:
             notes.append(f"{row.label}: {exc}")
             continue
@@ -211,11 +215,11 @@ def run(args) -> int:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'setting':<22}{'FLOPs':>7}{'tokens':>8}{'layers':>7}{'prefill ms':>12}{'total ms':>10}"
+    head = (f"{'setting':<22}{'FLOPs':>7}{'tokens':>8}{'layers':>7}{'views':>7}{'prefill ms':>12}{'total ms':>10}"
             f"{'x prefill':>10}{'x total':>9}{'effic.':>8}{'dec tok/s':>10}{'KV MB':>8}{'peak MB':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.label:<22}{r.flops_ratio:>7.2f}{r.kept_visual_tokens:>8}{r.kept_layers:>7}"
+        lines.append(f"{r.label:<22}{r.flops_ratio:>7.2f}{r.kept_visual_tokens:>8}{r.kept_layers:>7}{r.views:>7}"
                      f"{r.prefill_s * 1e3:>12.1f}{r.total_s * 1e3:>10.1f}{r.speedup_prefill:>10.2f}"
                      f"{r.speedup_total:>9.2f}{r.efficiency:>8.2f}{r.decode_tok_s:>10.1f}{r.kv_cache_mb:>8.2f}"
                      f"{r.peak_mem_mb:>9.0f}")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from par_demo.errors import UserError
 from par_demo.families import family_of
-from par_demo.families.base import Query, language_model
+from par_demo.families.base import Query, encoded_views, language_model
 
 
 @dataclass
@@ -110,6 +110,7 @@ class Generation:
     total_s: float
     kv_cache_bytes: int
     attention_to_image: torch.Tensor | None = None
+    views: tuple[int, int] = (1, 1)  # (views the vision tower ran on, views of the image): tiles + global view
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -174,6 +175,11 @@ class Engine:
                 raise UserError("attention-ranked token pruning needs a start layer >= 1 (it ranks at layer K-1)")
             if plan.start_layer - 1 in plan.skip_layers:
                 raise UserError(f"attention-ranked token pruning needs layer {plan.start_layer - 1} to run")
+        if query.partial:  # views the tower never ran on hold no features: their tokens must never enter a layer
+            kept = plan.keep_visual
+            if plan.start_layer != 0 or kept is None or not bool(query.encoded[kept].all()):
+                raise UserError("the tower ran on some views of this image only: a plan must keep tokens of those "
+                                "views alone, from the first layer (start layer 0)")
         if plan.kept_sizes is not None:
             n_keep = -1 if plan.keep_visual is None else plan.keep_visual.numel()
             if plan.kept_sizes.shape != (n_keep,) or bool((plan.kept_sizes < 1).any()):
@@ -186,8 +192,11 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------- inputs
     @torch.inference_mode()
-    def prepare(self, inputs: dict) -> Query:
-        """Model inputs (from the family's `encode`) -> embeddings, visual tokens and positions (family's `prepare`)."""
+    def prepare(self, inputs: dict, overview_only: bool = False) -> Query:
+        """Model inputs (from the family's `encode`) -> embeddings, visual tokens and positions (family's `prepare`).
+        `overview_only`: a tiled image's tower runs on its global view alone; the planner encodes more on demand."""
+        if overview_only:
+            return self.family.prepare(self.model, inputs, overview_only=True)
         return self.family.prepare(self.model, inputs)
 
     @torch.inference_mode()
@@ -332,13 +341,14 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, inputs: dict, planner: Callable[[Query], PruningPlan] | None = None, max_new_tokens: int = 16,
-                 eos_token_id: int | list[int] | None = None) -> Generation:
-        """Greedy generation. Timing covers everything from pixels to tokens (vision, planning, prefill, decode)."""
+                 eos_token_id: int | list[int] | None = None, overview_only: bool = False) -> Generation:
+        """Greedy generation. Timing covers everything from pixels to tokens (vision, planning, prefill, decode).
+        `overview_only`: the planner chooses which views of a tiled image the tower runs on (`Query.encode_views`)."""
         device = self.lm_head.weight.device
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
         synchronize(device)
         start = time.perf_counter()
-        query = self.prepare(inputs)
+        query = self.prepare(inputs, overview_only)
         plan = planner(query) if planner is not None else PruningPlan()
         pre = self.prefill(query, plan, reserve=max_new_tokens)
         token = int(pre.logits.argmax())
@@ -352,5 +362,6 @@ class Engine:
             position += 1
         synchronize(device)
         total_s = time.perf_counter() - start
+        views = (len(encoded_views(query)), max(len(query.layout.tiles), 1))
         return Generation(tokens, plan, pre.kept_visual, prefill_s, total_s, pre.cache.nbytes(),
-                          pre.attention_to_image)
+                          pre.attention_to_image, views)

@@ -87,4 +87,5 @@ class FlopsModel:
         return total
 
     def full(self, query: QueryShape) -> float:
-        return self.prefill(query)
+        """The unpruned prefill of the query's image (of the whole image, for a query cut down by `restrict`)."""
+        return self.prefill(getattr(query, "whole", None) or query)

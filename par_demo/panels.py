@@ -71,6 +71,14 @@ def timing_markdown(prediction: Prediction, cached: bool = False) -> str:
 ABSORBED_NOTE = " · the dropped ones absorbed into their look-alikes (they keep their share of the attention)"
 
 
+def views_note(pruned: Prediction) -> str:
+    """What a tiled image's tower skipped, when it skipped views (PAR drops tiles before the tower runs)."""
+    if pruned.views_encoded >= pruned.views:
+        return ""
+    return (f" · the vision tower ran on {pruned.views_encoded} of {pruned.views} views (the global view and the "
+            f"tiles the router kept)")
+
+
 def stats_markdown(pruned: Prediction) -> str:
     """FLOPs, visual tokens and layers kept, as a short table."""
     tokens = len(pruned.kept_visual_tokens)
@@ -79,7 +87,7 @@ def stats_markdown(pruned: Prediction) -> str:
         "| FLOPs (prefill) | visual tokens kept | decoder layers run |\n|---|---|---|\n"
         f"| **{pruned.flops_ratio:.0%}** of full ({pruned.flops / 1e9:.3g} / {pruned.flops_full / 1e9:.3g} GFLOPs) "
         f"| **{tokens}** / {pruned.n_visual_tokens} ({tokens / max(pruned.n_visual_tokens, 1):.0%})"
-        f"{ABSORBED_NOTE if pruned.absorbed else ''} | **{layers}** / {pruned.n_layers} |"
+        f"{ABSORBED_NOTE if pruned.absorbed else ''}{views_note(pruned)} | **{layers}** / {pruned.n_layers} |"
     )
 
 
@@ -196,7 +204,9 @@ def _cell(state: AllMethods, name: str, p: Prediction) -> str:
         f'<div class="pg-layers" title="decoder layers: green run, red skipped">{strip}</div>'
         f'<div class="pg-answer">{html.escape(display_answer(p.answer))}</div>{verdict}'
         f'<div class="pg-facts">FLOPs {p.flops_ratio:.0%} · tokens {len(p.kept_visual_tokens)}/{p.n_visual_tokens}'
-        f'{" (rest absorbed)" if p.absorbed else ""} · layers {len(p.kept_layers)}/{p.n_layers}</div>'
+        f'{" (rest absorbed)" if p.absorbed else ""}'
+        f'{f" · views {p.views_encoded}/{p.views}" if p.views_encoded < p.views else ""}'
+        f' · layers {len(p.kept_layers)}/{p.n_layers}</div>'
         f'<div class="pg-time">{_cell_time(p, state.timed)}</div></div>'
     )
 

@@ -53,6 +53,9 @@ class Prediction:
     kv_cache_bytes: int = 0
     empty_cells: list[int] = field(default_factory=list)  # cells of `grid` without a token (between a tiled image's views)
     absorbed: bool = False  # the dropped visual tokens were absorbed by kept look-alikes (proportional attention)
+    # Views (tiles + the global view) the vision tower ran on, and the image's views: PAR leaves out tiles it drops
+    views_encoded: int = 1
+    views: int = 1
     family: str = ""  # the model family (llava, qwen2.5-vl, ...)
     notices: list[str] = field(default_factory=list)  # things the user should know (e.g. a clipped question)
     # Rounds, spread and speed-up over the full model timed in the same rounds (`par_demo.timing`); None when the
@@ -121,7 +124,8 @@ class Predictor:
             return plan
 
         eos = self.loaded.processor.tokenizer.eos_token_id if stop_at_eos else None
-        generation = self.engine.generate(inputs, planner, max_new_tokens=max_new_tokens, eos_token_id=eos)
+        generation = self.engine.generate(inputs, planner, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                          overview_only=chosen.routes_views)
         return generation, costs["flops"], costs["full"], costs["layout"]
 
     def decode(self, tokens: list[int]) -> str:
@@ -156,6 +160,8 @@ class Predictor:
             kv_cache_bytes=generation.kv_cache_bytes,
             empty_cells=layout.empty_cells(),
             absorbed=plan.kept_sizes is not None,
+            views_encoded=generation.views[0],
+            views=generation.views[1],
             family=self.loaded.family.name,
             notices=notices,
         )
@@ -271,6 +277,9 @@ def _print_human(p: Prediction, out) -> None:
     absorbed = " (the dropped ones absorbed)" if p.absorbed else ""
     print(f"visual tokens kept: {len(p.kept_visual_tokens)}/{p.n_visual_tokens}{absorbed}  "
           f"layers kept: {len(p.kept_layers)}/{p.n_layers}", file=out)
+    if p.views_encoded < p.views:
+        print(f"vision tower ran on {p.views_encoded} of the image's {p.views} views (the others dropped unseen)",
+              file=out)
     t = p.timing
     if t is None:
         print(f"prefill: {p.prefill_s * 1000:.1f} ms  total: {p.total_s * 1000:.1f} ms  new tokens: {p.new_tokens}",

@@ -63,3 +63,21 @@ def served(demo_app):
 
     with app_module.served_locally(demo_app) as url:
         yield Client(url, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def tiled(tmp_path_factory):
+    """Tiny SmolVLM and InternVL3, each with an untrained router (PAR's plumbing on tiles is under test here)."""
+    from par_demo.models import load_model
+    from par_demo.predict import Predictor
+    from par_demo.router import MetaRouter, RouterConfig, fingerprint, save_router
+
+    predictors = {}
+    for preset in ("smolvlm-tiny", "internvl3-tiny"):
+        predictor = Predictor(load_model(f"random:{preset}", device="cpu"))
+        torch.manual_seed(0)
+        config = RouterConfig(lm_width=64, n_layers=6, width=16, heads=1, start_layer=0,
+                              model=fingerprint(predictor.loaded))
+        predictor.router_path = save_router(MetaRouter(config), tmp_path_factory.mktemp(f"{preset}-router"))
+        predictors[preset] = predictor
+    return predictors

@@ -133,24 +133,6 @@ def test_every_method_runs_on_qwen_within_budget_for_any_token_count(qwen, scene
         assert len(p.token_scores) == rows * cols
 
 
-@pytest.fixture(scope="module")
-def tiled(tmp_path_factory):
-    """Tiny SmolVLM and InternVL3, each with an untrained router (PAR's plumbing on tiles is under test here)."""
-    from par_demo.models import load_model
-    from par_demo.predict import Predictor
-    from par_demo.router import MetaRouter, RouterConfig, fingerprint, save_router
-
-    predictors = {}
-    for preset in ("smolvlm-tiny", "internvl3-tiny"):
-        predictor = Predictor(load_model(f"random:{preset}", device="cpu"))
-        torch.manual_seed(0)
-        config = RouterConfig(lm_width=64, n_layers=6, width=16, heads=1, start_layer=0,
-                              model=fingerprint(predictor.loaded))
-        predictor.router_path = save_router(MetaRouter(config), tmp_path_factory.mktemp(f"{preset}-router"))
-        predictors[preset] = predictor
-    return predictors
-
-
 @pytest.mark.parametrize("preset, size", [("smolvlm-tiny", (200, 100)), ("internvl3-tiny", (160, 160))])
 @pytest.mark.parametrize("method", ["fastv", "random", "layerdrop", "par", "par-tokens", "par-layers", "par-prior"])
 @pytest.mark.parametrize("budget", [0.85, 0.6])

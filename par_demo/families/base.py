@@ -28,6 +28,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from par_demo.errors import UserError
+from par_demo.flops import Shape
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,11 @@ class Layout:
     @property
     def n_visual(self) -> int:
         return self.rows.numel()
+
+    def subset(self, index: torch.Tensor) -> "Layout":
+        """The layout of some of the visual tokens (in the given order), on the same grid and tiles."""
+        return Layout(self.rows[index], self.cols[index], self.grid,
+                      None if self.tile is None else self.tile[index], self.tiles)
 
     def patch_indices(self, kept: torch.Tensor | list[int]) -> list[int]:
         """Row-major cell indices (row * cols + col) of the given visual tokens: what the patch view draws."""
@@ -156,6 +162,16 @@ class Query:
     # from what the tower kept of its own run, and what computing it costs. None where the family gives none.
     dominance: Callable[[], torch.Tensor] | None = None  # -> (n_v,), higher = more attended
     dominance_flops: float = 0.0
+    # Tiled images, prepared with the overview only (`Family.prepare(..., overview_only=True)`): the tower has run on
+    # the global view / thumbnail alone, and a method that routes views asks for more with `encode_views`, which
+    # runs the tower on those views and writes their features into this query in place. Tokens of views never
+    # encoded hold zeros and must leave the sequence before the first layer (`Engine.validate_plan` checks).
+    encoded: torch.Tensor | None = None  # (n_v,) bool: the tower has run on this token's view; None: on every view
+    encode_views: Callable[[list[int]], None] | None = None  # view indices (`layout.tiles`) -> features in place
+    view_flops: float = 0.0  # the vision path's cost of one view (tiled images; `vision_flops` is every view's)
+    # A query cut down to some of its visual tokens before any layer (`restrict`): the whole image's counts, which
+    # the full model's FLOPs and every budget are measured against.
+    whole: Shape | None = None
 
     @property
     def n_visual(self) -> int:
@@ -168,6 +184,68 @@ class Query:
     @property
     def n_text(self) -> int:
         return self.length - self.n_visual
+
+    @property
+    def partial(self) -> bool:
+        """The tower has not run on every view of this image (yet)."""
+        return self.encoded is not None and not bool(self.encoded.all())
+
+
+def encoded_views(query: Query) -> list[int]:
+    """The views (indices into `layout.tiles`) the tower has run on; [0] for an untiled image."""
+    if query.layout.tile is None:
+        return [0]
+    if query.encoded is None:
+        return list(range(len(query.layout.tiles)))
+    return sorted(set(query.layout.tile[query.encoded].tolist()))
+
+
+def overview_views(layout: Layout) -> list[int]:
+    """The views that show the whole image (the global view / thumbnail): what a tiled query starts from."""
+    return [i for i, tile in enumerate(layout.tiles) if tile.box == (0.0, 0.0, 1.0, 1.0)]
+
+
+def restrict(query: Query, visual: torch.Tensor) -> Query:
+    """The query with only the visual tokens `visual` (sorted indices) in its sequence, as if the rest had been
+    dropped before the first layer: text tokens and every kept token keep their places and positions. Its vision
+    FLOPs are those of the views that hold a kept token (what the tower must run), and `whole` remembers the full
+    image, whose full prefill every budget is a fraction of."""
+    keep = torch.ones(query.length, dtype=torch.bool, device=query.input_ids.device)
+    keep[query.image_positions] = False
+    keep[query.image_positions[visual]] = True
+    index = keep.nonzero().squeeze(1)
+    sub_layout = query.layout.subset(visual)
+    whole = query.whole or Shape.of(query)
+    views = len(query.layout.tiles) or 1
+    run = views if sub_layout.tile is None else int(sub_layout.tile.unique().numel())
+    return Query(
+        input_ids=query.input_ids[:, index], inputs_embeds=query.inputs_embeds[:, index],
+        image_positions=torch.searchsorted(index, query.image_positions[visual]),
+        image_features=query.image_features[visual], positions=query.positions[..., index],
+        next_position=query.next_position, layout=sub_layout,
+        vision_flops=whole.vision_flops - (views - run) * query.view_flops, view_flops=query.view_flops,
+        whole=whole)
+
+
+def lazy_views(query: Query, encode: Callable[[list[int]], torch.Tensor], done: list[int],
+               embed_dtype: torch.dtype) -> Query:
+    """Make a tiled query whose tower ran on the views `done` only able to encode the others on demand: `encode(views)`
+    -> their features (len(views) x tokens per view, D), in the views' order."""
+    query.encoded = torch.isin(query.layout.tile, torch.tensor(done, device=query.layout.tile.device))
+
+    @torch.inference_mode()  # the query's tensors are inference tensors: written in place only in that mode
+    def encode_views(views: list[int]) -> None:
+        todo = sorted(set(int(v) for v in views) - set(encoded_views(query)))
+        if not todo:
+            return
+        features = encode(todo)
+        slots = torch.isin(query.layout.tile, torch.tensor(todo, device=query.layout.tile.device)).nonzero()[:, 0]
+        query.image_features[slots] = features.to(query.image_features.dtype)  # slots are in the views' order
+        query.inputs_embeds[0, query.image_positions[slots]] = features.to(embed_dtype)
+        query.encoded[slots] = True
+
+    query.encode_views = encode_views
+    return query
 
 
 class Family:
@@ -219,7 +297,9 @@ class Family:
         `loaded.options` holds per-model image options (Qwen2.5-VL: min_pixels / max_pixels; tiled: max_tiles)."""
         raise NotImplementedError
 
-    def prepare(self, model, inputs: dict) -> Query:
+    def prepare(self, model, inputs: dict, overview_only: bool = False) -> Query:
+        """`overview_only`: for a tiled image, run the tower on the global view / thumbnail alone and return a query
+        that encodes the other views on demand (`Query.encode_views`); untiled images ignore it."""
         raise NotImplementedError
 
     def model_view(self, loaded, image: Image.Image) -> Image.Image:

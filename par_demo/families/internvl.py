@@ -23,7 +23,8 @@ from PIL import Image
 
 from par_demo.errors import UserError
 from par_demo.families.base import (Family, ImageTextProcessor, Layout, Query, check_prompt_length, embed_with_features,
-                                   fold_patches, recorded_calls, tiled_view, vit_layer_flops)
+                                   fold_patches, lazy_views, overview_views, recorded_calls, tiled_view,
+                                   vit_layer_flops)
 from par_demo.families.llava import cls_attention
 
 IMAGE_TOKEN, IMAGE_START, IMAGE_END = "<IMG_CONTEXT>", "<img>", "</img>"
@@ -199,34 +200,45 @@ class InternVL(Family):
                 "tile_grid": torch.tensor([rows, cols])}
 
     @torch.inference_mode()
-    def prepare(self, model, inputs):
+    def prepare(self, model, inputs, overview_only=False):
         config = model.config
-        pixel_values = inputs["pixel_values"]
-        layers = model.model.vision_tower.encoder.layer
-        feature_layer = config.vision_feature_layer
-        attention = layers[feature_layer if feature_layer < 0 else feature_layer - 1].attention
-        with recorded_calls(attention.q_norm, attention.k_norm) as (queries, keys):  # q, k as the heads get them
-            features = model.model.get_image_features(
-                pixel_values, vision_feature_layer=feature_layer,
-                vision_feature_select_strategy=config.vision_feature_select_strategy).pooler_output
-        cls_queries = queries[0].output[:, 0].clone()  # (views, d): only the CLS rows are needed
-        keys = keys[0].output  # (views, 1 + patches, d)
-        dominance = partial(view_cls_attention, cls_queries, keys, attention.num_heads, attention.scale,
-                            int(1 / config.downsample_ratio))
-        features = features.reshape(-1, features.shape[-1])  # (views x 256, D), views in order
         input_ids = inputs["input_ids"]
-        embeds, image_positions = embed_with_features(model, input_ids, config.image_token_id, features)
         rows, cols = (int(x) for x in inputs["tile_grid"])
         side = math.isqrt(tokens_per_view(config))
         layout = (Layout.tiled(rows, cols, (side, side), device=input_ids.device) if rows * cols > 1
                   else Layout.row_major(side, side, device=input_ids.device))
-        return Query(
+        n_views = inputs["pixel_values"].shape[0]
+        views = overview_views(layout) if overview_only and rows * cols > 1 else list(range(n_views))
+        layers = model.model.vision_tower.encoder.layer
+        feature_layer = config.vision_feature_layer
+        attention = layers[feature_layer if feature_layer < 0 else feature_layer - 1].attention
+        with recorded_calls(attention.q_norm, attention.k_norm) as (queries, keys):  # q, k as the heads get them
+            seen = self.view_features(model, inputs, views)
+        features = seen.new_zeros(n_views * side * side, seen.shape[1])
+        features.view(n_views, side * side, -1)[views] = seen.view(len(views), side * side, -1)
+        embeds, image_positions = embed_with_features(model, input_ids, config.image_token_id, features)
+        query = Query(
             input_ids=input_ids, inputs_embeds=embeds, image_positions=image_positions, image_features=features,
             positions=torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0),  # (1, L)
             next_position=input_ids.shape[1], layout=layout,
-            vision_flops=self.vision_flops(config, pixel_values.shape[0]),
-            dominance=dominance, dominance_flops=2.0 * keys.numel(),  # one query row per view against its keys
-        )
+            vision_flops=self.vision_flops(config, n_views), view_flops=self.vision_flops(config, 1))
+        if len(views) < n_views:
+            return lazy_views(query, partial(self.view_features, model, inputs), views, embeds.dtype)
+        cls_queries = queries[0].output[:, 0].clone()  # (views, d): only the CLS rows are needed
+        keys = keys[0].output  # (views, 1 + patches, d)
+        query.dominance = partial(view_cls_attention, cls_queries, keys, attention.num_heads, attention.scale,
+                                  int(1 / config.downsample_ratio))
+        query.dominance_flops = 2.0 * keys.numel()  # one query row per view against its keys
+        return query
+
+    @staticmethod
+    def view_features(model, inputs: dict, views: list[int]) -> torch.Tensor:
+        """Tower + pixel shuffle + projector on some views -> (len(views) x 256, D), view by view."""
+        config = model.config
+        features = model.model.get_image_features(
+            inputs["pixel_values"][views], vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy).pooler_output
+        return features.reshape(-1, features.shape[-1])
 
     def model_view(self, loaded, image):
         rows, cols = loaded.processor.tile_grid(image, loaded.options)

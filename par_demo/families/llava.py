@@ -125,7 +125,7 @@ class Llava(Family):
                 "pixel_values": batch["pixel_values"].to(loaded.device, dtype)}
 
     @torch.inference_mode()
-    def prepare(self, model, inputs):
+    def prepare(self, model, inputs, overview_only=False):  # one view: nothing to leave out
         n_run = tower_layers_run(model.config)
         attention = model.model.vision_tower.encoder.layers[n_run - 1].self_attn if n_run else None
         watched = (attention.q_proj, attention.k_proj) if attention is not None else ()

@@ -191,7 +191,7 @@ class Qwen2_5_VL(Family):
                 "mm_token_type_ids": (input_ids == loaded.config.image_token_id).int().to(loaded.device)}
 
     @torch.inference_mode()
-    def prepare(self, model, inputs):
+    def prepare(self, model, inputs, overview_only=False):  # one view: nothing to leave out
         grid = inputs["image_grid_thw"]
         visual = model.model.visual
         last_full = visual.blocks[max(visual.fullatt_block_indexes)].attn  # the tower has no CLS token: see below

@@ -24,7 +24,8 @@ from PIL import Image
 
 from par_demo.errors import UserError
 from par_demo.families.base import (Family, Layout, Query, check_prompt_length, embed_with_features, fold_patches,
-                                   read_chat_template, recorded_calls, tiled_view, vit_layer_flops)
+                                   lazy_views, overview_views, read_chat_template, recorded_calls, tiled_view,
+                                   vit_layer_flops)
 
 IMAGE_TOKEN, FAKE_TOKEN, GLOBAL_TOKEN = "<image>", "<fake_token_around_image>", "<global-img>"
 BOS, END_OF_UTTERANCE, END_OF_TEXT = "<|im_start|>", "<end_of_utterance>", "<|endoftext|>"
@@ -199,26 +200,38 @@ class SmolVLM(Family):
         return max(i for i, _ in marked), max(j for _, j in marked)
 
     @torch.inference_mode()
-    def prepare(self, model, inputs):
-        pixel_values = inputs["pixel_values"]
-        last = model.model.vision_model.encoder.layers[-1].self_attn
-        with recorded_calls(last.q_proj, last.k_proj) as (queries, keys):
-            features = model.model.get_image_features(pixel_values, inputs["pixel_attention_mask"]).pooler_output[0]
-        queries, keys = queries[0].output, keys[0].output  # (views, patches, d): what the last layer computed
-        dominance = partial(received_attention, queries, keys, last.num_heads, last.scale, model.config.scale_factor)
+    def prepare(self, model, inputs, overview_only=False):
         input_ids = inputs["input_ids"]
-        embeds, image_positions = embed_with_features(model, input_ids, model.config.image_token_id, features)
         rows, cols = (int(x) for x in inputs["tile_grid"])
         side = math.isqrt(tokens_per_view(model.config))
         layout = (Layout.tiled(rows, cols, (side, side), device=input_ids.device) if rows * cols
                   else Layout.row_major(side, side, device=input_ids.device))
-        return Query(
+        n_views = inputs["pixel_values"].shape[1]
+        views = overview_views(layout) if overview_only and rows * cols else list(range(n_views))
+        last = model.model.vision_model.encoder.layers[-1].self_attn
+        with recorded_calls(last.q_proj, last.k_proj) as (queries, keys):
+            seen = self.view_features(model, inputs, views)
+        queries, keys = queries[0].output, keys[0].output  # (views, patches, d): what the last layer computed
+        features = seen.new_zeros(n_views * side * side, seen.shape[1])
+        features.view(n_views, side * side, -1)[views] = seen.view(len(views), side * side, -1)
+        embeds, image_positions = embed_with_features(model, input_ids, model.config.image_token_id, features)
+        query = Query(
             input_ids=input_ids, inputs_embeds=embeds, image_positions=image_positions, image_features=features,
             positions=torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0),  # (1, L)
             next_position=input_ids.shape[1], layout=layout,
-            vision_flops=self.vision_flops(model.config, pixel_values.shape[1]),
-            dominance=dominance, dominance_flops=2.0 * queries.shape[0] * queries.shape[1] ** 2 * queries.shape[2],
-        )
+            vision_flops=self.vision_flops(model.config, n_views), view_flops=self.vision_flops(model.config, 1))
+        if len(views) < n_views:
+            return lazy_views(query, partial(self.view_features, model, inputs), views, embeds.dtype)
+        query.dominance = partial(received_attention, queries, keys, last.num_heads, last.scale,
+                                  model.config.scale_factor)
+        query.dominance_flops = 2.0 * queries.shape[0] * queries.shape[1] ** 2 * queries.shape[2]
+        return query
+
+    @staticmethod
+    def view_features(model, inputs: dict, views: list[int]) -> torch.Tensor:
+        """Tower + connector on some views -> (len(views) x 64, D), view by view."""
+        pixels, mask = inputs["pixel_values"][:, views], inputs["pixel_attention_mask"][:, views]
+        return model.model.get_image_features(pixels, mask).pooler_output[0]  # one image: its views' tokens
 
     def model_view(self, loaded, image):
         rows, cols = self.tile_grid(loaded.processor, image, loaded.options)

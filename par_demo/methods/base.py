@@ -58,6 +58,9 @@ class Method:
     extra: str | None = None
     # Dropped visual tokens are absorbed by their look-alikes, with proportional attention (`methods/absorb.py`)
     absorbs = False
+    # Chooses which views of a tiled image the vision tower runs on: its queries arrive with the overview encoded
+    # only (`Engine.prepare(..., overview_only=True)`) and it encodes what it keeps (`Query.encode_views`)
+    routes_views = False
 
     def __init__(self, context: MethodContext):
         self.context = context

@@ -12,7 +12,13 @@ For a budget b (fraction of the full prefill FLOPs, router included):
      from layer K on (proportional attention, `methods/absorb.py`; its cosines are charged to the budget), when the
      router's config says `absorb` (its Pareto table is then measured that way too). Without it, counting questions
      fall apart on the embedded model (count_all at 0.25: 55.5 % dropped against 95.0 % absorbed).
-`--tokens T --layers L` are the paper's fixed versions (the router still chooses which ones).
+  5. tiled images (SmolVLM, InternVL3): the router also chooses the tiles the vision tower runs on, before it runs.
+     The tower encodes the global view first; the router scores its tokens, each tile gets the mean score of the
+     global-view tokens over its part of the image, and the best tiles are encoded: as many as leave the budget room
+     to keep at least a budget's share of the visual tokens encoded (so neither the tower nor the decoder takes it
+     all). Steps 1-4 then run over the encoded tokens. Where the tower is most of the cost (SmolVLM-256M: 92 %),
+     this is what makes small budgets reachable at all. Only with routers that drop tokens at K = 0.
+`--tokens T --layers L` are the paper's fixed versions (the router still chooses which ones; every tile is encoded).
 Visual tokens leave the sequence at the layer K the router was trained for (`start_layer` in its config; the
 `--start-layer` option applies to the attention heuristics, whose scores come from layer K-1).
 
@@ -28,13 +34,17 @@ command that trains one; the other methods keep working.
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from par_demo.engine import PruningPlan
 from par_demo.errors import BudgetOutOfReach, UserError
+from par_demo.families.base import encoded_views, overview_views, restrict
+from par_demo.methods.absorb import absorb_flops
 from par_demo.methods.base import Method, Setting, check_budget, check_count, top_indices
 from par_demo.methods.cdpruner import dpp_flops, greedy_dpp
 from par_demo.router import CONFIG_FILE, RouterConfig, load_router, sanitize
@@ -101,6 +111,7 @@ class Par(Method):
         self._loaded_from = None  # the folder list the router was looked up with (an explicit path may change)
         self._routed: tuple | None = None  # (query, budget, token logits (n_v,), layer logits (N,))
         self._budget = 1.0
+        self._viewed: tuple | None = None  # (tiled query, its encoded tokens as a query, overview routing FLOPs)
 
     # ---------------------------------------------------------------------------------------- router
     def _load(self) -> None:
@@ -145,9 +156,85 @@ class Par(Method):
         self._routed = (query, budget, tokens[0].float(), layers[0].float())
         return self._routed[2], self._routed[3]
 
+    @property
+    def routes_views(self) -> bool:
+        """Tiled images: the router chooses the views the tower runs on (tokens leave before the first layer)."""
+        return self.route_tokens and self.available() is None and self.start_layer() == 0
+
     def extra_flops(self, query, setting):
-        return self.router.flops(query.n_visual, query.n_text) + selection_flops(
+        overview = self._viewed[2] if self._viewed is not None and self._viewed[1] is query else 0.0
+        return overview + self.router.flops(query.n_visual, query.n_text) + selection_flops(
             self.config, query.n_visual, setting.tokens, query.image_features.shape[1])
+
+    def setting_flops(self, query, setting):
+        if self._viewed is not None and self._viewed[0] is query:  # a tiled query planned over its encoded views
+            return super().setting_flops(self._viewed[1], setting)
+        return super().setting_flops(query, setting)
+
+    # ---------------------------------------------------------------------------------------- views
+    def tile_scores(self, overview, budget: float) -> tuple[list[int], torch.Tensor]:
+        """(tiles, score of each): the mean router score of the overview's tokens whose centres fall in the tile
+        (the nearest one where none does)."""
+        layout = overview.layout
+        tiles = [i for i in range(len(layout.tiles)) if i not in overview_views(layout)]
+        probs = torch.sigmoid(self.route(overview, budget)[0])
+        y, x = layout.centres()
+        scores = []
+        for i in tiles:
+            top, left, bottom, right = layout.tiles[i].box
+            inside = (y >= top) & (y < bottom) & (x >= left) & (x < right)
+            if not bool(inside.any()):
+                inside = ((y - (top + bottom) / 2) ** 2 + (x - (left + right) / 2) ** 2).argmin()
+            scores.append(probs[inside].float().mean())
+        return tiles, torch.stack(scores) if scores else torch.zeros(0)
+
+    def choose_views(self, query, budget: float) -> list[int]:
+        """The overview plus the best-scored tiles: as many as still let the decoder keep `budget` of the visual
+        tokens encoded at the layer count the budget gets (the router's own FLOPs aside: at budget 1 every tile is
+        encoded). The share it can keep falls as tiles are added, so their number is bisected."""
+        encoded = query.encoded.nonzero().squeeze(1)
+        overview = restrict(query, encoded)
+        tiles, scores = self.tile_scores(overview, budget)
+        order = [tiles[i] for i in torch.argsort(scores, descending=True, stable=True).tolist()]
+        _, layer_logits = self.route(overview, budget)
+        layers = self.target_layers(budget) if self.route_layers else self.n_layers
+        skip = self.skip_for(layer_logits, layers, 0)
+        limit = budget * self.flops.full(query) * (1 + 1e-9)
+        views_of, width = query.layout.tile, query.image_features.shape[1]
+
+        def enough(m: int) -> bool:
+            chosen = torch.tensor(encoded_views(query) + order[:m], device=views_of.device)
+            sub = restrict(query, torch.isin(views_of, chosen).nonzero().squeeze(1))
+            kept = math.ceil(budget * sub.n_visual)
+            if kept >= sub.n_visual:
+                return self.flops.prefill(sub, None, skip, 0) <= limit
+            absorb = absorb_flops(sub.n_visual, kept, width) if self.absorbs else 0.0
+            return self.flops.prefill(sub, kept, skip, 0, router=absorb) <= limit
+
+        low, high = 0, len(order)  # the overview alone is the least there is
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if enough(mid) else (low, mid - 1)
+        return encoded_views(query) + order[:low]
+
+    def plan_views(self, query, budget: float, tokens, layers, start_layer):
+        """Plan a tiled query whose tower has run on the overview only: choose the views, encode them, plan over
+        their tokens, and give the plan in the whole query's token indices."""
+        self._budget, self._viewed = float(budget), None
+        fixed = tokens is not None or layers is not None
+        overview = restrict(query, query.encoded.nonzero().squeeze(1))
+        views = list(range(len(query.layout.tiles))) if fixed else self.choose_views(query, budget)
+        query.encode_views(views)
+        if not query.partial:  # every view encoded: plan the whole query as any other
+            return self.plan(query, budget, tokens, layers, start_layer)
+        encoded = query.encoded.nonzero().squeeze(1)
+        sub = restrict(query, encoded)
+        self._viewed = (query, sub, self.router.flops(overview.n_visual, overview.n_text))
+        plan, setting = self.plan(sub, budget, tokens, layers, start_layer)
+        keep = encoded if plan.keep_visual is None else encoded[plan.keep_visual]
+        scores = torch.zeros(query.n_visual, device=plan.token_scores.device)
+        scores[encoded] = plan.token_scores
+        return replace(plan, keep_visual=keep, token_scores=scores), setting
 
     # ---------------------------------------------------------------------------------------- layers
     def skip_for(self, layer_logits: torch.Tensor, kept_layers: int, start_layer: int = 0) -> frozenset[int]:
@@ -173,12 +260,14 @@ class Par(Method):
         return max(self.min_layers(), min(self.n_layers, int(layers)))
 
     # ---------------------------------------------------------------------------------------- method
-    def choose(self, query, budget, start_layer):
+    def choose(self, query, budget, start_layer, layer_logits=None):
         """The target layer count with as many tokens as fit (more layers if every token fits, fewer if no token
         does). Tokens are found by bisection: FLOPs grow with tokens, and a 576-token scan per layer count adds up.
-        A budget out of reach at K is searched again at K-1, ... as in `Method.choose`."""
+        A budget out of reach at K is searched again at K-1, ... as in `Method.choose`. `layer_logits`: the
+        router's, when known (the view search tries token counts of views not yet encoded)."""
         limit = check_budget(budget) * self.flops.full(query) * (1 + 1e-9)
-        _, layer_logits = self.route(query, self._budget)
+        if layer_logits is None:
+            _, layer_logits = self.route(query, self._budget)
         n_v = query.n_visual
         floor_layers = self.min_layers() if self.route_layers else self.n_layers  # par-tokens runs every layer
         target = self.target_layers(self._budget) if self.route_layers else self.n_layers
@@ -237,6 +326,10 @@ class Par(Method):
         if reason:
             raise UserError(reason)
         start_layer = self.start_layer()
+        if query.partial:
+            return self.plan_views(query, check_budget(budget), tokens, layers, start_layer)
+        if self._viewed is not None and self._viewed[1] is not query:
+            self._viewed = None
         self._budget = float(budget)
         if tokens is not None or layers is not None:
             try:
