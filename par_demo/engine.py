@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from par_demo.errors import UserError
 from par_demo.families import family_of
-from par_demo.families.base import Query, encoded_views, language_model
+from par_demo.families.base import Query, language_model
+from par_demo.families.views import encoded_views
 
 
 @dataclass

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from par_demo.engine import PruningPlan
 from par_demo.errors import UserError
-from par_demo.families.base import encoded_views, overview_views, restrict
+from par_demo.families.views import encoded_views, overview_views, restrict
 
 QUESTION = "What shape is the red object?"
 SIZES = {"smolvlm-tiny": (200, 100), "internvl3-tiny": (160, 160)}

@@ -23,8 +23,8 @@ from PIL import Image
 
 from par_demo.errors import UserError
 from par_demo.families.base import (Family, ImageTextProcessor, Layout, Query, check_prompt_length, embed_with_features,
-                                   fold_patches, lazy_views, overview_views, recorded_calls, tiled_view,
-                                   vit_layer_flops)
+                                   fold_patches, recorded_calls, tiled_view, vit_layer_flops)
+from par_demo.families.views import lazy_views, overview_views
 from par_demo.families.llava import cls_attention
 
 IMAGE_TOKEN, IMAGE_START, IMAGE_END = "<IMG_CONTEXT>", "<img>", "</img>"

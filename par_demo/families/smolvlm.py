@@ -24,8 +24,8 @@ from PIL import Image
 
 from par_demo.errors import UserError
 from par_demo.families.base import (Family, Layout, Query, check_prompt_length, embed_with_features, fold_patches,
-                                   lazy_views, overview_views, read_chat_template, recorded_calls, tiled_view,
-                                   vit_layer_flops)
+                                   read_chat_template, recorded_calls, tiled_view, vit_layer_flops)
+from par_demo.families.views import lazy_views, overview_views
 
 IMAGE_TOKEN, FAKE_TOKEN, GLOBAL_TOKEN = "<image>", "<fake_token_around_image>", "<global-img>"
 BOS, END_OF_UTTERANCE, END_OF_TEXT = "<|im_start|>", "<end_of_utterance>", "<|endoftext|>"

@@ -15,7 +15,8 @@ from par_demo.methods.downsample import Downsample
 from par_demo.methods.fastv import FastV
 from par_demo.methods.full import Full
 from par_demo.methods.layerdrop import LayerDrop
-from par_demo.methods.par import Par, ParDrop, ParLayers, ParPrior, ParTokens
+from par_demo.methods.par import Par
+from par_demo.methods.par_ablations import ParDrop, ParLayers, ParPrior, ParTokens
 from par_demo.methods.random_tokens import RandomTokens
 from par_demo.methods.visionzip import VisionZip
 

@@ -22,7 +22,7 @@ For a budget b (fraction of the full prefill FLOPs, router included):
 Visual tokens leave the sequence at the layer K the router was trained for (`start_layer` in its config; the
 `--start-layer` option applies to the attention heuristics, whose scores come from layer K-1).
 
-Ablations (same budget search, same Pareto split): `par-tokens` routes tokens only (every layer runs),
+Ablations (`methods/par_ablations.py`; same budget search, same Pareto split): `par-tokens` routes tokens only (every layer runs),
 `par-layers` routes layers only (every token kept), `par-drop` drops without absorbing, `par-prior` replaces the
 router's scores by the attention prior it is trained from (FastV's attention row at layer K-1 for tokens, block
 influence for layers; no router FLOPs) — what training bought.
@@ -43,7 +43,7 @@ import torch
 
 from par_demo.engine import PruningPlan
 from par_demo.errors import BudgetOutOfReach, UserError
-from par_demo.families.base import encoded_views, overview_views, restrict
+from par_demo.families.views import encoded_views, overview_views, restrict
 from par_demo.methods.absorb import absorb_flops
 from par_demo.methods.base import Method, Setting, check_budget, check_count, top_indices
 from par_demo.methods.cdpruner import dpp_flops, greedy_dpp
@@ -349,67 +349,3 @@ class Par(Method):
             keep = keep.to(query.image_positions.device)
         return PruningPlan(start_layer=setting.start_layer, keep_visual=keep, skip_layers=setting.skip,
                            token_scores=torch.sigmoid(token_logits), layer_scores=layer_scores)
-
-
-class ParTokens(Par):
-    """Ablation: the router chooses visual tokens only; every layer runs."""
-
-    name = "par-tokens"
-    extra = "ablation"
-    uses_layers = False
-    route_layers = False
-
-
-class ParLayers(Par):
-    """Ablation: the router chooses layers only; every visual token is kept."""
-
-    name = "par-layers"
-    extra = "ablation"
-    uses_tokens = False
-    route_tokens = False
-
-
-class ParDrop(Par):
-    """Ablation: PAR's routing and split with dropped tokens simply gone (no absorption, no proportional attention),
-    as in the paper: what absorbing them buys."""
-
-    name = "par-drop"
-    extra = "ablation"
-    absorbs = False
-
-
-class ParPrior(Par):
-    """Ablation: PAR's budget split with the attention prior the router is trained from instead of its scores.
-
-    Tokens: FastV's attention row at layer K-1 (so K >= 1 and layer K-1 always runs); layers: block influence.
-    No router runs, so none of its FLOPs are charged; the one attention row is.
-    """
-
-    name = "par-prior"
-    extra = "ablation"
-    min_start_layer = 1
-    absorbs = False  # FastV's rule keeps its tokens inside the engine; compare with par-drop
-
-    def start_layer(self):
-        return max(1, self.config.start_layer)  # FastV's row is read at layer K-1
-
-    def route(self, query, budget):
-        return torch.zeros(query.n_visual), self.context.method("layerdrop").layer_scores().float()
-
-    def skip_for(self, layer_logits, kept_layers, start_layer=0):
-        # FastV's scores are read at layer K-1: it must run, so it is never a candidate for skipping
-        routable = [i for i in self.config.routable() if i != start_layer - 1]
-        n_skip = min(self.n_layers - kept_layers, len(routable))
-        return frozenset(sorted(routable, key=lambda i: float(layer_logits[i]))[:n_skip])
-
-    def extra_flops(self, query, setting):
-        return 0.0
-
-    def attention_rows(self):
-        return 1
-
-    def make_plan(self, query, setting):
-        _, influence = self.route(query, self._budget)
-        keep_count = setting.tokens if setting.tokens < query.n_visual else None
-        return PruningPlan(start_layer=setting.start_layer, keep_visual_count=keep_count,
-                           skip_layers=setting.skip, layer_scores=influence / influence.max().clamp_min(1e-12))
