@@ -152,3 +152,24 @@ def test_a_wide_photo_on_smolvlm_shows_every_tile_at_its_place_and_the_global_vi
     time.sleep(0.5)  # let plotly finish drawing before the picture
     page.screenshot(path=str(SCREENSHOTS / "smolvlm-tiles.png"), full_page=True)
     assert not page.page_errors, page.page_errors
+
+
+def test_par_on_smolvlm_leaves_tiles_out_before_the_tower_and_the_page_says_how_many(smolvlm_page, wide_image):
+    page = smolvlm_page
+    page.locator("#image-input input[type=file]").set_input_files(str(wide_image))
+    sync_api.expect(page.locator("#image-input img").first).to_be_visible()
+    page.locator("#method").get_by_text("PAR", exact=True).click()
+    page.locator("#budget input[type=range]").fill("0.25")
+    sync_api.expect(page.locator("#budget input[type=number]")).to_have_value("0.25")
+    page.locator("#question textarea").fill("What color is the circle?")
+    page.click("#run")
+    stats = page.locator("#stats")
+    sync_api.expect(stats).to_contain_text("the vision tower ran on", timeout=120_000)
+    page.wait_for_function("!document.querySelector('[data-testid=status-tracker].generating')", timeout=120_000)
+    words = stats.inner_text().split("the vision tower ran on ")[1].split()
+    encoded, views = int(words[0]), int(words[2])
+    assert views == 7 and 1 <= encoded < views, words  # the global view and some of the 6 tiles
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    time.sleep(0.5)
+    page.screenshot(path=str(SCREENSHOTS / "smolvlm-par-tiles.png"), full_page=True)
+    assert not page.page_errors, page.page_errors
