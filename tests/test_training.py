@@ -134,7 +134,7 @@ def test_two_processes_train_with_averaged_gradients(tmp_path, scene):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "par_demo", "train-router", "--model", "random:llava-tiny", "--device", "cpu",
-               "--images", str(tmp_path), "--out", str(out), "--steps", "2", "--batch", "1", "--flows", "3",
+               "--images", str(tmp_path), "--out", str(out), "--steps", "2", "--batch", "2", "--flows", "3",
                "--budgets-per-query", "1", "--max-new-tokens", "2", "--val", "1", "--pareto-low", "0.5",
                "--pareto-high", "0.5", "--width", "16"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)

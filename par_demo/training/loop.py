@@ -1,6 +1,6 @@
 """The training loop: preference pairs from scored flows, data parallel through accelerate, checkpoints.
 
-Per optimizer step each process takes `batch` queries (in `grad_accum` micro-batches). For each query the router
+Per optimizer step the processes share `batch` queries (each takes its part, in `grad_accum` micro-batches). For each query the router
 scores every visual token and layer at `budgets_per_query` sampled budgets (one forward); around those scores, or
 the attention prior during warm-up, `flows` pruning flows per budget are sampled; every flow of the micro-batch is
 scored in one batched forward of the frozen model (`flows.score_flows`); best vs worst flow of each budget is a
@@ -9,7 +9,9 @@ where log pi averages the bits' log-likelihoods within each group (tokens, layer
 token bits do not drown 30 layer bits. A second term keeps the mean keep probability of each group at the better
 flow's kept fraction: without it the preference loss alone only sharpens the logits.
 
-Processes (`accelerate launch`) share nothing but the router's gradients, which are averaged before every step.
+Processes (`accelerate launch`) share nothing but the router's gradients, summed before every step: each process's
+loss is its queries' part of the step's mean, so N processes take the same optimizer steps over the same queries as
+one process would (the same draw of `batch` queries, split between them), in about 1/N of the time.
 The frozen model runs in the dtype it was loaded in (bf16 on GPU by default, or 4-bit); the router's weights
 stay fp32, and on GPU its forward runs under bf16/fp16 autocast (`--precision`).
 """
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from par_demo.errors import UserError
 from par_demo.router import MetaRouter, RouterConfig, auto_width, fingerprint, load_router, read_meta, save_router
 from par_demo.training.flows import Budgeter, kept_fraction_loss, log_pi, sample_flows, score_flows
 from par_demo.training.pareto import validate
@@ -39,7 +42,7 @@ STATE_FILE = "train_state.pt"  # optimizer + step, for --resume (weights only: l
 @dataclass
 class TrainConfig:
     steps: int = 300  # optimizer steps
-    batch: int = 4  # queries per optimizer step and process
+    batch: int = 4  # queries per optimizer step, over all processes
     grad_accum: int = 1  # micro-batches the step's queries are split into (one batched forward each)
     budgets_per_query: int = 2  # budgets sampled per query (one router forward scores them all)
     flows: int = 6  # pruning flows sampled per budget
@@ -151,14 +154,15 @@ def make_accelerator(train: TrainConfig, device: str | None):
     return Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision(train.precision, device))
 
 
-def average_gradients(router, accelerator) -> None:
-    """Data parallel: every process ends the step with the mean of all processes' router gradients."""
+def sum_gradients(router, accelerator) -> None:
+    """Data parallel: every process ends the step with the sum of all processes' router gradients (each process's
+    loss is already its share of the step's mean over all its queries)."""
     if accelerator.num_processes == 1:
         return
     for p in router.parameters():
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        p.grad = accelerator.reduce(p.grad, reduction="mean")
+        p.grad = accelerator.reduce(p.grad, reduction="sum")
 
 
 def replicas_agree(router, accelerator) -> bool:
@@ -188,6 +192,9 @@ def train_router(predictor, queries, out: Path, train: TrainConfig, args, progre
     """Train (or continue) a router for `predictor`'s model; writes checkpoints to `out`; returns a summary."""
     accelerator = accelerator or make_accelerator(train, str(predictor.loaded.device.type))
     rank, world = accelerator.process_index, accelerator.num_processes
+    if train.batch < world:
+        raise UserError(f"--batch {train.batch} is the queries of one step over all processes: give at least one "
+                        f"per process ({world})")
     torch.manual_seed(train.seed)
     n_val = min(train.val, max(len(queries) // 5, 1)) if len(queries) > 1 else 0
     val_queries, train_queries = queries[:n_val], queries[n_val:] or queries
@@ -226,17 +233,18 @@ def train_router(predictor, queries, out: Path, train: TrainConfig, args, progre
                disable=not (progress and accelerator.is_main_process),
                mininterval=0.1 if sys.stderr.isatty() else 30)
     started, flows_here, stopped_early = time.time(), 0, False
-    micro = math.ceil(train.batch / max(train.grad_accum, 1))
     while step < train.steps:
         use_router = router_share(step, train)
-        indices = [int(order_rng.integers(len(train_queries)) + rank) % len(train_queries) for _ in range(train.batch)]
-        for start in range(0, train.batch, micro):
+        # every process draws the same `batch` queries and takes its part of them
+        indices = [int(order_rng.integers(len(train_queries))) for _ in range(train.batch)][rank::world]
+        micro = math.ceil(len(indices) / max(train.grad_accum, 1))
+        for start in range(0, len(indices), micro):
             chunk = [cache[i] for i in indices[start:start + micro]]
             loss, n_flows = batch_loss(router, chunk, train, budgeter, predictor.engine, layer_prior, use_router,
                                        generator, stats, accelerator.autocast)
-            accelerator.backward(loss * len(chunk) / train.batch)
+            accelerator.backward(loss * len(chunk) / train.batch)  # this chunk's part of the step's mean
             flows_here += n_flows
-        average_gradients(router, accelerator)
+        sum_gradients(router, accelerator)
         optimizer.step()
         optimizer.zero_grad()
         step += 1
