@@ -65,7 +65,7 @@ def run_steps(router, targets, train, budgeter, predictor, layer_prior, steps: i
         chunk = [targets[(step * train.batch + j) % len(targets)] for j in range(train.batch)]
         loss, n = batch_loss(router, chunk, train, budgeter, predictor.engine, layer_prior, 0.5, generator,
                              new_stats())
-        loss.backward()
+        (loss / train.batch).backward()  # the step's mean over its queries, as train-router takes it
         optimizer.step()
         optimizer.zero_grad()
         flows += n

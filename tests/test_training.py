@@ -61,6 +61,35 @@ def test_batched_flow_losses_equal_the_unbatched_ones(predictor, targets, start_
     assert max(kl for kl, _ in alone) > 1e-3  # the flows do differ from the full model: the test can fail
 
 
+def test_a_step_split_between_processes_has_the_gradient_of_the_whole_step(predictor, targets):
+    """Data parallel: each process backpropagates its queries' part of the step's loss (a sum over queries, / batch)
+    and the gradients are summed, so any split of a step's queries (2 + 1 here, as two processes or micro-batches)
+    gives the gradient of the step taken whole."""
+    from par_demo.router import MetaRouter, RouterConfig, fingerprint
+    from par_demo.training.flows import Budgeter
+    from par_demo.training.loop import TrainConfig, batch_loss, new_stats
+
+    config = RouterConfig(lm_width=128, n_layers=8, width=16, heads=1, model=fingerprint(predictor.loaded))
+    train = TrainConfig(flows=4, budgets_per_query=2, batch=len(targets), budget_low=0.3, budget_high=0.8)
+    budgeter = Budgeter(predictor.flops, config)
+    torch.manual_seed(0)
+    router = MetaRouter(config)
+
+    def gradients(chunks):
+        generator = torch.Generator().manual_seed(0)  # the same draws whatever the split: query by query
+        router.zero_grad()
+        for chunk in chunks:
+            loss, _ = batch_loss(router, chunk, train, budgeter, predictor.engine, torch.ones(8), 0.5, generator,
+                                 new_stats())
+            (loss / train.batch).backward()
+        return [p.grad.clone() for p in router.parameters()]
+
+    whole, split = gradients([targets]), gradients([targets[:2], targets[2:]])
+    assert any(bool(g.abs().sum() > 0) for g in whole)
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+
+
 def test_the_target_distribution_is_the_teacher_forced_full_model(predictor, targets):
     from par_demo.engine import PruningPlan
 
@@ -124,7 +153,7 @@ def test_train_router_from_photos_only_stops_in_time_and_resumes(tmp_path, scene
     assert main(["train-router", "--images", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
 
 
-def test_two_processes_train_with_averaged_gradients(tmp_path, scene):
+def test_two_processes_train_with_summed_gradients_and_end_with_the_same_router(tmp_path, scene):
     """`accelerate launch` with two CPU processes (accelerate 1.x starts one process on a machine without GPUs unless
     given --multi_gpu; --cpu cannot be combined with it, the command's --device cpu places the model)."""
     for i in range(3):

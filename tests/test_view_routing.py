@@ -63,22 +63,40 @@ def predictor_flops(loaded):
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_par_encodes_fewer_views_at_lower_budgets_within_budget_and_keeps_tokens_of_encoded_views_only(tiled, scene,
-                                                                                                     preset):
+@pytest.mark.parametrize("method", ["par", "par-drop", "par-tokens"])
+def test_par_encodes_fewer_views_at_lower_budgets_within_budget_and_keeps_tokens_of_encoded_views_only(
+        tiled, scene, preset, method):
     predictor = tiled[preset]
     image = scene.resize(SIZES[preset])
+    inputs = inputs_of(predictor, scene, preset)
     views, encoded = (7 if preset == "smolvlm-tiny" else 5), []
     for budget in (1.0, 0.6, 0.4, 0.3):
-        p = predictor.predict(image, QUESTION, "par", budget, max_new_tokens=2)
+        p = predictor.predict(image, QUESTION, method, budget, max_new_tokens=2)
         assert p.flops_ratio <= budget + 1e-9
         assert p.views == views and 1 <= p.views_encoded <= p.views
         encoded.append(p.views_encoded)
-        generation, *_ = predictor.generate(image, QUESTION, "par", budget, max_new_tokens=1)
-        query = predictor.engine.prepare(predictor.encode(image, QUESTION))
-        views_kept = set(query.layout.tile[generation.kept_visual].tolist())
-        assert len(views_kept) <= p.views_encoded  # no kept token from a view the tower skipped
+        query = predictor.engine.prepare(inputs, overview_only=True)
+        plan, _ = predictor.method(method).plan(query, budget)
+        kept_views = set(query.layout.tile[plan.keep_visual].tolist())
+        assert kept_views <= set(encoded_views(query)) and len(encoded_views(query)) == p.views_encoded
     assert encoded[0] == views  # budget 1: every view
     assert encoded == sorted(encoded, reverse=True) and encoded[-1] < views
+
+
+def test_an_image_of_one_view_runs_par_as_before(tiled, scene):
+    predictor = tiled["internvl3-tiny"]
+    p = predictor.predict(scene.resize((50, 40)), QUESTION, "par", 0.6, max_new_tokens=2)
+    assert (p.views_encoded, p.views) == (1, 1) and p.n_visual_tokens == 16 and p.flops_ratio <= 0.6 + 1e-9
+
+
+def test_bench_finds_the_budgets_par_reaches_by_leaving_tiles_out(tiled, scene):
+    from par_demo.bench import Row, reachable_rows
+
+    predictor = tiled["smolvlm-tiny"]
+    rows = [Row("par", 0.25), Row("fastv", 0.25), Row("par", 1.0)]
+    kept, notes = reachable_rows(predictor, rows, scene.resize(SIZES["smolvlm-tiny"]), QUESTION)
+    assert [(r.method, r.budget) for r in kept] == [("par", 0.25), ("par", 1.0)]
+    assert len(notes) == 1 and notes[0].startswith("fastv@0.25: budget 0.25 is below what fastv can reach")
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -107,9 +125,11 @@ def test_other_methods_and_fixed_versions_encode_every_view(tiled, scene):
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-@pytest.mark.parametrize("budget", [0.5, 0.3])
-def test_view_routed_par_flops_match_flop_counter_within_5_percent(tiled, scene, preset, budget):
-    """Tower on the encoded views, the router on the overview and on the encoded tokens, absorbing, the decoder."""
+@pytest.mark.parametrize("budget", [1.0, 0.5, 0.3])
+def test_view_routed_par_flops_match_flop_counter(tiled, scene, preset, budget):
+    """Tower on the encoded views, the router on the overview and on the encoded tokens, absorbing, the decoder:
+    within 0.2 % of what FlopCounterMode counts (it counts no norms or activations either; measured 0.02-0.03 %),
+    so a router pass left uncharged (0.7-0.8 % of the prefill here) shows."""
     from dataclasses import replace
 
     predictor = tiled[preset]
@@ -124,7 +144,8 @@ def test_view_routed_par_flops_match_flop_counter_within_5_percent(tiled, scene,
                                                             encoded=encoded)
     finally:
         par.router.config = replace(par.router.config, absorb=False)
-    assert generation.views[0] < generation.views[1] and generation.plan.kept_sizes is not None
+    assert (generation.views[0] < generation.views[1]) == (budget < 1)
+    assert budget == 1 or generation.plan.kept_sizes is not None
     counted = counter.get_total_flops()
-    assert abs(flops - counted) / counted < 0.05, (flops, counted)
+    assert abs(flops - counted) / counted < 0.002, (flops, counted)
     assert flops / full <= budget + 1e-9

@@ -225,11 +225,13 @@ class Par(Method):
         overview = restrict(query, query.encoded.nonzero().squeeze(1))
         views = list(range(len(query.layout.tiles))) if fixed else self.choose_views(query, budget)
         query.encode_views(views)
-        if not query.partial:  # every view encoded: plan the whole query as any other
+        overview_flops = 0.0 if fixed else self.router.flops(overview.n_visual, overview.n_text)
+        if not query.partial:  # every view encoded: plan the whole query, the overview's router pass charged
+            self._viewed = (query, query, overview_flops)
             return self.plan(query, budget, tokens, layers, start_layer)
         encoded = query.encoded.nonzero().squeeze(1)
         sub = restrict(query, encoded)
-        self._viewed = (query, sub, self.router.flops(overview.n_visual, overview.n_text))
+        self._viewed = (query, sub, overview_flops)
         plan, setting = self.plan(sub, budget, tokens, layers, start_layer)
         keep = encoded if plan.keep_visual is None else encoded[plan.keep_visual]
         scores = torch.zeros(query.n_visual, device=plan.token_scores.device)
@@ -260,14 +262,12 @@ class Par(Method):
         return max(self.min_layers(), min(self.n_layers, int(layers)))
 
     # ---------------------------------------------------------------------------------------- method
-    def choose(self, query, budget, start_layer, layer_logits=None):
+    def choose(self, query, budget, start_layer):
         """The target layer count with as many tokens as fit (more layers if every token fits, fewer if no token
         does). Tokens are found by bisection: FLOPs grow with tokens, and a 576-token scan per layer count adds up.
-        A budget out of reach at K is searched again at K-1, ... as in `Method.choose`. `layer_logits`: the
-        router's, when known (the view search tries token counts of views not yet encoded)."""
+        A budget out of reach at K is searched again at K-1, ... as in `Method.choose`."""
         limit = check_budget(budget) * self.flops.full(query) * (1 + 1e-9)
-        if layer_logits is None:
-            _, layer_logits = self.route(query, self._budget)
+        _, layer_logits = self.route(query, self._budget)
         n_v = query.n_visual
         floor_layers = self.min_layers() if self.route_layers else self.n_layers  # par-tokens runs every layer
         target = self.target_layers(self._budget) if self.route_layers else self.n_layers

@@ -73,8 +73,10 @@ def new_stats() -> dict:
 
 def batch_loss(router, targets, train: TrainConfig, budgeter: Budgeter, engine, layer_prior, use_router_prob: float,
                generator: torch.Generator, stats: dict, autocast=None) -> tuple[torch.Tensor, int]:
-    """(the preference loss of a micro-batch of queries, the number of flows scored). One router forward per query
-    (all its budgets), one batched forward of the frozen model for every flow of every query."""
+    """(the preference loss of a micro-batch of queries, summed over its queries, each query's loss the mean over its
+    budgets; the number of flows scored). A sum, so that any split of a step's queries into chunks and processes adds
+    up to the same step loss. One router forward per query (all its budgets), one batched forward of the frozen
+    model for every flow of every query."""
     cfg = budgeter.config
     routable = cfg.routable()
     n_protected = cfg.n_layers - len(routable)
@@ -97,7 +99,7 @@ def batch_loss(router, targets, train: TrainConfig, budgeter: Budgeter, engine, 
                 groups.append((q, b, len(rows), len(flows)))
                 rows += [(target, f) for f in flows]
     scores = score_flows(engine, rows, cfg.start_layer, max(train.flow_batch, 1), batched=train.flow_batch > 0)
-    losses = []
+    losses: dict[int, list[torch.Tensor]] = {}  # query -> the loss of each of its budgets that had a preference
     for q, b, first, count in groups:
         token_logits, layer_logits = routed[q][0][b], routed[q][1][b]
         scored = [(scores[first + i][0], rows[first + i][1]) for i in range(count)]
@@ -117,11 +119,11 @@ def batch_loss(router, targets, train: TrainConfig, budgeter: Budgeter, engine, 
         preference = -F.logsigmoid(train.beta * margins).mean()
         fraction = kept_fraction_loss(token_logits, layer_logits, best[1].tokens, best[1].layers, routable,
                                       n_protected)
-        losses.append(preference + train.fraction_weight * fraction)
+        losses.setdefault(q, []).append(preference + train.fraction_weight * fraction)
         stats["preference"].append(float(preference.detach()))
-    if not losses:  # still a graph over every parameter, so that all processes take the same steps
-        return sum(z.sum() + l.sum() for z, l in routed) * 0.0, len(rows)
-    return torch.stack(losses).mean(), len(rows)
+    # still a graph over every parameter when nothing was learned, so that all processes take the same steps
+    anchor = sum(z.sum() + l.sum() for z, l in routed) * 0.0
+    return anchor + sum(torch.stack(per_query).mean() for per_query in losses.values()), len(rows)
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -166,7 +168,7 @@ def sum_gradients(router, accelerator) -> None:
 
 
 def replicas_agree(router, accelerator) -> bool:
-    """Do all processes hold the same router weights (as averaged gradients and equal steps guarantee)?"""
+    """Do all processes hold the same router weights (as summed gradients and equal steps guarantee)?"""
     checksum = torch.stack([p.detach().double().sum() for p in router.parameters()]).sum().reshape(1)
     every = accelerator.gather(checksum.to(accelerator.device)) if accelerator.num_processes > 1 else checksum
     return bool((every - every[0]).abs().max() <= 1e-9 * max(1.0, float(every[0].abs())))
@@ -242,7 +244,7 @@ def train_router(predictor, queries, out: Path, train: TrainConfig, args, progre
             chunk = [cache[i] for i in indices[start:start + micro]]
             loss, n_flows = batch_loss(router, chunk, train, budgeter, predictor.engine, layer_prior, use_router,
                                        generator, stats, accelerator.autocast)
-            accelerator.backward(loss * len(chunk) / train.batch)  # this chunk's part of the step's mean
+            accelerator.backward(loss / train.batch)  # this chunk's part of the step's mean over its queries
             flows_here += n_flows
         sum_gradients(router, accelerator)
         optimizer.step()
