@@ -61,13 +61,24 @@ def test_batched_flow_losses_equal_the_unbatched_ones(predictor, targets, start_
     assert max(kl for kl, _ in alone) > 1e-3  # the flows do differ from the full model: the test can fail
 
 
-def test_a_step_split_between_processes_has_the_gradient_of_the_whole_step(predictor, targets):
+def test_a_step_split_between_processes_has_the_gradient_of_the_whole_step(predictor, targets, monkeypatch):
     """Data parallel: each process backpropagates its queries' part of the step's loss (a sum over queries, / batch)
     and the gradients are summed, so any split of a step's queries (2 + 1 here, as two processes or micro-batches)
-    gives the gradient of the step taken whole."""
+    gives the gradient of the step taken whole, also when queries have different numbers of budgets to learn from
+    (the first query's first budget gets a single flow here, so it has no preference pair)."""
+    import par_demo.training.loop as loop
     from par_demo.router import MetaRouter, RouterConfig, fingerprint
     from par_demo.training.flows import Budgeter
     from par_demo.training.loop import TrainConfig, batch_loss, new_stats
+
+    stock, calls = loop.sample_flows, []
+
+    def fewer_for_the_first(target, *args, **kwargs):
+        flows = stock(target, *args, **kwargs)
+        calls.append(target is targets[0])
+        return flows[:1] if calls[-1] and sum(calls) % 2 == 1 else flows  # its first budget of every step
+
+    monkeypatch.setattr(loop, "sample_flows", fewer_for_the_first)
 
     config = RouterConfig(lm_width=128, n_layers=8, width=16, heads=1, model=fingerprint(predictor.loaded))
     train = TrainConfig(flows=4, budgets_per_query=2, batch=len(targets), budget_low=0.3, budget_high=0.8)
