@@ -73,6 +73,18 @@ def served_page(browser, model: str):
         page.close()
 
 
+def ask(page, image, method: str, budget: str | None = None) -> None:
+    """Upload `image`, choose `method` (its label) and, if given, the budget, ask about the circle and press Run."""
+    page.locator("#image-input input[type=file]").set_input_files(str(image))
+    sync_api.expect(page.locator("#image-input img").first).to_be_visible()
+    page.locator("#method").get_by_text(method, exact=True).click()
+    if budget is not None:
+        page.locator("#budget input[type=range]").fill(budget)
+        sync_api.expect(page.locator("#budget input[type=number]")).to_have_value(budget)
+    page.locator("#question textarea").fill("What color is the circle?")
+    page.click("#run")
+
+
 @pytest.fixture(scope="module")
 def page(browser):
     with served_page(browser, "random:qwen2.5-vl-mid") as page:
@@ -80,11 +92,7 @@ def page(browser):
 
 
 def test_a_tall_photo_gives_a_tall_patch_grid_on_qwen2_5_vl(page, tall_image):
-    page.locator("#image-input input[type=file]").set_input_files(str(tall_image))
-    sync_api.expect(page.locator("#image-input img").first).to_be_visible()
-    page.locator("#method").get_by_text("FastV", exact=True).click()
-    page.locator("#question textarea").fill("What color is the circle?")
-    page.click("#run")
+    ask(page, tall_image, "FastV")
     title = page.locator("#patch-plot .js-plotly-plot .gtitle")
     sync_api.expect(title).to_contain_text("/240", timeout=60_000)  # 20 x 12 cells, one per visual token
     page.wait_for_function("!document.querySelector('[data-testid=status-tracker].generating')", timeout=60_000)
@@ -129,11 +137,7 @@ def smolvlm_page(browser):
 
 def test_a_wide_photo_on_smolvlm_shows_every_tile_at_its_place_and_the_global_view(smolvlm_page, wide_image):
     page = smolvlm_page
-    page.locator("#image-input input[type=file]").set_input_files(str(wide_image))
-    sync_api.expect(page.locator("#image-input img").first).to_be_visible()
-    page.locator("#method").get_by_text("FastV", exact=True).click()
-    page.locator("#question textarea").fill("What color is the circle?")
-    page.click("#run")
+    ask(page, wide_image, "FastV")
     title = page.locator("#patch-plot .js-plotly-plot .gtitle")
     sync_api.expect(title).to_contain_text("/448", timeout=120_000)  # (6 tiles + the global view) x 64 tokens
     page.wait_for_function("!document.querySelector('[data-testid=status-tracker].generating')", timeout=120_000)
@@ -156,13 +160,7 @@ def test_a_wide_photo_on_smolvlm_shows_every_tile_at_its_place_and_the_global_vi
 
 def test_par_on_smolvlm_leaves_tiles_out_before_the_tower_and_the_page_says_how_many(smolvlm_page, wide_image):
     page = smolvlm_page
-    page.locator("#image-input input[type=file]").set_input_files(str(wide_image))
-    sync_api.expect(page.locator("#image-input img").first).to_be_visible()
-    page.locator("#method").get_by_text("PAR", exact=True).click()
-    page.locator("#budget input[type=range]").fill("0.25")
-    sync_api.expect(page.locator("#budget input[type=number]")).to_have_value("0.25")
-    page.locator("#question textarea").fill("What color is the circle?")
-    page.click("#run")
+    ask(page, wide_image, "PAR", budget="0.25")
     stats = page.locator("#stats")
     sync_api.expect(stats).to_contain_text("the vision tower ran on", timeout=120_000)
     page.wait_for_function("!document.querySelector('[data-testid=status-tracker].generating')", timeout=120_000)
