@@ -196,9 +196,7 @@ class Engine:
     def prepare(self, inputs: dict, overview_only: bool = False) -> Query:
         """Model inputs (from the family's `encode`) -> embeddings, visual tokens and positions (family's `prepare`).
         `overview_only`: a tiled image's tower runs on its global view alone; the planner encodes more on demand."""
-        if overview_only:
-            return self.family.prepare(self.model, inputs, overview_only=True)
-        return self.family.prepare(self.model, inputs)
+        return self.family.prepare(self.model, inputs, overview_only=overview_only)
 
     @torch.inference_mode()
     def extend(self, query: Query, token_ids: list[int]) -> Query:

@@ -222,10 +222,10 @@ class Par(Method):
         their tokens, and give the plan in the whole query's token indices."""
         self._budget, self._viewed = float(budget), None
         fixed = tokens is not None or layers is not None
-        overview = restrict(query, query.encoded.nonzero().squeeze(1))
+        n_overview = int(query.encoded.sum())  # the tokens the router scored the tiles from (none when fixed)
         views = list(range(len(query.layout.tiles))) if fixed else self.choose_views(query, budget)
         query.encode_views(views)
-        overview_flops = 0.0 if fixed else self.router.flops(overview.n_visual, overview.n_text)
+        overview_flops = 0.0 if fixed else self.router.flops(n_overview, query.n_text)
         if not query.partial:  # every view encoded: plan the whole query, the overview's router pass charged
             self._viewed = (query, query, overview_flops)
             return self.plan(query, budget, tokens, layers, start_layer)
