@@ -16,6 +16,7 @@ import resource
 import statistics
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -167,12 +168,24 @@ def build_rows(methods: list[str], budgets: list[float], versions: list[tuple[in
     return rows
 
 
+def cpu_name() -> str:
+    """The CPU's model name, and whether it has bf16 matrix units (AMX): CPU figures differ by several times
+    between this project's machines (AMD EPYC, Intel Xeon with and without AMX), and bf16 most of all."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.machine())
+    return name + (" (AMX bf16)" if " amx_bf16" in info else "")
+
+
 def environment(predictor: Predictor) -> dict:
     device = predictor.loaded.device
     info = {"model": predictor.loaded.name, "quant": predictor.loaded.quant, "device": str(device),
             "dtype": str(predictor.loaded.model.lm_head.weight.dtype).replace("torch.", ""),
             "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "threads": torch.get_num_threads()}
+            "cpu": cpu_name(), "threads": torch.get_num_threads()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

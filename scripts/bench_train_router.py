@@ -4,6 +4,7 @@ the engine) against batched flows (`--flow-batch`), side by side in one run, on 
     python scripts/bench_train_router.py --model assets/models/shapes-llava --steps 3 --rounds 3
     python scripts/bench_train_router.py --model random:llava-mid --batch 1 --budgets-per-query 1 --flows 4
     python scripts/bench_train_router.py --project --tflops 989 --mfu 0.4 --bandwidth 3350
+    python scripts/bench_train_router.py --bf16    # also the batched path on the model loaded in bf16
 
 `--project` measures nothing: it turns the analytic FLOPs of LLaVA-1.5-7B and Qwen2.5-VL-7B (`par_demo.flops`, the
 counts the budgets use) into the hours a training run needs on a GPU of the given bf16 TFLOP/s, at an assumed share
@@ -11,7 +12,9 @@ of it (`--mfu`), with the questions' probing answers decoded at an assumed share
 
 Each round runs `--steps` optimizer steps of every path in turns (router forward and backward, flow sampling,
 scoring, preference loss: the whole step), from the same seeds, on targets computed once beforehand; a path's
-figure is the median over rounds. The target of a query (the full model's answer and distributions) is timed
+figure is the median over rounds. `--bf16` adds the batched paths on a second copy of the model in bf16
+(`train-router --dtype bf16`: targets and flows in bf16, the router in fp32), with its own targets; on a CPU with
+bf16 matrix units (AMX) its products run several times faster than fp32, elsewhere they may run slower. The target of a query (the full model's answer and distributions) is timed
 apart: once per query as now, and with the extra teacher-forced prefill the command used to run.
 
 Timings depend on the machine's load: the script prints the load average; re-run it on a quiet machine.
@@ -34,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch  # noqa: E402
 
+from par_demo.bench import cpu_name  # noqa: E402
 from par_demo.engine import PruningPlan  # noqa: E402
 from par_demo.models import load_model  # noqa: E402
 from par_demo.predict import Predictor  # noqa: E402
@@ -124,6 +128,7 @@ def main() -> None:
     parser.add_argument("--budgets-per-query", type=int, default=2)
     parser.add_argument("--flows", type=int, default=6)
     parser.add_argument("--flow-batches", default="16,64", help="batched paths to time (flows per forward)")
+    parser.add_argument("--bf16", action="store_true", help="also time the batched paths on the model in bf16")
     parser.add_argument("--json", default=None, help="also write the result to this file")
     parser.add_argument("--project", action="store_true", help="print the projected GPU cost for the 7B models")
     parser.add_argument("--tflops", type=float, default=989.0, help="--project: the GPU's dense bf16 TFLOP/s")
@@ -136,20 +141,25 @@ def main() -> None:
         print(json.dumps(project(args), indent=1))
         return
 
-    predictor = Predictor(load_model(args.model, device="cpu"))
     train = TrainConfig(batch=args.batch, budgets_per_query=args.budgets_per_query, flows=args.flows)
     queries = read_queries(args.data)[:args.queries]
-    target_times, targets = time_targets(predictor, TargetCache(predictor, queries, train, 0))
     shape = Namespace(width=None, depth=2, protected_first=None, protected_last=1, start_layer=0,
                       token_selection="top")
-    config = build_router_config(predictor, shape, targets[0])
-    budgeter = Budgeter(predictor.flops, config)
-    layer_prior = torch.tensor(predictor.method("layerdrop").influence())
-    paths = {"current (each flow alone)": 0} | {f"batched ({b} flows per forward)": int(b)
-                                                for b in args.flow_batches.split(",")}
+    setups, target_times = {}, {}
+    for dtype in ("fp32", "bf16") if args.bf16 else ("fp32",):
+        predictor = Predictor(load_model(args.model, device="cpu", dtype=dtype))
+        target_times[dtype], targets = time_targets(predictor, TargetCache(predictor, queries, train, 0))
+        config = build_router_config(predictor, shape, targets[0])
+        setups[dtype] = (predictor, targets, config, Budgeter(predictor.flops, config),
+                         torch.tensor(predictor.method("layerdrop").influence()))
+    paths = {"current (each flow alone)": ("fp32", 0)}
+    for dtype in setups:
+        suffix = "" if dtype == "fp32" else f", model in {dtype}"
+        paths |= {f"batched ({b} flows per forward{suffix})": (dtype, int(b)) for b in args.flow_batches.split(",")}
     rates = {name: [] for name in paths}
     for round_ in range(args.rounds):
-        for name, flow_batch in paths.items():  # in turns, so that a change of load hits every path alike
+        for name, (dtype, flow_batch) in paths.items():  # in turns, so that a change of load hits every path alike
+            predictor, targets, config, budgeter, layer_prior = setups[dtype]
             torch.manual_seed(0)
             router = MetaRouter(config)
             flows, seconds = run_steps(router, targets, replace(train, flow_batch=flow_batch), budgeter, predictor,
@@ -157,9 +167,10 @@ def main() -> None:
             rates[name].append(flows / seconds)
     base = statistics.median(rates["current (each flow alone)"])
     result = {"model": args.model, "environment": {
-                  "machine": platform.machine(), "cpu_cores": os.cpu_count(), "torch": torch.__version__,
+                  "machine": platform.machine(), "cpu": cpu_name(), "cpu_cores": os.cpu_count(), "torch": torch.__version__,
                   "threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in os.getloadavg()]},
-              "settings": vars(args), **target_times,
+              "settings": vars(args), **target_times["fp32"],
+              **({"bf16_targets": target_times["bf16"]} if "bf16" in target_times else {}),
               "paths": [{"path": name, "flows_per_s": round(statistics.median(r), 2),
                          "range": [round(min(r), 2), round(max(r), 2)],
                          "ratio": round(statistics.median(r) / base, 2)} for name, r in rates.items()]}
