@@ -185,16 +185,29 @@ def fingerprint(loaded) -> dict:
     """What must match between a router and a model: architecture facts, plus a soft check of the weights."""
     config = loaded.config
     text = config.text_config
+    # A retrained model keeps its architecture but not its weights; two statistics tell them apart (compared with
+    # a tolerance that the dtype's rounding stays inside: `same_weights`). Checked softly: see `check_model`.
     weight = loaded.model.lm_head.weight.detach().float()
     return {
         "name": sanitize(loaded.name),
         "n_layers": int(text.num_hidden_layers),
         "lm_width": int(text.hidden_size),
         "vocab": int(text.vocab_size),
-        # A retrained model keeps its architecture but not its weights; a few rounded statistics tell them
-        # apart without depending on the dtype it was loaded in. Checked softly (a warning), see `check_model`.
         "weights": f"{weight.mean().item():.3e}/{weight.std().item():.3e}",
     }
+
+
+def same_weights(want: str, have: str) -> bool:
+    """Whether two fingerprints' "mean/std" of the LM head can come from the same weights loaded in different dtypes
+    (a router trained on a GPU in bf16 serving the fp32 model on a CPU). The mean is a small difference of large
+    sums: loading in fp16 moved its 4th digit (by 1 %, a few millionths of the std), so it is compared on the std's
+    scale; a retrained head moves the figures by far more."""
+    try:
+        (mean_a, std_a), (mean_b, std_b) = ((float(x) for x in text.split("/")) for text in (want, have))
+    except ValueError:
+        return want == have
+    scale = max(abs(std_a), abs(std_b), 1e-12)
+    return abs(mean_a - mean_b) <= 1e-4 * scale and abs(std_a - std_b) <= 1e-3 * scale
 
 
 def check_model(config: RouterConfig, loaded, where: str = "") -> None:
@@ -207,7 +220,7 @@ def check_model(config: RouterConfig, loaded, where: str = "") -> None:
         raise UserError(f"the router{where} was trained for another model ({'; '.join(diff)}); "
                         f"train one for this model with: python -m par_demo train-router --model {loaded.name} "
                         f"--images PHOTO_FOLDER --out OUT")
-    if want.get("weights") and want["weights"] != have["weights"]:
+    if want.get("weights") and not same_weights(want["weights"], have["weights"]):
         warnings.warn(f"the router{where} was trained on different weights of {have['name']} "
                       f"(was the model retrained?); its choices may be poor until it is retrained", stacklevel=2)
 

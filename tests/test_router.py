@@ -92,6 +92,24 @@ def test_save_load_round_trip_and_mismatch_refusal(tiny, config, tmp_path, targe
         load_router(tmp_path, tiny)
 
 
+def test_a_router_loads_silently_on_its_model_in_another_dtype_and_warns_on_other_weights(tiny, config, tmp_path):
+    import warnings
+
+    from par_demo.models import load_model
+
+    save_router(MetaRouter(config), tmp_path)  # fingerprinted on the fp32 model
+    for dtype in ("bf16", "fp16"):  # trained on a GPU in bf16, served on a CPU in fp32, or the other way round
+        same = load_model("random:llava-tiny", device="cpu", dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            load_router(tmp_path, same)
+    retrained = load_model("random:llava-tiny", device="cpu")
+    with torch.no_grad():
+        retrained.model.lm_head.weight.mul_(1.01)
+    with pytest.warns(UserWarning, match="different weights"):
+        load_router(tmp_path, retrained)
+
+
 def test_par_is_unavailable_with_a_router_for_another_model(tiny, config, tmp_path):
     from par_demo.predict import Predictor
 
