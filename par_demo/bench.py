@@ -27,7 +27,10 @@ from par_demo.images import load_image
 from par_demo.methods import method_class
 from par_demo.methods.base import check_budget
 from par_demo.predict import Predictor, add_model_arguments, load_from_args
+from par_demo.stock import StockRun, stock_generate
 from par_demo.timing import time_interleaved
+
+STOCK = "stock"  # a row of stock transformers `generate` (par_demo/stock.py), not a pruning method
 
 
 @dataclass
@@ -103,6 +106,10 @@ def time_row(predictor: Predictor, row: Row, image, question: str, new_tokens: i
     return generation, flops / full
 
 
+def time_stock(predictor: Predictor, image, question: str, new_tokens: int) -> StockRun:
+    return stock_generate(predictor.loaded, predictor.encode(image, question), new_tokens)
+
+
 def run_bench(predictor: Predictor, rows: list[Row], image, question: str, new_tokens: int = 32,
               repeats: int = 5, progress: bool = False) -> list[Row]:
     device = predictor.loaded.device
@@ -110,20 +117,27 @@ def run_bench(predictor: Predictor, rows: list[Row], image, question: str, new_t
     for i, row in enumerate(rows):  # warm-up, and the per-row facts that do not change between repeats
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        generation, ratio = time_row(predictor, row, image, question, new_tokens)
-        row.flops_ratio = ratio
-        row.kept_visual_tokens = int(generation.kept_visual.numel())
-        row.kept_layers = predictor.engine.n_layers - len(generation.plan.skip_layers)
-        row.views = "{}/{}".format(*generation.views)
-        row.kv_cache_mb = generation.kv_cache_bytes / 2**20
-        row.new_tokens = len(generation.tokens)
+        if row.method == STOCK:  # the whole image through every layer, like the engine's full row (rows[0])
+            stock = time_stock(predictor, image, question, new_tokens)
+            row.flops_ratio, row.kept_visual_tokens, row.kept_layers, row.views = (
+                1.0, rows[0].kept_visual_tokens, rows[0].kept_layers, rows[0].views)
+            row.kv_cache_mb, row.new_tokens = stock.kv_cache_bytes / 2**20, len(stock.tokens)
+        else:
+            generation, ratio = time_row(predictor, row, image, question, new_tokens)
+            row.flops_ratio = ratio
+            row.kept_visual_tokens = int(generation.kept_visual.numel())
+            row.kept_layers = predictor.engine.n_layers - len(generation.plan.skip_layers)
+            row.views = "{}/{}".format(*generation.views)
+            row.kv_cache_mb = generation.kv_cache_bytes / 2**20
+            row.new_tokens = len(generation.tokens)
         row.peak_mem_mb = peak_memory_mb(device)
         bar.update()
 
     def run(row: Row) -> tuple[float, float]:
-        generation, _ = time_row(predictor, row, image, question, new_tokens)
+        timed = (time_stock(predictor, image, question, new_tokens) if row.method == STOCK
+                 else time_row(predictor, row, image, question, new_tokens)[0])
         bar.update()
-        return generation.prefill_s, generation.total_s
+        return timed.prefill_s, timed.total_s
 
     times = time_interleaved(run, rows, repeats)
     bar.close()
@@ -146,6 +160,9 @@ def reachable_rows(predictor: Predictor, rows: list[Row], image, question: str) 
     inputs = predictor.encode(image, question)
     kept, notes = [], []
     for row in rows:
+        if row.method == STOCK:
+            kept.append(row)
+            continue
         method = predictor.method(row.method)
         try:  # a fresh query each: a method that routes views encodes into it
             method.plan(predictor.engine.prepare(inputs, method.routes_views), row.budget or 1.0, row.tokens,
@@ -160,6 +177,9 @@ def reachable_rows(predictor: Predictor, rows: list[Row], image, question: str) 
 def build_rows(methods: list[str], budgets: list[float], versions: list[tuple[int, int]]) -> list[Row]:
     rows = [Row("full", 1.0)]
     for name in methods:
+        if name == STOCK:
+            rows.append(Row(STOCK, 1.0))
+            continue
         name = method_class(name).name
         if name == "full":
             continue
@@ -194,7 +214,8 @@ def environment(predictor: Predictor) -> dict:
 # ------------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--methods", default="full,fastv,random,layerdrop", help="comma-separated method names")
+    parser.add_argument("--methods", default="full,fastv,random,layerdrop",
+                        help="comma-separated method names; 'stock' adds transformers' own generate, unpruned")
     parser.add_argument("--budgets", default="0.5,0.25", help="comma-separated FLOPs budgets in (0, 1]")
     parser.add_argument("--versions", default=None, help="PAR fixed versions TOKENS:LAYERS,... e.g. 176:28,144:24")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per query (EOS ignored)")
@@ -207,7 +228,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     methods = parse_list(args.methods, "methods")
     for name in methods:
-        method_class(name)
+        if name != STOCK:
+            method_class(name)
     budgets = [check_budget(b) for b in parse_list(args.budgets, "budgets", float)]
     versions = parse_versions(args.versions)
     if not 1 <= args.new_tokens <= 1024 or not 1 <= args.repeats <= 1000:

@@ -45,18 +45,6 @@ def encode(loaded, size):
     return encode_query(loaded, image.resize(size), "What color is the circle?")
 
 
-def stock_inputs(loaded, inputs, extra_tokens=()):
-    """The inputs stock transformers takes, with generated tokens appended as text."""
-    stock = {k: v for k, v in inputs.items() if k not in loaded.family.extra_input_names}
-    if extra_tokens:
-        extra = torch.tensor([list(extra_tokens)])
-        stock["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
-        if "mm_token_type_ids" in inputs:
-            stock["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra).int()], 1)
-    stock["attention_mask"] = torch.ones_like(stock["input_ids"])
-    return stock
-
-
 def reference_logits(model, query, plan, extra_tokens=()):
     """Last-position logits from the stock decoder layers (their own attention), not the engine's loop.
 
@@ -97,7 +85,7 @@ def test_empty_plan_matches_stock_generate_token_for_token(models, preset, size)
     loaded = models(preset)
     inputs = encode(loaded, size)
     ours = Engine(loaded.model).generate(inputs, max_new_tokens=10).tokens
-    stock = loaded.model.generate(**stock_inputs(loaded, inputs), max_new_tokens=10, min_new_tokens=10, do_sample=False,
+    stock = loaded.model.generate(**loaded.family.stock_inputs(inputs), max_new_tokens=10, min_new_tokens=10, do_sample=False,
                                   eos_token_id=None)
     assert ours == stock[0, inputs["input_ids"].shape[1]:].tolist()
 
@@ -115,7 +103,7 @@ def test_empty_plan_logits_match_stock_forward_at_every_step(models, preset, siz
         tokens.append(int(ours[-1].argmax()))
         position += 1
     with torch.no_grad():
-        stock = loaded.model(**stock_inputs(loaded, inputs, tokens[:-1])).logits[0, -5:]
+        stock = loaded.model(**loaded.family.stock_inputs(inputs, tokens[:-1])).logits[0, -5:]
     torch.testing.assert_close(torch.stack(ours), stock, atol=1e-4, rtol=1e-4)
 
 

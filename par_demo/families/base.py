@@ -240,6 +240,19 @@ class Family:
         `loaded.options` holds per-model image options (Qwen2.5-VL: min_pixels / max_pixels; tiled: max_tiles)."""
         raise NotImplementedError
 
+    def stock_inputs(self, inputs: dict, extra_tokens: tuple[int, ...] | list[int] = ()) -> dict:
+        """`encode`'s inputs as the stock model's `generate` / forward takes them, with `extra_tokens` (generated
+        text) appended to the prompt."""
+        stock = {k: v for k, v in inputs.items() if k not in self.extra_input_names}
+        if extra_tokens:
+            extra = torch.tensor([list(extra_tokens)], device=inputs["input_ids"].device)
+            stock["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
+            if "mm_token_type_ids" in inputs:  # Qwen2.5-VL: 0 marks a text token
+                stock["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"],
+                                                        torch.zeros_like(extra).to(inputs["mm_token_type_ids"])], 1)
+        stock["attention_mask"] = torch.ones_like(stock["input_ids"])
+        return stock
+
     def prepare(self, model, inputs: dict, overview_only: bool = False) -> Query:
         """`overview_only`: for a tiled image, run the tower on the global view / thumbnail alone and return a query
         that encodes the other views on demand (`Query.encode_views`); untiled images ignore it."""
