@@ -45,6 +45,17 @@ def test_random_preset_is_deterministic(tiny):
         assert torch.equal(a, b)
 
 
+def test_small_presets_are_drawn_on_the_cpu_and_large_ones_where_they_will_run():
+    """The shipped routers' fingerprints need a mid preset's weights alike on every machine; a 7B preset drawn on a
+    CPU would spend minutes of a GPU lease. The meta device stands in for the GPU (nothing is allocated)."""
+    from par_demo.models import build_random_model
+
+    small, _, _ = build_random_model("llava-tiny", device="meta")
+    assert {p.device.type for p in small.parameters()} == {"cpu"}
+    large, _, _ = build_random_model("llava-1.5-7b", dtype=torch.bfloat16, device="meta")
+    assert {p.device.type for p in large.parameters()} == {"meta"}
+
+
 @pytest.mark.parametrize("spec, message", [
     ("random:no-such-preset", "unknown preset"),
     ("", "no model"),
