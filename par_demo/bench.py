@@ -114,13 +114,15 @@ def run_bench(predictor: Predictor, rows: list[Row], image, question: str, new_t
               repeats: int = 5, progress: bool = False) -> list[Row]:
     device = predictor.loaded.device
     bar = tqdm(total=len(rows) * (repeats + 1), desc="bench", disable=not progress, file=sys.stderr)
+    full = next(r for r in rows if r.method == "full")
+    rows = [full] + [r for r in rows if r is not full]  # warmed up first: the stock row copies its facts
     for i, row in enumerate(rows):  # warm-up, and the per-row facts that do not change between repeats
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        if row.method == STOCK:  # the whole image through every layer, like the engine's full row (rows[0])
+        if row.method == STOCK:  # the whole image through every layer, like the engine's full row
             stock = time_stock(predictor, image, question, new_tokens)
             row.flops_ratio, row.kept_visual_tokens, row.kept_layers, row.views = (
-                1.0, rows[0].kept_visual_tokens, rows[0].kept_layers, rows[0].views)
+                1.0, full.kept_visual_tokens, full.kept_layers, full.views)
             row.kv_cache_mb, row.new_tokens = stock.kv_cache_bytes / 2**20, len(stock.tokens)
         else:
             generation, ratio = time_row(predictor, row, image, question, new_tokens)
@@ -146,7 +148,6 @@ def run_bench(predictor: Predictor, rows: list[Row], image, question: str, new_t
         row.total_s = statistics.median(t[1] for t in times[i])
         decode_s = statistics.median(t[1] - t[0] for t in times[i])
         row.decode_tok_s = (row.new_tokens - 1) / decode_s if row.new_tokens > 1 and decode_s > 0 else 0.0
-    full = next(r for r in rows if r.method == "full")
     for row in rows:
         row.speedup_prefill = full.prefill_s / row.prefill_s
         row.speedup_total = full.total_s / row.total_s

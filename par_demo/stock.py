@@ -2,7 +2,7 @@
 
 `bench --methods full,stock,...` puts it beside the engine's own unpruned model, so that "the engine's full model
 is no slower than stock generate" is a measured ratio in the same run. Greedy, every requested token generated
-(EOS ignored, like the bench's engine rows), inputs encoded beforehand (outside the clock, as for the engine).
+(EOS decoded past, like the bench's engine rows), inputs encoded beforehand (outside the clock, as for the engine).
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ def stock_generate(loaded, inputs: dict, new_tokens: int) -> StockRun:
     clock = FirstTokenClock()
     synchronize(loaded.device)
     start = time.perf_counter()
-    out = loaded.model.generate(**stock, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+    # eos_token_id=None: EOS is a token like any other, taken when it is the argmax and decoded past, as the
+    # engine's bench rows do (min_new_tokens would instead forbid it, and change the answer)
+    out = loaded.model.generate(**stock, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
                                 streamer=clock, return_dict_in_generate=True,
                                 pad_token_id=loaded.processor.tokenizer.eos_token_id)
     synchronize(loaded.device)

@@ -9,7 +9,9 @@ first, each step under its own time limit, every result appended to $OUT as soon
 
 Writes $OUT/bench.jsonl (one line per step: its command, seconds, exit status and `bench --json` result) and
 $OUT/log.txt. Steps left when `--minutes` runs out are listed as skipped, so a second call can take them up
-(`--from N`). Budgets, methods and versions are the issue's; the `stock` rows time transformers' own `generate`.
+(`--from N`; a machine starts bare, so the data steps always run, and a router step runs again unless its router
+is there). A bench step whose router is missing runs without `par`. Budgets, methods and versions are the issue's;
+the `stock` rows time transformers' own `generate`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -30,7 +33,6 @@ def steps(args) -> list[tuple[str, list[str], int]]:
     py = [sys.executable, "-m", "par_demo"]
     dev = ["--device", args.device]
     data, big = f"{args.work}/shapes/data.jsonl", f"{args.work}/big.png"
-    route = lambda preset: f"{args.work}/router-{preset}"  # noqa: E731
     tokens = str(args.new_tokens)
     out = [
         ("data", py + ["make-shapes", f"{args.work}/shapes", "--n", "24", "--seed", "5"], 60),
@@ -41,7 +43,8 @@ def steps(args) -> list[tuple[str, list[str], int]]:
         out.append(("exactness", [sys.executable, "-m", "pytest", "-q", "tests/test_gpu.py"], 240))
     for preset in (args.llava, args.qwen):  # speed-only routers, as for the mid presets: a few steps
         out.append((f"router {preset}", py + ["train-router", "--model", f"random:{preset}", *dev, "--data", data,
-                                             "--out", route(preset), "--steps", "4", "--val", "2"], 240))
+                                             "--out", str(router_folder(args, preset)), "--steps", "4", "--val", "2"],
+                    240))
     bench = lambda preset, *extra: py + ["bench", "--model", f"random:{preset}", *dev, "--json", *extra]  # noqa: E731
     core = ["--methods", "full,stock,fastv,par", "--budgets", "0.5,0.25"]
     every = ["--methods", "full,stock,fastv,random,layerdrop,visionzip,divprune,par", "--budgets",
@@ -63,12 +66,29 @@ def steps(args) -> list[tuple[str, list[str], int]]:
     return out
 
 
-def env_for(name: str, args) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+SETUP = ("data", "big image")  # needed by every later step, and gone from a machine that started bare
+
+
+def router_folder(args, preset: str) -> Path:
+    return Path(args.work) / f"router-{preset}"
+
+
+def prepare(name: str, command: list[str], args) -> tuple[list[str] | None, dict]:
+    """The step's command as it should run now (None: nothing to do) and its environment."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")  # nothing can be fetched there: fail at once
     for preset in (args.llava, args.qwen):
-        if preset in name and name.split()[0] in ("bf16", "4bit", "8bit"):
-            env["PAR_DEMO_ROUTER"] = f"{args.work}/router-{preset}"
-    return env
+        folder = router_folder(args, preset)
+        if name == f"router {preset}":
+            if (folder / "router.safetensors").is_file():
+                return None, env
+            shutil.rmtree(folder, ignore_errors=True)  # a run cut short: train-router refuses a used folder
+        elif preset in name.split():
+            if (folder / "router.safetensors").is_file():
+                env["PAR_DEMO_ROUTER"] = str(folder)
+            else:  # without its router, PAR cannot run: the other rows still can
+                i = command.index("--methods") + 1
+                command = command[:i] + [",".join(m for m in command[i].split(",") if m != "par")] + command[i + 1:]
+    return command, env
 
 
 def install_wheels(folder: str, log) -> None:
@@ -106,13 +126,15 @@ def main() -> None:
         print("environment:", probe.stdout.strip() or probe.stderr.strip()[-300:], flush=True)
         for index, (name, command, limit) in enumerate(steps(args)):
             left = args.minutes * 60 - (time.time() - start)
-            if index < args.first or left < 30:
+            command, env = prepare(name, command, args)
+            needed_later = name in SETUP or name.startswith("router ")  # what a bare machine lacks for the rest
+            if command is None or (index < args.first and not needed_later) or left < 30:
                 print(f"[{index}] {name}: skipped", flush=True)
                 results.write(json.dumps({"step": index, "name": name, "skipped": True}) + "\n")
                 continue
             began = time.time()
             try:
-                run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env_for(name, args),
+                run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env,
                                      timeout=min(limit, left))
                 status, stdout, stderr = run.returncode, run.stdout, run.stderr
             except subprocess.TimeoutExpired as exc:

@@ -103,11 +103,16 @@ def test_a_router_loads_silently_on_its_model_in_another_dtype_and_warns_on_othe
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             load_router(tmp_path, same)
-    retrained = load_model("random:llava-tiny", device="cpu")
+    other = load_model("random:llava-tiny", device="cpu")
+    head = other.model.lm_head.weight
     with torch.no_grad():
-        retrained.model.lm_head.weight.mul_(1.01)
+        head.mul_(1.01)  # retrained: the same draw, scaled
     with pytest.warns(UserWarning, match="different weights"):
-        load_router(tmp_path, retrained)
+        load_router(tmp_path, other)
+    with torch.no_grad():  # redrawn: another draw of the same distribution (its mean and std differ by chance only)
+        head.copy_(torch.randn(head.shape, generator=torch.Generator().manual_seed(1)) * (head.std() / 1.01))
+    with pytest.warns(UserWarning, match="different weights"):
+        load_router(tmp_path, other)
 
 
 def test_par_is_unavailable_with_a_router_for_another_model(tiny, config, tmp_path):

@@ -20,6 +20,19 @@ def test_stock_generate_gives_the_engine_full_models_tokens_and_cache_size(tiny,
     assert 0 < stock.prefill_s < stock.total_s  # the first token's time is taken inside the call, before the rest
 
 
+def test_stock_generate_decodes_past_eos_like_the_engine_on_a_trained_model(scene):
+    """The embedded model answers in a word or two and then says EOS: both runs take it and go on."""
+    from par_demo.models import load_model
+    from par_demo.predict import Predictor
+
+    embedded = load_model(device="cpu")
+    inputs = Predictor(embedded).encode(scene, QUESTION)
+    ours = Engine(embedded.model).generate(inputs, max_new_tokens=8)  # no eos_token_id: never stops early
+    stock = stock_generate(embedded, inputs, 8)
+    assert embedded.processor.tokenizer.eos_token_id in ours.tokens[:-1]  # EOS came early, and was decoded past
+    assert stock.tokens == ours.tokens
+
+
 def test_bench_puts_a_stock_row_beside_the_full_model(capsys):
     code = main(["bench", "--model", "random:llava-tiny", "--device", "cpu", "--methods", "full,stock", "--budgets", "0.5",
                  "--repeats", "1", "--new-tokens", "3", "--json"])
