@@ -104,7 +104,8 @@ def build_random_model(preset_name: str, dtype: torch.dtype = torch.float32, see
         raise UserError(f"unknown preset '{preset_name}'; choose one of: {', '.join(families)}")
     family = families[preset_name]
     config, processor = family.build_random(preset_name)
-    where = device if parameter_count(family, config) > DRAW_ON_CPU_UP_TO else "cpu"
+    # counted only when it could matter: every load on a CPU (the tests' many tiny models) skips the meta build
+    where = device if device != "cpu" and parameter_count(family, config) > DRAW_ON_CPU_UP_TO else "cpu"
     torch.manual_seed(seed)
     with _default_dtype(dtype), torch.device(where):
         model = family.model_class()(config)
