@@ -286,8 +286,8 @@ class DemoApp:
             patch_view_figure(result.model_view, pruned, patch_view == PATCH_VIEWS[1]),
             viz.layer_figure(pruned.n_layers, pruned.kept_layers, pruned.layer_scores,
                              LAYER_SCORE_NAMES.get(pruned.method, "score")),
-            viz.latency_figure(full.to_json(), pruned.to_json(), METHOD_LABELS.get(pruned.method, pruned.method)),
-            pruned.to_json(),
+            viz.latency_figure(full.to_dict(), pruned.to_dict(), METHOD_LABELS.get(pruned.method, pruned.method)),
+            pruned.to_dict(),
             state,
         )
 
@@ -314,7 +314,7 @@ class DemoApp:
 
     def _api_compare(self, image, question, method, budget) -> tuple[str, str, dict, dict]:
         result = self.service.compare(image, question, method, budget)
-        stats, full_stats = result.pruned.to_json(), result.full.to_json()
+        stats, full_stats = result.pruned.to_dict(), result.full.to_dict()
         for data in (stats, full_stats):  # API callers see no pop-ups: the notices travel with the stats
             data["notices"] = [*result.notices, *data.get("notices", [])]
         return result.full.answer, result.pruned.answer, stats, full_stats
@@ -336,7 +336,7 @@ class DemoApp:
 
     def save_run(self, state: Any) -> Path:
         """The run as JSON (the `/compare_all` reply), in a file for the download button."""
-        data = {"model": self.shown_model_name(), **state.to_json()}
+        data = {"model": self.shown_model_name(), **state.to_dict()}
         path = self.downloads / f"all-methods-budget-{state.budget:.2f}-{time.strftime('%H%M%S')}-{id(state)}.json"
         path.write_text(json.dumps(data, indent=1))
         # A public demo runs for weeks: keep the newest files only, so the folder stays small.
@@ -359,7 +359,7 @@ class DemoApp:
         state = None
         for state in self.service.compare_all(image, question, budget, extras=extras):
             pass
-        return {"model": self.shown_model_name(), **state.to_json()}
+        return {"model": self.shown_model_name(), **state.to_dict()}
 
     # -- one method over many budgets
     def sweep(self, image: Any, question: Any, method: Any, start_layer: Any,

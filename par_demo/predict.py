@@ -62,7 +62,13 @@ class Prediction:
     # prediction was run once and not timed against anything (then prefill_s / total_s are that one run's).
     timing: Timing | None = None
 
-    def to_json(self) -> dict:
+    @property
+    def text(self) -> str:
+        """The answer (the library's name for it; `answer` in `to_dict()` and `predict --json`)."""
+        return self.answer
+
+    def to_dict(self) -> dict:
+        """Every field as plain JSON values: exactly what `predict --json` prints."""
         data = asdict(self)
         data["grid"] = list(self.grid)
         return data
@@ -133,7 +139,19 @@ class Predictor:
 
     def predict(self, image: Image.Image, question: str, method: str = "full", budget: float = 1.0,
                 tokens: int | None = None, layers: int | None = None, start_layer: int = 2,
-                max_new_tokens: int = 16) -> Prediction:
+                max_new_tokens: int = 16, rounds: int = 0) -> Prediction:
+        """Answer one question under `method` at `budget`. `rounds` > 0: the method and the full model are then
+        timed in turns for that many rounds (`par_demo.timing`) and the prediction carries the medians and the
+        measured speed-up (`timing`); 0: the times are those of the one run that answered."""
+        if not isinstance(rounds, int) or not 0 <= rounds <= 100:
+            raise UserError(f"rounds must be a whole number from 0 to 100, got {rounds!r}")
+        prediction = self._predict_once(image, question, method, budget, tokens, layers, start_layer, max_new_tokens)
+        if rounds:
+            prediction = self._timed(image, question, prediction, rounds, max_new_tokens, tokens, layers, start_layer)
+        return prediction
+
+    def _predict_once(self, image: Image.Image, question: str, method: str, budget: float, tokens: int | None,
+                      layers: int | None, start_layer: int, max_new_tokens: int) -> Prediction:
         question, notices = clip_question(question)
         generation, flops, flops_full, layout = self.generate(image, question, method, budget, tokens, layers,
                                                               start_layer, max_new_tokens)
@@ -165,6 +183,16 @@ class Predictor:
             family=self.loaded.family.name,
             notices=notices,
         )
+
+    def _timed(self, image: Image.Image, question: str, result: Prediction, rounds: int, max_new_tokens: int,
+               tokens: int | None, layers: int | None, start_layer: int) -> Prediction:
+        """`result` with its times measured over `rounds` rounds, interleaved with the full model's."""
+        if result.method == "full":
+            return measure(self, image, question, [result], [dict(FULL)], rounds, max_new_tokens, warm_up=True)[0]
+        full = self._predict_once(image, question, "full", 1.0, None, None, 2, max_new_tokens)
+        setting = setting_of(result, tokens, layers, start_layer)
+        return measure(self, image, question, [full, result], [dict(FULL), setting], rounds, max_new_tokens,
+                       warm_up=True)[1]
 
 
 def cell_order(layout: Layout, scores: torch.Tensor) -> list[float]:
@@ -247,26 +275,14 @@ def run(args) -> int:
     predictor = Predictor(load_from_args(args))
     method = choose_method(predictor, args.method, args.budget, args.tokens, args.layers)
     result = predictor.predict(image, args.question, method, args.budget, args.tokens, args.layers,
-                               args.start_layer, args.max_new_tokens)
+                               args.start_layer, args.max_new_tokens, rounds=args.rounds)
     if args.method is None and method != "full":
         result.notices.append(f"no --method given: {method} was used for the budget")
-    result = timed(predictor, image, args.question, result, args)
     if args.json:
-        print(json.dumps(result.to_json()))
+        print(json.dumps(result.to_dict()))
     else:
         _print_human(result, sys.stdout)
     return 0
-
-
-def timed(predictor: Predictor, image: Image.Image, question: str, result: Prediction, args) -> Prediction:
-    """`result` with its times measured over `--rounds` rounds, interleaved with the full model's."""
-    if result.method == "full":
-        return measure(predictor, image, question, [result], [dict(FULL)], args.rounds, args.max_new_tokens,
-                       warm_up=True)[0]
-    full = predictor.predict(image, question, "full", 1.0, max_new_tokens=args.max_new_tokens)
-    setting = setting_of(result, args.tokens, args.layers, args.start_layer)
-    return measure(predictor, image, question, [full, result], [dict(FULL), setting], args.rounds,
-                   args.max_new_tokens, warm_up=True)[1]
 
 
 def _print_human(p: Prediction, out) -> None:

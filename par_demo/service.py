@@ -18,13 +18,14 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from par_demo import timing
+from par_demo.comparison import COMPARE_ALL_ROUNDS, AllMethods, compare_methods
 from par_demo.errors import BudgetOutOfReach, UserError
 from par_demo.inputs import (
     METHOD_CHOICES, METHOD_LABELS, check_budget, check_count, check_extras, check_method, check_question, load_image,
@@ -42,10 +43,8 @@ EXAMPLES_DIR = ROOT / "assets" / "examples"
 SWEEP_BUDGETS = tuple(round(1.0 - 0.1 * i, 1) for i in range(10))  # 1.0, 0.9, ..., 0.1
 DEFAULT_START_LAYER = 2  # the paper prunes tokens from layer K=2 on
 DEFAULT_CACHE_ITEMS = 64
-# Requests that time many settings use fewer rounds each, so the whole request stays short: all methods at one
-# budget (the full model and 5 methods in turns, the answering pass being the first round) and the sweep (10
-# budgets, each in turns with the full model).
-COMPARE_ALL_ROUNDS = 3
+# Requests that time many settings use fewer rounds each, so the whole request stays short: the sweep (10 budgets,
+# each in turns with the full model), like all methods at one budget (`COMPARE_ALL_ROUNDS`).
 SWEEP_ROUNDS = 3
 
 
@@ -155,31 +154,6 @@ class Comparison:
     @property
     def notices(self) -> list[str]:
         return [n for n in (self.question_notice, self.image_notice) if n]
-
-
-@dataclass
-class AllMethods:
-    """Every method at one budget, filled in as each finishes; `timed` once all were timed together."""
-
-    question: str
-    budget: float
-    full: Prediction
-    model_view: Image.Image
-    results: dict[str, Prediction] = field(default_factory=dict)  # method -> prediction, in registry order
-    skipped: dict[str, str] = field(default_factory=dict)  # method -> why it did not run (unavailable, out of reach)
-    pending: list[str] = field(default_factory=list)
-    timed: bool = False
-    notices: list[str] = field(default_factory=list)
-    left_out: list[str] = field(default_factory=list)  # extra methods (baselines, ablations) not asked for
-
-    def to_json(self) -> dict:
-        """The `/compare_all` reply (and the page's download): every entry has exactly the `predict --json` keys."""
-        return {
-            "question": self.question, "budget": self.budget, "full": self.full.to_json(),
-            "methods": [p.to_json() for p in self.results.values()],
-            "skipped": [{"method": name, "reason": reason} for name, reason in self.skipped.items()],
-            "notices": list(self.notices), "left_out": list(self.left_out),
-        }
 
 
 class DemoService:
@@ -314,30 +288,21 @@ class DemoService:
         start = self.check_overrides(None, None, start_layer)["start_layer"]
         groups = check_extras(extras)
         fingerprint = image_fingerprint(pil_image)
-        full = self._run(pil_image, text, **timing.FULL)
-        self.full_cache.put(self._full_key(fingerprint, text), full)
         names = [name for _, name in METHOD_CHOICES if REGISTRY[name].extra in (None, *groups)]
-        state = AllMethods(text, value, full, self.model_view(pil_image, fingerprint),
-                           skipped={n: self._available[n] for n in names if self._available.get(n)},
-                           notices=[n for n in (notice, self.image_notice(fingerprint)) if n],
-                           left_out=[n for _, n in METHOD_CHOICES if n not in names])
-        state.pending = [n for n in names if n not in state.skipped]
-        yield state
-        settings = {}
-        for name in list(state.pending):
-            settings[name] = {"method": name, "budget": value, "start_layer": start}
-            try:
-                state.results[name] = self._run(pil_image, text, **settings[name])
-            except BudgetOutOfReach as exc:  # one method cannot go this low: say so in its cell, go on
-                state.skipped[name] = str(exc)
-            state.pending.remove(name)
+
+        def run(**setting: Any) -> Prediction:
+            return self._run(pil_image, text, **setting)
+
+        def measure(predictions: list, settings: list) -> list:
+            return self._measure(pil_image, text, predictions, settings, rounds, answers_are_a_round=True)
+
+        for state in compare_methods(run, measure, text, value, names, self._available, start):
+            if state.model_view is None:  # the full model just answered: the page's first state
+                self.full_cache.put(self._full_key(fingerprint, text), state.full)
+                state.model_view = self.model_view(pil_image, fingerprint)
+                state.notices = [n for n in (notice, self.image_notice(fingerprint)) if n]
+                state.left_out = [n for _, n in METHOD_CHOICES if n not in names]
             yield state
-        ran = list(state.results)
-        timed = self._measure(pil_image, text, [full] + [state.results[n] for n in ran],
-                              [dict(timing.FULL)] + [settings[n] for n in ran], rounds, answers_are_a_round=True)
-        state.full, state.results = timed[0], dict(zip(ran, timed[1:]))
-        state.timed = True
-        yield state
 
     def check_overrides(self, tokens: Any, layers: Any, start_layer: Any) -> dict[str, int | None]:
         start = check_count(start_layer, "Pruning start layer", 0, self.n_layers - 1, zero_means_auto=False)

@@ -100,7 +100,7 @@ def test_the_prediction_and_the_page_say_when_dropped_tokens_were_absorbed(predi
 
     absorbed = predictor.predict(scene, QUESTION, "cdpruner-absorb", 0.5, max_new_tokens=1)
     dropped = predictor.predict(scene, QUESTION, "cdpruner", 0.5, max_new_tokens=1)
-    assert absorbed.absorbed and absorbed.to_json()["absorbed"] is True and not dropped.absorbed
+    assert absorbed.absorbed and absorbed.to_dict()["absorbed"] is True and not dropped.absorbed
     assert "absorbed" in stats_markdown(absorbed) and "absorbed" not in stats_markdown(dropped)
     full = predictor.predict(scene, QUESTION, "cdpruner-absorb", 1.0, max_new_tokens=1)
     assert not full.absorbed  # every token kept: nothing to absorb

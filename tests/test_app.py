@@ -108,7 +108,7 @@ def test_stats_carry_rounds_spread_and_the_speedup_of_medians(service):
     assert pruned.prefill_speedup.median == pytest.approx(result.full.prefill_s / result.pruned.prefill_s)
     assert pruned.speedup_bound == pytest.approx(1 / result.pruned.flops_ratio)
     assert result.full.timing.prefill_speedup is None  # the reference has no speed-up over itself
-    stats = result.pruned.to_json()
+    stats = result.pruned.to_dict()
     assert set(stats["timing"]["prefill_s"]) == {"median", "low", "high"} and stats["timing"]["rounds"] == ROUNDS
 
 
@@ -168,7 +168,7 @@ def test_compare_all_lists_what_could_not_run_and_why(service):
     *_, state = service.compare_all(EXAMPLE, QUESTION, 0.12, rounds=1, extras=["baseline", "ablation"])
     assert "train-router" in state.skipped["par"]  # no router for the tiny model
     assert any("below what" in reason for reason in state.skipped.values())  # out of reach at this budget
-    reply = state.to_json()
+    reply = state.to_dict()
     assert all(set(entry) == PREDICT_JSON_KEYS for entry in reply["methods"])
     assert {entry["method"] for entry in reply["methods"]} | set(state.skipped) == {n for _, n in METHOD_CHOICES}
 

@@ -59,7 +59,7 @@ def test_random_tokens_differ_between_queries(predictor, scene):
 
 def test_prediction_json_has_the_documented_keys(predictor, scene):
     p = predictor.predict(scene, QUESTION, "fastv", 0.5, max_new_tokens=3)
-    data = json.loads(json.dumps(p.to_json()))
+    data = json.loads(json.dumps(p.to_dict()))
     assert PREDICT_KEYS <= set(data)
     assert data["kept_visual_tokens"] == sorted(data["kept_visual_tokens"])
     assert data["token_scores"] is not None and len(data["token_scores"]) == data["n_visual_tokens"]

@@ -152,7 +152,7 @@ def test_protected_layers_are_never_skipped(par_predictor, scene, budget):
 def test_fixed_versions_and_scores_for_display(par_predictor, scene):
     p = par_predictor.predict(scene, QUESTION, "par", 1.0, tokens=20, layers=6, max_new_tokens=2)
     assert len(p.kept_visual_tokens) == 20 and len(p.kept_layers) == 6
-    data = json.loads(json.dumps(p.to_json()))
+    data = json.loads(json.dumps(p.to_dict()))
     assert len(data["token_scores"]) == 144 and all(0 <= s <= 1 for s in data["token_scores"])
     assert len(data["layer_scores"]) == 8 and data["layer_scores"][0] == 1.0 and data["layer_scores"][7] == 1.0
     # the kept tokens are the router's top-20

@@ -17,6 +17,7 @@ Everything else in a family is the stock transformers model; a family never copi
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from contextlib import contextmanager
@@ -206,6 +207,11 @@ class Family:
     def load_processor(self, path: str, local_files_only: bool):
         raise NotImplementedError
 
+    def adopt_processor(self, processor, config):
+        """The processor `encode` reads, from the one a user loaded with transformers (`par_demo.wrap`): the stock
+        processor as it is, unless this family reads another one (see `load_processor`)."""
+        return processor
+
     preset_names: tuple[str, ...] = ()  # `random:<name>` presets: the exact architecture, random weights
     # Keys `encode` adds for `prepare` that the stock model does not take (a tiled image's tile grid).
     extra_input_names: tuple[str, ...] = ()
@@ -291,6 +297,17 @@ class ImageTextProcessor:
     def save_pretrained(self, folder) -> None:
         self.image_processor.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
+
+    @classmethod
+    def adopt(cls, processor) -> "ImageTextProcessor":
+        """This class around a stock processor's image processor and tokenizer (and its chat template, which the
+        stock processor keeps apart from the tokenizer's)."""
+        if isinstance(processor, cls):
+            return processor
+        tokenizer = copy.copy(processor.tokenizer)  # the caller's tokenizer keeps its own template
+        tokenizer.chat_template = (getattr(processor, "chat_template", None) or tokenizer.chat_template
+                                   or cls.default_chat_template)
+        return cls(processor.image_processor, tokenizer)
 
     @classmethod
     def from_pretrained(cls, folder, local_files_only: bool = True):

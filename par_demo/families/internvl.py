@@ -149,6 +149,9 @@ class InternVL(Family):
     def load_processor(self, path, local_files_only):
         return Processor.from_pretrained(path, local_files_only=local_files_only)
 
+    def adopt_processor(self, processor, config):
+        return Processor.adopt(processor)
+
     preset_names = tuple(PRESETS)
     extra_input_names = ("tile_grid",)
 

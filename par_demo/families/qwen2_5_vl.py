@@ -143,6 +143,9 @@ class Qwen2_5_VL(Family):
     def load_processor(self, path, local_files_only):
         return Processor.from_pretrained(path, local_files_only=local_files_only)
 
+    def adopt_processor(self, processor, config):
+        return Processor.adopt(processor)
+
     preset_names = tuple(PRESETS)
 
     def build_random(self, name):

@@ -139,6 +139,16 @@ class SmolVLM(Family):
         return Idefics3Processor(image_processor, tokenizer, image_seq_len=tokens_per_view(config),
                                  chat_template=chat_template or tokenizer.chat_template or CHAT_TEMPLATE)
 
+    def adopt_processor(self, processor, config):
+        """Idefics3's processor writes the prompt this family reads; SmolVLM's own (which needs a video processor)
+        is rebuilt as one from its image processor, tokenizer and chat template."""
+        from transformers import Idefics3Processor
+
+        if isinstance(processor, Idefics3Processor):
+            return processor
+        return Idefics3Processor(processor.image_processor, processor.tokenizer, image_seq_len=tokens_per_view(config),
+                                 chat_template=getattr(processor, "chat_template", None) or CHAT_TEMPLATE)
+
     def build_random(self, name):
         processor = build_processor(PRESETS[name])
         tokenizer = processor.tokenizer

@@ -1,0 +1,164 @@
+"""The Python API (`par_demo.wrap`, `par_demo.load`, `Pruner`): a model loaded with stock transformers, wrapped,
+answers exactly as `predict --json` does on the same checkpoint, for LLaVA (the embedded model), Qwen2.5-VL and
+SmolVLM; bad input is one `UserError` line."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import par_demo
+from par_demo import cli
+from par_demo.models import DEFAULT_MODEL, build_random_model
+from par_demo.router import MetaRouter, RouterConfig, fingerprint, save_router
+from par_demo.shapes import image_path, load_jsonl, make_dataset
+
+HELD_OUT_SEED = 7  # the held-out set's seed (`make-shapes held_out --n 1200 --seed 7`)
+SAME = ("answer", "method", "budget", "flops", "flops_full", "flops_ratio", "kept_visual_tokens", "kept_layers",
+        "start_layer", "n_visual_tokens", "grid", "views_encoded", "views", "new_tokens", "absorbed", "family")
+
+
+def predict_json(capsys, model: str, image: str, question: str, method: str = "par", budget: float = 0.5) -> dict:
+    assert cli.main(["predict", "--model", model, "--device", "cpu", "--image", image, "--question", question,
+                     "--method", method, "--budget", str(budget), "--rounds", "1", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def assert_same(result, reference: dict) -> None:
+    mine = result.to_dict()
+    assert {key: mine[key] for key in SAME} == {key: reference[key] for key in SAME}
+    assert result.text == reference["answer"]
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    folder = make_dataset(tmp_path_factory.mktemp("held-out"), n=20, seed=HELD_OUT_SEED)
+    return [(image_path(folder, row["image"]), row["question"]) for row in load_jsonl(folder)]
+
+
+def test_embedded_model_loaded_with_stock_transformers_and_wrapped_answers_as_predict_json(held_out, capsys):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(DEFAULT_MODEL)
+    processor = AutoProcessor.from_pretrained(DEFAULT_MODEL)
+    pruner = par_demo.wrap(model, processor)
+    results = pruner.generate([image for image, _ in held_out], [question for _, question in held_out],
+                              method="par", budget=0.5)
+    assert len(results) == 20
+    for result, (image, question) in zip(results, held_out):
+        assert_same(result, predict_json(capsys, DEFAULT_MODEL, image, question))
+    # PAR really pruned: tokens dropped at half the FLOPs (layers too on some questions)
+    assert all(len(r.kept_visual_tokens) < r.n_visual_tokens and r.flops_ratio <= 0.5 for r in results)
+
+
+def save_tiny(preset: str, folder) -> None:
+    """A tiny random model of `preset` saved as a checkpoint, with an untrained router in its `router/` folder
+    (what `predict --model FOLDER` and `wrap` both find)."""
+    model, processor, family = build_random_model(preset)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    loaded = par_demo.load(str(folder)).predictor.loaded
+    torch.manual_seed(0)
+    config = RouterConfig(lm_width=64, n_layers=loaded.n_layers, width=16, heads=1, start_layer=0,
+                          model=fingerprint(loaded))
+    save_router(MetaRouter(config), folder / "router")
+
+
+# Budgets each tiny model's PAR reaches on the test scene: one that skips a layer, and on SmolVLM one that leaves
+# tiles unencoded (the tower is most of the tiny Qwen2.5-VL's prefill: PAR's cheapest setting there costs 0.52).
+@pytest.mark.parametrize("preset, budgets", [("qwen2.5-vl-tiny", (0.8, 0.6)), ("smolvlm-tiny", (0.6, 0.3))])
+def test_tiny_families_loaded_with_stock_transformers_and_wrapped_answer_as_predict_json(preset, budgets, scene,
+                                                                                          tmp_path, capsys):
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    folder = tmp_path / preset
+    save_tiny(preset, folder)
+    image = tmp_path / "scene.png"
+    scene.save(image)
+    if preset.startswith("qwen"):
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
+
+        # The stock Qwen2_5_VLProcessor holds exactly these three, but cannot be built without torchvision (its video
+        # processor needs it); `wrap` reads only these.
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        processor = SimpleNamespace(image_processor=AutoImageProcessor.from_pretrained(folder), tokenizer=tokenizer,
+                                    chat_template=tokenizer.chat_template)
+    else:
+        from transformers import AutoModelForImageTextToText as Model
+
+        processor = AutoProcessor.from_pretrained(folder)
+    pruner = par_demo.wrap(Model.from_pretrained(folder), processor)
+    assert pruner.family == par_demo.load(str(folder)).family
+    for question, budget in zip(["what color is the circle?", "how many objects are there?"], budgets):
+        result = pruner.generate(str(image), question, method="par", budget=budget)
+        assert_same(result, predict_json(capsys, str(folder), str(image), question, budget=budget))
+        assert result.flops_ratio <= budget
+
+
+def test_an_unsupported_model_is_one_line_naming_the_supported_families():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    text_only = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, vocab_size=64))
+    with pytest.raises(par_demo.UserError) as error:
+        par_demo.wrap(text_only, processor=None)
+    message = str(error.value)
+    assert "\n" not in message and "'llama' is not supported" in message
+    assert all(name in message for name in ("llava", "qwen2_5_vl", "smolvlm", "internvl"))
+    with pytest.raises(par_demo.UserError, match="takes a transformers vision-language model"):
+        par_demo.wrap("llava-hf/llava-1.5-7b-hf", processor=None)
+
+
+def test_wrap_refuses_a_tokenizer_in_place_of_the_processor(tiny):
+    with pytest.raises(par_demo.UserError, match="takes the model's processor"):
+        par_demo.wrap(tiny.model, tiny.processor.tokenizer)
+
+
+def test_methods_say_which_can_run_and_why_not(scene):
+    pruner = par_demo.load("random:llava-tiny", device="cpu")
+    info = {m.name: m for m in pruner.methods()}
+    assert set(info) == set(par_demo.METHODS)
+    assert info["fastv"].available and info["fastv"].reason is None and info["fastv"].group == "field"
+    assert not info["par"].available and "train-router" in info["par"].reason  # no router for random weights
+    assert info["full"].group == "reference" and info["random"].group == "baseline" and info["par-drop"].group == "ablation"
+    with pytest.raises(par_demo.UserError, match="par is unavailable"):
+        pruner.generate(scene, "where is the square?")  # PAR is the default method
+
+
+def test_lists_pair_up_or_broadcast_and_mismatched_lists_are_refused(scene):
+    pruner = par_demo.load("random:llava-tiny", device="cpu")
+    one = pruner.generate(scene, ["what color?", "how many?"], method="fastv", budget=0.5)
+    assert [r.budget for r in one] == [0.5, 0.5] and len(one) == 2
+    many = pruner.generate([scene, scene, scene], "what color?", method="full", budget=1.0)
+    assert len({r.answer for r in many}) == 1  # greedy: one image, one question, one answer
+    with pytest.raises(par_demo.UserError, match="2 images and 3 questions"):
+        pruner.generate([scene, scene], ["a?", "b?", "c?"], method="fastv")
+    with pytest.raises(par_demo.UserError, match="budget must be in"):
+        pruner.generate(scene, "what color?", method="fastv", budget=1.5)
+    with pytest.raises(par_demo.UserError, match="unknown method"):
+        pruner.generate(scene, "what color?", method="nope")
+
+
+def test_rounds_time_the_method_against_the_full_model(scene):
+    pruner = par_demo.load("random:llava-tiny", device="cpu")
+    untimed = pruner.generate(scene, "what color?", method="fastv", budget=0.5)
+    timed = pruner.generate(scene, "what color?", method="fastv", budget=0.5, rounds=2)
+    assert untimed.timing is None
+    assert timed.timing.rounds == 2 and timed.timing.prefill_speedup is not None
+    assert timed.to_dict()["timing"]["speedup_bound"] == pytest.approx(1 / timed.flops_ratio)
+    assert timed.answer == untimed.answer
+
+
+def test_compare_answers_with_every_method_of_the_field_and_times_them_together(scene):
+    pruner = par_demo.load("random:llava-tiny", device="cpu")
+    state = pruner.compare(scene, "what color is it?", budget=0.5, rounds=2)
+    assert state.timed and state.full.method == "full" and state.full.timing.rounds == 2
+    assert set(state.results) | set(state.skipped) == {m.name for m in pruner.methods() if m.group == "field"}
+    assert "par" in state.skipped  # no router for random weights: said, not raised
+    assert all(p.timing.rounds == 2 and p.flops_ratio <= 0.5 for p in state.results.values())
+    assert [entry["method"] for entry in state.to_dict()["methods"]] == list(state.results)
+    chosen = pruner.compare(scene, "what color is it?", methods=["fastv", "random"], budget=0.5, rounds=1)
+    assert list(chosen.results) == ["fastv", "random"]
