@@ -22,7 +22,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 from tqdm.auto import tqdm
@@ -37,6 +37,9 @@ from par_demo.models import DEFAULT_MODEL, LoadedModel, for_inference, load_mode
 from par_demo.predict import Prediction, Predictor
 from par_demo.router import CONFIG_FILE
 from par_demo.timing import measure
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["MethodInfo", "Pruner", "load", "wrap"]
 
@@ -65,7 +68,7 @@ class Pruner:
         self.predictor = predictor
 
     @property
-    def model(self):
+    def model(self) -> PreTrainedModel:
         """The transformers model being pruned."""
         return self.predictor.loaded.model
 
@@ -165,7 +168,7 @@ def load(name_or_path: str = DEFAULT_MODEL, quant: str | None = None, device: st
     return _pruner(load_model(name_or_path, quant or "none", device, dtype), router)
 
 
-def wrap(model, processor, router: str | os.PathLike | None = None) -> Pruner:
+def wrap(model: PreTrainedModel, processor: Any, router: str | os.PathLike | None = None) -> Pruner:
     """A `Pruner` around a stock transformers model and processor you loaded yourself.
 
     The model keeps its dtype, device and quantization. It is put in eval mode; in fp32 on a CPU its linear layers
@@ -196,7 +199,7 @@ def wrap(model, processor, router: str | os.PathLike | None = None) -> Pruner:
     return _pruner(loaded, router)
 
 
-def quantization(model) -> str:
+def quantization(model: PreTrainedModel) -> str:
     """"4bit", "8bit" (bitsandbytes), another quantization method's name, or "none"."""
     config = getattr(model.config, "quantization_config", None)
     if config is None:

@@ -68,6 +68,7 @@ def test_fresh_accuracy_with_stock_greedy_generate(model_and_processor):
             hits[qtype] += is_correct(pred, answer)
     accuracy = sum(hits.values()) / (per_type * len(QUESTION_TYPES))
     # A floor that catches a broken or mis-saved checkpoint (answering from priors alone scores ~30%), with room
-    # for the noise of 120 samples below what the shipped checkpoint measures on 1,200 held-out ones (see README).
+    # for the noise of 120 samples below what the shipped checkpoint measures on 1,200 held-out ones
+    # (docs/embedded-model.md).
     assert accuracy >= 0.9, f"accuracy {accuracy:.2f}, per type {hits}"
     assert min(hits.values()) >= 0.75 * per_type, f"a question type collapsed: {hits}"

@@ -105,7 +105,7 @@ def analytic_and_counted_with_router(preset: str, size, plan, rows):
 ])
 def test_tiled_presets_vision_share_of_the_prefill(preset, views, low, high):
     """The vision path's share of a full prefill (40 text tokens) on the exact architectures, by the analytic count
-    (no weights are built). Methods that prune inside the decoder cannot go below it (README, model families)."""
+    (no weights are built). Methods that prune inside the decoder cannot go below it (docs/models.md)."""
     from par_demo.families import preset_families
     from par_demo.flops import Shape
 

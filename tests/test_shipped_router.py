@@ -1,5 +1,5 @@
 """The shipped PAR router still does its job on fresh questions: a floor that catches a broken, stale or
-mis-saved router (the README's tables are measured on 1,200 held-out samples; these are 60 others)."""
+mis-saved router (the tables in docs/ are measured on 1,200 held-out samples; these are 60 others)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from par_demo.models import DEFAULT_MODEL, load_model
 from par_demo.predict import Predictor
 from par_demo.shapes import load_jsonl, make_dataset
 
-TEST_SEED = 31_337  # used by this test only, never for training or the README's tables
+TEST_SEED = 31_337  # used by this test only, never for training or the tables in docs/
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,34 @@
+"""Prune a model you loaded yourself with transformers: PAR at a few budgets, next to the full model.
+
+    python examples/prune_your_model.py                       # the embedded ShapesVQA LLaVA
+    python examples/prune_your_model.py --model llava-hf/llava-1.5-7b-hf --image photo.jpg --question "..."
+
+Each answer is timed against the full model in turns (`rounds`), so the speed-up printed is measured here.
+"""
+
+import argparse
+
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import par_demo
+from par_demo.models import DEFAULT_MODEL
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--model", default=DEFAULT_MODEL, help="a local folder or hub id (default: the embedded model)")
+parser.add_argument("--image", default="assets/examples/shapes_where.png")
+parser.add_argument("--question", default="Where is the blue square?")
+parser.add_argument("--budgets", default="1.0,0.5,0.25", help="fractions of the full prefill FLOPs")
+parser.add_argument("--rounds", type=int, default=3, help="timed rounds, each method in turns with the full model")
+args = parser.parse_args()
+
+model = AutoModelForImageTextToText.from_pretrained(args.model)  # any dtype, device or bitsandbytes config
+processor = AutoProcessor.from_pretrained(args.model)
+pruner = par_demo.wrap(model, processor)
+
+print(f"{'budget':>6}  {'FLOPs':>5}  {'tokens':>7}  {'layers':>6}  {'prefill x':>9}  answer")
+for budget in (float(b) for b in args.budgets.split(",")):
+    method = "full" if budget >= 1 else "par"
+    result = pruner.generate(args.image, args.question, method=method, budget=budget, rounds=args.rounds)
+    speedup = result.timing.prefill_speedup.median if result.timing.prefill_speedup else 1.0
+    print(f"{budget:>6.2f}  {result.flops_ratio:>5.2f}  {len(result.kept_visual_tokens):>3}/{result.n_visual_tokens:<3}"
+          f"  {len(result.kept_layers):>2}/{result.n_layers:<3}  {speedup:>8.2f}x  {result.text}")
