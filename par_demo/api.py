@@ -36,7 +36,6 @@ from par_demo.methods.base import check_budget
 from par_demo.models import DEFAULT_MODEL, LoadedModel, for_inference, load_model
 from par_demo.predict import Prediction, Predictor
 from par_demo.router import CONFIG_FILE
-from par_demo.timing import measure
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -110,32 +109,35 @@ class Pruner:
             UserError: bad input (unknown method, budget outside (0, 1], unreadable image, empty question), a
                 method that is unavailable for this model, or a budget below what the method can reach.
         """
-        options = dict(method=method, budget=budget, tokens=tokens, layers=layers, start_layer=start_layer,
-                       max_new_tokens=max_new_tokens, rounds=rounds)
-        if _is_many(image) or _is_many(question):
-            pairs = _pairs(image, question)
-            return [self._generate_one(i, q, **options)
-                    for i, q in tqdm(pairs, desc=f"{method} @ {budget:g}", disable=len(pairs) < 2)]
-        return self._generate_one(image, question, **options)
-
-    def _generate_one(self, image: ImageLike, question: str, method: str, budget: float, **options: Any) -> Prediction:
-        check_budget(budget)
-        method_class(method)  # an unknown name fails here, before any model call
-        return self.predictor.predict(load_image(image), question, method, budget, **options)
+        value = check_budget(budget)
+        name = method_class(method).name  # an unknown name fails here, before any model call
+        options = dict(tokens=tokens, layers=layers, start_layer=start_layer, max_new_tokens=max_new_tokens,
+                       rounds=rounds)
+        if not (_is_many(image) or _is_many(question)):
+            return self.predictor.predict(load_image(image), question, name, value, **options)
+        pairs = _pairs(image, question)
+        loaded = {id(i): load_image(i) for i, _ in pairs}  # every image read (and refused) before the first run
+        return [self.predictor.predict(loaded[id(i)], q, name, value, **options)
+                for i, q in tqdm(pairs, desc=f"{name} @ {value:g}", disable=len(pairs) < 2)]
 
     def compare(self, image: ImageLike, question: str, methods: Sequence[str] | None = None, budget: float = 0.5,
                 start_layer: int = 2, max_new_tokens: int = 16, rounds: int = COMPARE_ALL_ROUNDS) -> AllMethods:
         """The full model and each method at one budget, all timed together in turns (the app's "Compare all").
 
         Args:
-            methods: method names; default: PAR and the methods of the field (`Pruner.methods()`, group "field").
+            methods: a method name or a list of them, in the order wanted (the full model always runs, as the
+                reference); default: PAR and the methods of the field (`Pruner.methods()`, group "field").
             rounds: timed rounds, the answering pass included.
 
         Returns:
             `AllMethods`: `full` and `results` (method -> `Prediction`, each with its measured `timing`), `skipped`
             (method -> why it did not run: unavailable here, or the budget is out of its reach) and `to_dict()`.
         """
-        names = [method_class(m).name for m in (FIELD_METHODS if methods is None else methods)]
+        asked = [methods] if isinstance(methods, str) else FIELD_METHODS if methods is None else methods
+        names = list(dict.fromkeys(method_class(m).name for m in asked))  # in the order given, each once
+        if "full" in names or not names:
+            raise UserError("compare takes the pruning methods to set against the full model (which always runs), "
+                            f"e.g. {', '.join(FIELD_METHODS)}")
         value = check_budget(budget)
         if not isinstance(rounds, int) or not 1 <= rounds <= 100:
             raise UserError(f"rounds must be a whole number from 1 to 100, got {rounds!r}")
@@ -146,16 +148,17 @@ class Pruner:
             return predictor.predict(pil_image, question, max_new_tokens=max_new_tokens, **setting)
 
         def timed(predictions: list, settings: list) -> list:
-            return measure(predictor, pil_image, question, predictions, settings, rounds, max_new_tokens,
-                           answers_are_a_round=True)
+            return predictor.measure(pil_image, question, predictions, settings, rounds, max_new_tokens,
+                                     answers_are_a_round=True)
 
         *_, state = compare_methods(run, timed, question, value, names, predictor.available_methods(), start_layer)
         return state
 
 
 def load(name_or_path: str = DEFAULT_MODEL, quant: str | None = None, device: str | None = None,
-         dtype: str | None = None, router: str | os.PathLike | None = None) -> Pruner:
-    """Load a model as the CLI does (`--model`, `--quant`, `--device`, `--dtype`) and wrap it.
+         dtype: str | None = None, router: str | os.PathLike | None = None, *, min_pixels: int | None = None,
+         max_pixels: int | None = None, max_tiles: int | None = None) -> Pruner:
+    """Load a model as the CLI does (`--model`, `--quant`, `--device`, `--dtype`, the image options) and wrap it.
 
     Args:
         name_or_path: a local `save_pretrained` folder (default: the embedded ShapesVQA model), a hub id (read from
@@ -164,30 +167,42 @@ def load(name_or_path: str = DEFAULT_MODEL, quant: str | None = None, device: st
         device: "cpu", "cuda", "cuda:1", ...; default: cuda when there is one.
         dtype: "fp32", "bf16", "fp16" or "auto"; default: bf16 on a GPU, fp32 on a CPU.
         router: a PAR router folder; default: the model folder's `router/`, then `assets/routers/<model>/`.
+        min_pixels: dynamic-resolution models (Qwen2.5-VL): the smallest image area the model is given.
+        max_pixels: dynamic-resolution models: the largest (fewer pixels, fewer visual tokens, faster).
+        max_tiles: tiled models (SmolVLM, InternVL3): at most this many tiles per image, besides the global view.
     """
-    return _pruner(load_model(name_or_path, quant or "none", device, dtype), router)
+    options = {k: v for k, v in dict(min_pixels=min_pixels, max_pixels=max_pixels, max_tiles=max_tiles).items()
+               if v is not None}
+    return _pruner(load_model(name_or_path, quant or "none", device, dtype, options=options), router)
 
 
 def wrap(model: PreTrainedModel, processor: Any, router: str | os.PathLike | None = None) -> Pruner:
     """A `Pruner` around a stock transformers model and processor you loaded yourself.
 
-    The model keeps its dtype, device and quantization. It is put in eval mode; in fp32 on a CPU its linear layers
-    also run on weights prepacked for oneDNN (the same Parameters: its state dict is unchanged).
+    The model keeps its dtype, device and quantization, and is put in eval mode. In fp32 on a CPU its `nn.Linear`
+    layers are swapped for `cpu_kernels.PackedLinear`, which holds the same Parameters (the state dict does not
+    change) plus a copy packed for oneDNN that follows them (re-packed after an in-place update, unused after a cast
+    or a move); code that looks for `nn.Linear` modules (adapters) should run before `wrap`, or set
+    `PAR_DEMO_CPU_KERNELS=stock`.
 
     Args:
         model: e.g. `LlavaForConditionalGeneration.from_pretrained(...)`; any family of
             `par_demo.families.supported_model_types()`.
-        processor: its processor (`AutoProcessor.from_pretrained(...)`), or any object holding the same
-            `image_processor` and `tokenizer` (a machine without torchvision cannot build Qwen2.5-VL's).
+        processor: its processor (`AutoProcessor.from_pretrained(...)`). For Qwen2.5-VL, SmolVLM and InternVL3,
+            whose stock processors need torchvision for their video half, any object holding the same
+            `image_processor`, `tokenizer` and `chat_template` will do.
         router: a PAR router folder; default as in `load`.
 
     Raises:
         UserError: the model is not a supported vision-language model, or the processor is not one.
     """
     config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "model_type") or not hasattr(model, "lm_head"):
+    if config is None or not isinstance(getattr(config, "model_type", None), str):
         raise UserError(f"wrap() takes a transformers vision-language model, got {type(model).__name__}")
     family = family_of(model)  # an unsupported family: one line naming the supported ones
+    if not hasattr(model, "lm_head"):
+        raise UserError(f"wrap() takes the whole model with its LM head ({family.model_class().__name__}), got "
+                        f"{type(model).__name__}")
     family.check_supported(model)
     if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
         raise UserError(f"wrap() takes the model's processor (AutoProcessor.from_pretrained), got "
@@ -227,6 +242,8 @@ def _is_many(value: Any) -> bool:
 
 def _pairs(images: Any, questions: Any) -> list[tuple[Any, str]]:
     """(image, question) pairs: two lists pair up; a single image or question goes with every item of the other."""
+    if (_is_many(images) and not images) or (_is_many(questions) and not questions):
+        raise UserError("an empty list: give at least one image and one question")
     if _is_many(images) and _is_many(questions):
         if len(images) != len(questions):
             raise UserError(f"{len(images)} images and {len(questions)} questions: give as many of each, or one "

@@ -36,15 +36,35 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-class PackedLinear(nn.Module):
+class Packed(nn.Module):
+    """Holds a oneDNN-packed copy of `self.weight` (flattened to 2-D) that follows the weight: an in-place update
+    (`load_state_dict`, a merged adapter) re-packs it on the next call, and a weight that is no longer fp32 on the
+    CPU (the model was cast or moved) gets no packed copy at all: the stock call runs then."""
+
+    weight: nn.Parameter
+
+    def pack(self) -> None:
+        with torch.no_grad():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().flatten(1), None)
+        self.packed_from = (self.weight._version, self.weight.data_ptr())
+
+    def current_packed(self) -> torch.Tensor | None:
+        weight = self.weight
+        if weight.dtype != torch.float32 or weight.device.type != "cpu":
+            return None
+        if (weight._version, weight.data_ptr()) != self.packed_from:
+            self.pack()
+        return self.packed
+
+
+class PackedLinear(Packed):
     """`nn.Linear`'s forward on a oneDNN-packed copy of its weight (inference); the stock path when autograd runs."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias  # the same Parameters, not copies
-        with torch.no_grad():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.pack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
@@ -52,13 +72,16 @@ class PackedLinear(nn.Module):
         size = self.in_features * self.out_features
         if size < LARGE_WEIGHT and x.numel() * self.out_features < LARGE_PRODUCT:
             return F.linear(x, self.weight, self.bias)  # a small product: oneDNN's ~20 us per call would dominate
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        packed = self.current_packed()
+        if packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class PackedPatchConv(nn.Module):
+class PackedPatchConv(Packed):
     """A convolution whose kernel covers each input window whole, stride = kernel, is a linear map of the window: Qwen2.5-VL's
     patch embedding runs its Conv3d on inputs of exactly (C, 2, 14, 14). Such calls take the packed product (oneDNN's
     direct convolution ran them at ~50 GFLOP/s); any other input shape runs the stock convolution."""
@@ -68,14 +91,14 @@ class PackedPatchConv(nn.Module):
         self.stock = (conv,)  # in a tuple: not a submodule, so the state dict holds its weight once, under this name
         self.kernel_size = tuple(conv.kernel_size)
         self.weight, self.bias = conv.weight, conv.bias
-        with torch.no_grad():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(conv.weight.detach().flatten(1), None)
+        self.pack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         whole = tuple(x.shape[2:]) == self.kernel_size
-        if not whole or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+        packed = self.current_packed() if whole else None
+        if packed is None or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             return self.stock[0](x)
-        out = torch.ops.mkldnn._linear_pointwise(x.flatten(1), self.packed, self.bias, "none", [], "")
+        out = torch.ops.mkldnn._linear_pointwise(x.flatten(1), packed, self.bias, "none", [], "")
         return out.view(x.shape[0], -1, *([1] * (x.dim() - 2)))
 
 

@@ -30,6 +30,8 @@ def load_image(source) -> Image.Image:
     else:
         if source is None or (isinstance(source, str) and not source.strip()):
             raise UserError("no image given")
+        if not isinstance(source, (str, os.PathLike)):
+            raise UserError(f"an image is a file path, bytes or a PIL image, got {type(source).__name__}")
         path = Path(os.fspath(source))
         name = f"'{path.name}'"
         if not path.is_file():

@@ -67,6 +67,15 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device) -> str:
+    """A device name torch knows (cpu, cuda, cuda:1, mps, ...), or one UserError line."""
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {device!r}; use cpu, cuda, cuda:N, ...") from None
+    return str(device)
+
+
 def default_dtype(device: str) -> torch.dtype:
     # bf16 on GPUs that support it; fp32 on CPU, where bf16 matmuls are slow on most machines.
     if device.startswith("cuda"):
@@ -168,7 +177,7 @@ def load_model(spec: str = DEFAULT_MODEL, quant: str = "none", device: str | Non
     spec = resolve_spec(spec)
     if quant not in QUANT_CHOICES:
         raise UserError(f"unknown quantization '{quant}'; choose one of: {', '.join(QUANT_CHOICES)}")
-    device = device or default_device()
+    device = check_device(device or default_device())
     torch_dtype = parse_dtype(dtype, device)
     if quant != "none":
         _check_bitsandbytes(device)

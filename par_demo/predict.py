@@ -9,9 +9,11 @@ so the speed-up it prints is measured, not assembled from two unrelated runs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -26,7 +28,7 @@ from par_demo.methods import METHODS, Method, method_class
 from par_demo.methods.base import check_budget
 from par_demo.models import DEFAULT_MODEL, LoadedModel, clip_question, encode_query, load_model
 from par_demo.router import fingerprint
-from par_demo.timing import DEFAULT_ROUNDS, FULL, Timing, measure, setting_of
+from par_demo.timing import DEFAULT_ROUNDS, FULL, Sample, Timing, summarize, time_interleaved
 
 __all__ = ["METHODS", "Prediction", "Predictor"]
 
@@ -66,6 +68,19 @@ class Prediction:
     def text(self) -> str:
         """The answer (the library's name for it; `answer` in `to_dict()` and `predict --json`)."""
         return self.answer
+
+    def setting(self, tokens: int | None = None, layers: int | None = None, start_layer: int = 2) -> dict:
+        """The `Predictor.generate` arguments that reproduce this prediction (`tokens`/`layers`/`start_layer`: the
+        overrides it was asked with)."""
+        if self.method == "full":
+            return dict(FULL)
+        return {"method": self.method, "budget": self.budget, "tokens": tokens, "layers": layers,
+                "start_layer": start_layer}
+
+    def with_timing(self, timing: Timing) -> Prediction:
+        """This prediction with its one run's times replaced by the medians of `timing` (and `timing` attached)."""
+        return dataclasses.replace(self, prefill_s=timing.prefill_s.median, total_s=timing.total_s.median,
+                                   timing=timing)
 
     def to_dict(self) -> dict:
         """Every field as plain JSON values: exactly what `predict --json` prints."""
@@ -119,6 +134,10 @@ class Predictor:
         reason = chosen.available()
         if reason:
             raise UserError(f"{chosen.name} is unavailable: {reason}")
+        if budget >= 1.0 and tokens is None and layers is None:
+            # Nothing to prune, nothing to pay: the full model's own path (no router pass, no scores, no mask), so
+            # every method at budget 1 is exactly as fast as the model it prunes.
+            chosen = self.method("full")
         inputs = encoded if encoded is not None else self.encode(image, question)
         costs = {}
 
@@ -188,11 +207,38 @@ class Predictor:
                tokens: int | None, layers: int | None, start_layer: int) -> Prediction:
         """`result` with its times measured over `rounds` rounds, interleaved with the full model's."""
         if result.method == "full":
-            return measure(self, image, question, [result], [dict(FULL)], rounds, max_new_tokens, warm_up=True)[0]
+            return self.measure(image, question, [result], [dict(FULL)], rounds, max_new_tokens, warm_up=True)[0]
         full = self._predict_once(image, question, "full", 1.0, None, None, 2, max_new_tokens)
-        setting = setting_of(result, tokens, layers, start_layer)
-        return measure(self, image, question, [full, result], [dict(FULL), setting], rounds, max_new_tokens,
-                       warm_up=True)[1]
+        setting = result.setting(tokens, layers, start_layer)
+        return self.measure(image, question, [full, result], [dict(FULL), setting], rounds, max_new_tokens,
+                            warm_up=True)[1]
+
+    def measure(self, image: Image.Image, question: str, predictions: Sequence[Prediction], settings: Sequence[dict],
+                rounds: int = DEFAULT_ROUNDS, max_new_tokens: int = 16, warm_up: bool = False,
+                answers_are_a_round: bool = False) -> list[Prediction]:
+        """Times answered predictions against each other (the first must be the full model) and returns them with
+        their `timing`: `rounds` interleaved rounds (`par_demo.timing`) of `generate` with each one's settings.
+
+        `answers_are_a_round`: the predictions were answered just now, warm, one after another in this order, so
+        their own runs already are one round in turns; they count as the first of the `rounds` (a request that
+        answers N settings then pays for N x (rounds - 1) more runs, not N x rounds)."""
+        if not predictions or predictions[0].method != "full":
+            raise ValueError("the first prediction must be the full model's: it is the reference of every speed-up")
+        question, _ = clip_question(question)  # exactly the text `predict` answered
+        encoded = self.encode(image, question)  # pixels and token ids: the same for every run, and not timed
+
+        def run(setting: dict) -> Sample:
+            generation = self.generate(image, question, max_new_tokens=max_new_tokens, encoded=encoded, **setting)[0]
+            return generation.prefill_s, generation.total_s
+
+        if answers_are_a_round:
+            answered = [[(p.prefill_s, p.total_s)] for p in predictions]
+            more = time_interleaved(run, settings, rounds - 1, warm_up) if rounds > 1 else [[] for _ in settings]
+            samples = [first + rest for first, rest in zip(answered, more)]
+        else:
+            samples = time_interleaved(run, settings, rounds, warm_up)
+        timings = summarize(samples, [p.flops_ratio for p in predictions])
+        return [p.with_timing(t) for p, t in zip(predictions, timings)]
 
 
 def cell_order(layout: Layout, scores: torch.Tensor) -> list[float]:

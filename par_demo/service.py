@@ -110,8 +110,8 @@ def _predict_on_device(predictor: Predictor, image: Image.Image, question: str, 
 @on_gpu
 def _measure_on_device(predictor: Predictor, image: Image.Image, question: str, predictions: list, settings: list,
                        rounds: int, max_new_tokens: int, answers_are_a_round: bool = False) -> list:
-    return timing.measure(predictor, image, question, predictions, settings, rounds, max_new_tokens,
-                          answers_are_a_round=answers_are_a_round)
+    return predictor.measure(image, question, predictions, settings, rounds, max_new_tokens,
+                             answers_are_a_round=answers_are_a_round)
 
 
 def answer_agreement(reference: str, answer: str) -> float:
@@ -296,13 +296,14 @@ class DemoService:
         def measure(predictions: list, settings: list) -> list:
             return self._measure(pil_image, text, predictions, settings, rounds, answers_are_a_round=True)
 
-        for state in compare_methods(run, measure, text, value, names, self._available, start):
-            if state.model_view is None:  # the full model just answered: the page's first state
-                self.full_cache.put(self._full_key(fingerprint, text), state.full)
-                state.model_view = self.model_view(pil_image, fingerprint)
-                state.notices = [n for n in (notice, self.image_notice(fingerprint)) if n]
-                state.left_out = [n for _, n in METHOD_CHOICES if n not in names]
-            yield state
+        states = compare_methods(run, measure, text, value, names, self._available, start)
+        state = next(states)  # the full model has answered: what the page shows first
+        self.full_cache.put(self._full_key(fingerprint, text), state.full)
+        state.model_view = self.model_view(pil_image, fingerprint)
+        state.notices = [n for n in (notice, self.image_notice(fingerprint)) if n]
+        state.left_out = [n for _, n in METHOD_CHOICES if n not in names]
+        yield state
+        yield from states
 
     def check_overrides(self, tokens: Any, layers: Any, start_layer: Any) -> dict[str, int | None]:
         start = check_count(start_layer, "Pruning start layer", 0, self.n_layers - 1, zero_means_auto=False)

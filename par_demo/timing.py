@@ -6,22 +6,16 @@ either way. Every speed-up the project reports therefore comes from here: the se
 turns (full, pruned, full, pruned, ...) for a few rounds, each figure is the median over the rounds, a speed-up is
 the ratio of the medians, and the spread (min–max over the rounds) travels with every figure.
 
-`measure` is the one entry point for a set of answered predictions (`predict --json`, the app's `/compare`,
-`/compare_all` and its sweep); `bench` runs the same `time_interleaved` rounds on its own rows.
+`Predictor.measure` (`par_demo.predict`) applies it to answered predictions (`predict --json`, the app's
+`/compare`, `/compare_all` and its sweep, the Python API); `bench` runs the same `time_interleaved` rounds on its
+own rows. This module knows nothing of models: it times callables.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-from par_demo.models import clip_question
-
-if TYPE_CHECKING:
-    from par_demo.predict import Prediction, Predictor
 
 DEFAULT_ROUNDS = 5  # embedded model: ~5 x 2 x 30 ms, well under a second per query on 2 CPU cores
 FULL = {"method": "full", "budget": 1.0}  # the reference setting every speed-up is measured against
@@ -102,47 +96,3 @@ def _speedup(reference: Sequence[Sample], own: Sequence[Sample], stage: int, of_
     # Per-round ratios pair each run with the full run next to it in time; their range is the speed-up's spread.
     per_round = [full[stage] / max(mine[stage], 1e-12) for full, mine in zip(reference, own)]
     return Spread.of(per_round, median=of_medians)
-
-
-def with_timing(prediction: Prediction, timing: Timing) -> Prediction:
-    """The prediction with its single-run times replaced by the medians of `timing` (and `timing` attached)."""
-    return dataclasses.replace(prediction, prefill_s=timing.prefill_s.median, total_s=timing.total_s.median,
-                               timing=timing)
-
-
-def setting_of(prediction: Prediction, tokens: int | None = None, layers: int | None = None,
-               start_layer: int = 2) -> dict[str, Any]:
-    """The `Predictor.generate` arguments that reproduce an answered prediction."""
-    if prediction.method == "full":
-        return dict(FULL)
-    return {"method": prediction.method, "budget": prediction.budget, "tokens": tokens, "layers": layers,
-            "start_layer": start_layer}
-
-
-def measure(predictor: Predictor, image: Any, question: str, predictions: Sequence[Prediction],
-            settings: Sequence[dict], rounds: int = DEFAULT_ROUNDS, max_new_tokens: int = 16,
-            warm_up: bool = False, answers_are_a_round: bool = False) -> list[Prediction]:
-    """Times answered predictions against each other (the first must be the full model) and returns them with
-    their `timing`: `rounds` interleaved rounds of `Predictor.generate` with each prediction's own settings.
-
-    `answers_are_a_round`: the predictions were answered just now, warm, one after another in this order, so
-    their own runs already are one round in turns; they count as the first of the `rounds` (a request that
-    answers N settings then pays for N x (rounds - 1) more runs, not N x rounds)."""
-    if not predictions or predictions[0].method != "full":
-        raise ValueError("the first prediction must be the full model's: it is the reference of every speed-up")
-    question, _ = clip_question(question)  # exactly the text `Predictor.predict` answered
-    encoded = predictor.encode(image, question)  # pixels and token ids: the same for every run, and not timed
-
-    def run(setting: dict) -> Sample:
-        generation = predictor.generate(image, question, max_new_tokens=max_new_tokens, encoded=encoded,
-                                        **setting)[0]
-        return generation.prefill_s, generation.total_s
-
-    if answers_are_a_round:
-        answered = [[(p.prefill_s, p.total_s)] for p in predictions]
-        more = time_interleaved(run, settings, rounds - 1, warm_up) if rounds > 1 else [[] for _ in settings]
-        samples = [first + rest for first, rest in zip(answered, more)]
-    else:
-        samples = time_interleaved(run, settings, rounds, warm_up)
-    timings = summarize(samples, [p.flops_ratio for p in predictions])
-    return [with_timing(p, t) for p, t in zip(predictions, timings)]

@@ -17,6 +17,7 @@ from par_demo import panels, viz
 from par_demo import service as s
 from par_demo.errors import UserError
 from par_demo.inputs import EXTRA_GROUPS, METHOD_CHOICES
+from par_demo.predict import Predictor
 from par_demo.model_card import ModelCard
 from par_demo.predict import Prediction
 
@@ -51,6 +52,8 @@ class CountingPredictor:
     def generate(self, image, question, method="full", **kwargs):
         self.calls.append(f"timed {method}")
         return self.inner.generate(image, question, method, **kwargs)
+
+    measure = Predictor.measure  # the real timing rounds, calling the counted `generate`
 
 
 SHORT_SWEEP = (1.0, 0.5, 0.2)  # the app sweeps ten budgets; three show the same behaviour, faster
@@ -149,6 +152,15 @@ def test_compare_all_streams_every_method_then_times_them_together(service):
     # The answering pass (full, then each method) is the first round; the other rounds follow, in the same turns.
     assert service.predictor.calls == ["full", *available] + (["timed full"] + [f"timed {n}" for n in available]) * (
         ROUNDS - 1)
+
+
+def test_compare_all_shows_the_image_first_and_caches_the_full_answer_for_compare(service):
+    first = next(service.compare_all(EXAMPLE, QUESTION, 0.6, rounds=1))
+    assert first.model_view is not None and not first.results and first.pending
+    service.predictor.calls.clear()
+    comparison = service.compare(EXAMPLE, QUESTION, "fastv", 0.6)
+    assert comparison.full_from_cache and comparison.full.answer == first.full.answer
+    assert service.predictor.calls[0] == "fastv"  # the full model did not answer again, only its timing rounds ran
 
 
 def test_compare_all_runs_the_baselines_and_ablations_only_when_asked(service):

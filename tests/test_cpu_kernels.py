@@ -50,6 +50,22 @@ def test_prepack_keeps_the_parameters_state_dict_and_lm_head():
     assert all(p is params[name] for name, p in model.named_parameters())
 
 
+def test_packed_layers_follow_their_weights_after_an_update_a_load_or_a_cast():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(768, 768), nn.Conv3d(3, 32, kernel_size=(2, 14, 14), stride=(2, 14, 14)))
+    x, windows = torch.randn(50, 768), torch.randn(50, 3, 2, 14, 14)
+    packed = nn.Sequential(PackedLinear(model[0]), PackedPatchConv(model[1]))  # the same Parameters as `model`
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)  # in place: what a merged adapter does
+        assert torch.allclose(packed[0](x), model[0](x), rtol=1e-4, atol=1e-4)
+        packed.load_state_dict({k: v * 0.5 for k, v in packed.state_dict().items()})
+        assert torch.allclose(packed[0](x), model[0](x), rtol=1e-4, atol=1e-4)
+        assert torch.allclose(packed[1](windows), model[1](windows), rtol=1e-4, atol=1e-4)
+        packed.to(torch.bfloat16)  # a cast: the stock call in the new dtype
+        assert packed[0](x.bfloat16()).dtype == torch.bfloat16
+        assert packed[1](windows.bfloat16()).dtype == torch.bfloat16
+
+
 def test_with_gradients_the_stock_linear_runs_and_backpropagates():
     torch.manual_seed(0)
     linear = nn.Linear(12, 6)

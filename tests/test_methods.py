@@ -146,3 +146,21 @@ def test_every_method_runs_on_tiled_images_within_budget_over_all_tiles(tiled, s
     assert all(0 <= i < rows * cols for i in p.kept_visual_tokens)
     if p.token_scores is not None:
         assert sum(s is not None for s in p.token_scores) == p.n_visual_tokens  # one score per token, empty cells none
+
+
+def test_at_budget_one_every_method_is_the_full_models_path_with_no_work_of_its_own(scene, monkeypatch):
+    """Nothing pruned, nothing paid: at budget 1 no router pass, no scores, no mask; the answer and FLOPs are the
+    full model's (the embedded model, whose PAR has a router)."""
+    from par_demo.methods import METHODS, REGISTRY
+    from par_demo.models import DEFAULT_MODEL, load_model
+    from par_demo.predict import Predictor
+
+    predictor = Predictor(load_model(DEFAULT_MODEL, device="cpu"))
+    full = predictor.predict(scene, QUESTION, "full", 1.0, max_new_tokens=3)
+    for name in METHODS[1:]:  # all but the full model itself
+        monkeypatch.setattr(REGISTRY[name], "make_plan", lambda *a, **k: pytest.fail("a method planned at budget 1"))
+    for name in METHODS:
+        p = predictor.predict(scene, QUESTION, name, 1.0, max_new_tokens=3)
+        assert p.method == name and p.answer == full.answer and p.flops == full.flops and p.flops_ratio == 1.0
+        assert len(p.kept_visual_tokens) == p.n_visual_tokens and len(p.kept_layers) == p.n_layers
+        assert not p.absorbed and p.layer_scores is None

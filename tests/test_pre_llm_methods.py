@@ -59,10 +59,10 @@ def test_each_new_method_stays_within_every_reachable_budget_and_refuses_the_res
             continue
         p = predictor.predict(image, QUESTION, method, budget, max_new_tokens=1)
         assert p.flops_ratio <= budget + 1e-9
-        assert p.start_layer == 0 and p.kept_layers == list(range(p.n_layers))  # before the LM, every layer runs
+        assert p.kept_layers == list(range(p.n_layers))  # before the LM, every layer runs
         assert len(p.kept_visual_tokens) <= p.n_visual_tokens
-        if budget < 1:
-            assert len(p.kept_visual_tokens) < p.n_visual_tokens
+        if budget < 1:  # (at budget 1 the full model's own path runs: nothing leaves the sequence anywhere)
+            assert p.start_layer == 0 and len(p.kept_visual_tokens) < p.n_visual_tokens
     if preset == "llava-tiny":
         assert cheapest < 0.15  # the LLaVA tower is a small share: every budget here is reachable
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from par_demo import panels
-from par_demo.timing import Spread, Timing, measure, summarize, time_interleaved
+from par_demo.timing import Spread, Timing, summarize, time_interleaved
 
 
 def test_settings_run_in_turns_for_every_round():
@@ -53,16 +53,16 @@ def test_the_page_shows_each_time_with_its_spread():
 def test_measure_needs_the_full_model_first(predictor, scene):
     pruned = predictor.predict(scene, "What color is the circle?", "fastv", 0.5, max_new_tokens=2)
     with pytest.raises(ValueError, match="full model"):
-        measure(predictor, scene, "What color is the circle?", [pruned], [{"method": "fastv", "budget": 0.5}])
+        predictor.measure(scene, "What color is the circle?", [pruned], [{"method": "fastv", "budget": 0.5}])
 
 
 def test_measure_replaces_single_run_times_by_medians(predictor, scene):
     question = "What color is the circle?"
     full = predictor.predict(scene, question, "full", 1.0, max_new_tokens=2)
     pruned = predictor.predict(scene, question, "random", 0.5, max_new_tokens=2)
-    timed_full, timed = measure(predictor, scene, question, [full, pruned],
-                                [{"method": "full", "budget": 1.0}, {"method": "random", "budget": 0.5}],
-                                rounds=3, max_new_tokens=2)
+    timed_full, timed = predictor.measure(scene, question, [full, pruned],
+                                          [{"method": "full", "budget": 1.0}, {"method": "random", "budget": 0.5}],
+                                          rounds=3, max_new_tokens=2)
     assert timed.answer == pruned.answer and timed.kept_visual_tokens == pruned.kept_visual_tokens
     assert timed.prefill_s == timed.timing.prefill_s.median and timed.timing.rounds == 3
     assert timed_full.timing.prefill_speedup is None and timed.timing.prefill_speedup is not None
@@ -81,9 +81,9 @@ def test_answers_given_just_now_count_as_the_first_timing_round(predictor, scene
 
     predictor.generate = counted
     try:
-        timed_full, timed = measure(predictor, scene, question, [full, pruned],
-                                    [{"method": "full", "budget": 1.0}, {"method": "random", "budget": 0.5}],
-                                    rounds=3, max_new_tokens=2, answers_are_a_round=True)
+        timed_full, timed = predictor.measure(scene, question, [full, pruned],
+                                              [{"method": "full", "budget": 1.0}, {"method": "random", "budget": 0.5}],
+                                              rounds=3, max_new_tokens=2, answers_are_a_round=True)
     finally:
         del predictor.generate
     assert calls == ["full", "random"] * 2  # two more rounds in turns: the answers were the first

@@ -277,6 +277,12 @@ class Family:
         return self.name
 
 
+def chat_template(multimodal: str | None, tokenizer, default: str) -> str:
+    """The template prompts are written with: the processor's own (multimodal) one, else the tokenizer's, else the
+    family's default (a checkpoint saved without one)."""
+    return multimodal or tokenizer.chat_template or default
+
+
 def read_chat_template(folder) -> str | None:
     """The multimodal chat template a hub checkpoint keeps in `chat_template.json`, if it has one."""
     path = Path(folder) / "chat_template.json"
@@ -305,8 +311,8 @@ class ImageTextProcessor:
         if isinstance(processor, cls):
             return processor
         tokenizer = copy.copy(processor.tokenizer)  # the caller's tokenizer keeps its own template
-        tokenizer.chat_template = (getattr(processor, "chat_template", None) or tokenizer.chat_template
-                                   or cls.default_chat_template)
+        tokenizer.chat_template = chat_template(getattr(processor, "chat_template", None), tokenizer,
+                                                cls.default_chat_template)
         return cls(processor.image_processor, tokenizer)
 
     @classmethod
@@ -315,8 +321,7 @@ class ImageTextProcessor:
 
         image_processor = AutoImageProcessor.from_pretrained(folder, local_files_only=local_files_only)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local_files_only, trust_remote_code=False)
-        tokenizer.chat_template = (read_chat_template(folder) or tokenizer.chat_template
-                                   or cls.default_chat_template)
+        tokenizer.chat_template = chat_template(read_chat_template(folder), tokenizer, cls.default_chat_template)
         return cls(image_processor, tokenizer)
 
 

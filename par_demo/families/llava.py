@@ -14,6 +14,7 @@ from functools import partial
 import torch
 from PIL import Image
 
+from par_demo.errors import UserError
 from par_demo.families.base import (Family, Layout, Query, check_prompt_length, embed_with_features, recorded_calls,
                                    vit_layer_flops)
 
@@ -88,6 +89,15 @@ class Llava(Family):
         from transformers import AutoProcessor
 
         return AutoProcessor.from_pretrained(path, local_files_only=local_files_only, trust_remote_code=False)
+
+    def adopt_processor(self, processor, config):
+        """The stock `LlavaProcessor` as it is (it expands the image token into the model's patch count)."""
+        from transformers import LlavaProcessor
+
+        if not isinstance(processor, LlavaProcessor):
+            raise UserError(f"a LLaVA model takes its LlavaProcessor (AutoProcessor.from_pretrained), got "
+                            f"{type(processor).__name__}")
+        return processor
 
     preset_names = tuple(PRESETS)
 

@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 
 from par_demo.errors import UserError
-from par_demo.families.base import (Family, Layout, Query, check_prompt_length, embed_with_features, fold_patches,
-                                   read_chat_template, recorded_calls, tiled_view, vit_layer_flops)
+from par_demo.families.base import (Family, Layout, Query, chat_template, check_prompt_length, embed_with_features,
+                                   fold_patches, read_chat_template, recorded_calls, tiled_view, vit_layer_flops)
 from par_demo.families.views import lazy_views, overview_views
 
 IMAGE_TOKEN, FAKE_TOKEN, GLOBAL_TOKEN = "<image>", "<fake_token_around_image>", "<global-img>"
@@ -97,6 +97,14 @@ def tokens_per_view(config) -> int:
     return (v.image_size // v.patch_size) ** 2 // config.scale_factor ** 2
 
 
+def idefics3_processor(image_processor, tokenizer, template: str | None, config):
+    """The stock `Idefics3Processor` over an image processor and tokenizer, for `config`'s views."""
+    from transformers import Idefics3Processor
+
+    return Idefics3Processor(image_processor, tokenizer, image_seq_len=tokens_per_view(config),
+                             chat_template=chat_template(template, tokenizer, CHAT_TEMPLATE))
+
+
 def build_processor(preset: Preset):
     """The stock `Idefics3Processor` over the stock (PIL) image processor and an offline word-level tokenizer."""
     from transformers import Idefics3Processor
@@ -130,14 +138,12 @@ class SmolVLM(Family):
 
     def load_processor(self, path, local_files_only):
         """The stock Idefics3 processor (SmolVLM2's own needs a video processor, which needs torchvision)."""
-        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, Idefics3Processor
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
         image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=local_files_only)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only, trust_remote_code=False)
-        chat_template = read_chat_template(path)
         config = AutoConfig.from_pretrained(path, local_files_only=local_files_only, trust_remote_code=False)
-        return Idefics3Processor(image_processor, tokenizer, image_seq_len=tokens_per_view(config),
-                                 chat_template=chat_template or tokenizer.chat_template or CHAT_TEMPLATE)
+        return idefics3_processor(image_processor, tokenizer, read_chat_template(path), config)
 
     def adopt_processor(self, processor, config):
         """Idefics3's processor writes the prompt this family reads; SmolVLM's own (which needs a video processor)
@@ -146,8 +152,8 @@ class SmolVLM(Family):
 
         if isinstance(processor, Idefics3Processor):
             return processor
-        return Idefics3Processor(processor.image_processor, processor.tokenizer, image_seq_len=tokens_per_view(config),
-                                 chat_template=getattr(processor, "chat_template", None) or CHAT_TEMPLATE)
+        return idefics3_processor(processor.image_processor, processor.tokenizer,
+                                  getattr(processor, "chat_template", None), config)
 
     def build_random(self, name):
         processor = build_processor(PRESETS[name])

@@ -124,8 +124,7 @@ class Method:
         if layers is not None and not self.uses_layers:
             raise UserError(f"{self.name} does not skip layers; "
                             "--layers applies to: layerdrop, par, par-layers, par-prior, par-drop")
-        if not 0 <= start_layer <= self.n_layers:
-            raise UserError(f"pruning start layer must be in [0, {self.n_layers}], got {start_layer}")
+        start_layer = check_count(start_layer, 0, self.n_layers, "pruning start layer")
         if tokens is not None or layers is not None:
             setting = self.fixed(query, tokens, layers, start_layer)
         else:
