@@ -17,6 +17,7 @@ COMMANDS = {
     "predict": ("par_demo.predict", "answer one question about one image under a pruning method"),
     "bench": ("par_demo.bench", "time methods and budgets on one model (prefill and end-to-end)"),
     "eval": ("par_demo.evaluate", "accuracy of methods and budgets on a JSONL data set"),
+    "calibrate": ("par_demo.calibrate", "measure how long prefill splits take on this machine (the cost model)"),
     "make-shapes": ("par_demo.shapes", "write a ShapesVQA data set (images + JSONL)"),
     "train-base": ("par_demo.train_base", "train the embedded ShapesVQA LLaVA from scratch"),
     "train-router": ("par_demo.train_router", "train a PAR meta-router self-supervised"),

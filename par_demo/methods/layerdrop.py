@@ -7,24 +7,16 @@ skipped for every query: all visual tokens are kept.
 
 from __future__ import annotations
 
-import json
-import os
-import re
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from par_demo.disk_cache import cache_path, read_json, write_json
 from par_demo.engine import PruningPlan
 from par_demo.methods.base import Method, Setting, check_count
 
 CALIBRATION_QUESTIONS = ("What color is the circle?", "How many objects are there?", "Where is the red square?",
                          "Describe the image.")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PAR_DEMO_CACHE", Path.home() / ".cache" / "par-demo"))
 
 
 def block_influence(context, n_queries: int = 8, seed: int = 0) -> list[float]:
@@ -61,20 +53,13 @@ class LayerDrop(Method):
         return self._influence
 
     def _load_or_measure_influence(self) -> list[float]:
-        path = cache_dir() / "layerdrop" / (re.sub(r"[^\w.-]+", "_", self.context.cache_key) + ".json")
-        if path.is_file():
-            try:
-                scores = json.loads(path.read_text())["block_influence"]
-                if len(scores) == self.n_layers:
-                    return scores
-            except (ValueError, KeyError, TypeError):
-                pass  # a damaged cache file is measured again
-        scores = block_influence(self.context)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"model": self.context.cache_key, "block_influence": scores}))
-        except OSError:
-            pass  # a read-only home only costs a re-measurement next time
+        path = cache_path("layerdrop", self.context.cache_key)
+        cached = read_json(path) or {}
+        scores = cached.get("block_influence")
+        if isinstance(scores, list) and len(scores) == self.n_layers:
+            return scores
+        scores = block_influence(self.context)  # none yet, or a damaged file: measured again
+        write_json(path, {"model": self.context.cache_key, "block_influence": scores})
         return scores
 
     def order(self) -> list[int]:

@@ -1,0 +1,189 @@
+"""Measured prefill cost: how long a (visual tokens kept, decoder layers run) split takes on this machine.
+
+FLOPs are exact but they are not time. On a small model a decoder layer costs nearly the same with 20 rows as with
+160, and part of every prefill is fixed (vision tower, projector, LM head, per-call overhead); on a GPU a short
+sequence leaves the chip idle. So the time of a split is measured, not derived: `calibrate` times a grid of splits
+on the model as it is loaded (its dtype, quantization, device and thread count) and fits
+
+    prefill(T, L) = fixed + L * (per_layer + per_row * rows + per_row2 * rows**2),   rows = text tokens + T
+
+by non-negative least squares (T visual tokens kept from the first layer on, L layers run; `per_row2` is
+attention's share, which grows with the square of the sequence). Layers before a start layer K see every token:
+`predict` charges them at the full row count. A fit is cached on disk per model weights, dtype, quantization,
+device, thread count, CPU-kernel choice and torch version (`load_or_calibrate`); any change measures it again.
+
+Each grid point is the median of a few runs taken in turns with the others (the rule of `par_demo.timing`), timed
+as the page times a prefill: from pixels to the first token (`Engine.generate` with one new token).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import nnls
+
+from par_demo.disk_cache import cache_path, read_json, write_json
+from par_demo.engine import PruningPlan
+from par_demo.timing import time_interleaved
+
+CACHE_KIND = "prefill-cost"
+FORMAT = 1
+# The calibration query: one of the app's examples (a model answers any picture; only its token count matters).
+CALIBRATION_QUESTION = "What color is the circle?"
+
+
+@dataclass(frozen=True)
+class PrefillCost:
+    """A fitted prefill time model for one query shape (n_visual visual tokens, n_text text tokens)."""
+
+    n_visual: int
+    n_text: int
+    n_layers: int
+    fixed_s: float
+    per_layer_s: float
+    per_row_s: float
+    per_row2_s: float
+    key: str = ""  # what it was measured on (`cost_key`)
+    points: tuple[tuple[int, int, float], ...] = ()  # the measured grid: (tokens kept, layers run, seconds)
+
+    def layer_s(self, rows: int) -> float:
+        return self.per_layer_s + self.per_row_s * rows + self.per_row2_s * rows * rows
+
+    def predict(self, tokens: int, layers_run: int, start_layer: int = 0, n_visual: int | None = None,
+                n_text: int | None = None) -> float:
+        """Seconds for a prefill keeping `tokens` visual tokens from layer `start_layer` on and running
+        `layers_run` layers (those before the start layer are counted among them and see every token). `n_visual`
+        / `n_text`: another query's shape (default: the calibration query's)."""
+        n_visual = self.n_visual if n_visual is None else n_visual
+        n_text = self.n_text if n_text is None else n_text
+        before = min(start_layer, layers_run)
+        return (self.fixed_s + before * self.layer_s(n_text + n_visual)
+                + (layers_run - before) * self.layer_s(n_text + min(tokens, n_visual)))
+
+    def full(self, n_visual: int | None = None, n_text: int | None = None) -> float:
+        n_visual = self.n_visual if n_visual is None else n_visual
+        return self.predict(n_visual, self.n_layers, 0, n_visual, n_text)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"format": FORMAT}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PrefillCost | None:
+        if data.get("format") != FORMAT:
+            return None
+        fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        fields["points"] = tuple(tuple(p) for p in fields.get("points", ()))
+        try:
+            return cls(**fields)
+        except TypeError:
+            return None
+
+
+def cost_key(predictor) -> str:
+    """Everything a measured time depends on: the model's weights (name, quantization and a weight fingerprint),
+    its dtype and device, the threads torch uses, the CPU kernels (oneDNN or stock) and the torch version."""
+    model = predictor.loaded.model
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    kernels = os.environ.get("PAR_DEMO_CPU_KERNELS", "onednn")
+    return (f"{predictor.cache_key}-{dtype}-{predictor.loaded.device}-threads{torch.get_num_threads()}-{kernels}-"
+            f"torch{torch.__version__}")
+
+
+def grid(n_visual: int, n_layers: int) -> list[tuple[int, int]]:
+    """(tokens kept, layers run) pairs: every combination of five token counts and five layer counts."""
+    tokens = sorted({0, n_visual // 8, n_visual // 4, n_visual // 2, n_visual})
+    layers = sorted({1, max(1, n_layers // 4), max(1, n_layers // 2), max(1, 3 * n_layers // 4), n_layers})
+    return [(t, l) for t in tokens for l in layers]
+
+
+def split_plan(n_visual: int, n_layers: int, tokens: int, layers_run: int) -> PruningPlan:
+    """Evenly spread visual tokens kept from the first layer, the last layers skipped (which ones does not change
+    the time: every layer has the same shape)."""
+    keep = None if tokens >= n_visual else torch.linspace(0, n_visual - 1, tokens).round().long().unique()
+    return PruningPlan(start_layer=0, keep_visual=keep, skip_layers=frozenset(range(layers_run, n_layers)))
+
+
+def measure_splits(predictor, image, splits: Sequence[tuple[int, int]], rounds: int = 3,
+                   progress: Callable[[str], None] | None = None) -> list[float]:
+    """Median prefill seconds of each (tokens, layers) split, the splits run in turns for `rounds` rounds."""
+    engine = predictor.engine
+    inputs = predictor.encode(image, CALIBRATION_QUESTION)
+    n_visual = engine.prepare(inputs).n_visual
+    plans = [split_plan(n_visual, engine.n_layers, t, l) for t, l in splits]
+
+    def run(plan: PruningPlan) -> tuple[float, float]:
+        generation = engine.generate(inputs, lambda query: plan, max_new_tokens=1)
+        return generation.prefill_s, generation.total_s
+
+    if progress:
+        progress(f"timing {len(splits)} prefill splits x {rounds} rounds")
+    samples = time_interleaved(run, plans, rounds, warm_up=True)
+    return [statistics.median(s[0] for s in own) for own in samples]
+
+
+def fit(points: Sequence[tuple[int, int, float]], n_visual: int, n_text: int, n_layers: int,
+        key: str = "") -> PrefillCost:
+    """Non-negative least squares of the model in the module docstring on measured (tokens, layers, seconds),
+    weighted by 1/seconds so that short splits count as much as long ones (the error that matters is relative)."""
+    rows = np.array([n_text + t for t, _, _ in points], dtype=float)
+    layers = np.array([l for _, l, _ in points], dtype=float)
+    seconds = np.array([s for _, _, s in points], dtype=float)
+    features = np.stack([np.ones_like(rows), layers, layers * rows, layers * rows ** 2], axis=1)
+    weights = 1.0 / np.maximum(seconds, 1e-9)
+    scale = features.max(axis=0)  # columns of similar size: nnls is better conditioned
+    coef, _ = nnls(features * weights[:, None] / scale, seconds * weights)
+    fixed, per_layer, per_row, per_row2 = (coef / scale).tolist()
+    return PrefillCost(n_visual, n_text, n_layers, fixed, per_layer, per_row, per_row2, key,
+                       tuple((int(t), int(l), float(s)) for t, l, s in points))
+
+
+def calibration_image():
+    from par_demo.images import load_image
+    from par_demo.models import PROJECT_ROOT
+
+    return load_image(PROJECT_ROOT / "assets" / "examples" / "shapes_color.png")
+
+
+def calibrate(predictor, image=None, rounds: int = 3, progress: Callable[[str], None] | None = None) -> PrefillCost:
+    """Time the grid of splits on this model as loaded and fit the cost model (no cache)."""
+    image = image if image is not None else calibration_image()
+    query = predictor.engine.prepare(predictor.encode(image, CALIBRATION_QUESTION))
+    n_layers = predictor.engine.n_layers
+    splits = grid(query.n_visual, n_layers)
+    seconds = measure_splits(predictor, image, splits, rounds, progress)
+    return fit([(t, l, s) for (t, l), s in zip(splits, seconds)], query.n_visual, query.n_text, n_layers,
+               cost_key(predictor))
+
+
+def load_or_calibrate(predictor, recalibrate: bool = False,
+                      progress: Callable[[str], None] | None = None) -> tuple[PrefillCost, bool]:
+    """(the cost model of this model as loaded, whether it came from the cache). Measured and cached when there is
+    none for exactly this model, dtype, quantization, device, thread count, kernels and torch, or when asked."""
+    key = cost_key(predictor)
+    path = cache_path(CACHE_KIND, key)
+    if not recalibrate:
+        cached = read_json(path)
+        cost = PrefillCost.from_dict(cached) if cached else None
+        if cost is not None and cost.key == key and cost.n_layers == predictor.engine.n_layers:
+            return cost, True
+    cost = calibrate(predictor, progress=progress)
+    write_json(path, cost.to_dict())
+    return cost, False
+
+
+def check_grid(n_visual: int, n_layers: int) -> list[tuple[int, int]]:
+    """Splits between the calibration grid's points, to test the fit where it was not measured."""
+    tokens = sorted({max(1, n_visual // 3), max(1, 2 * n_visual // 3), max(1, 3 * n_visual // 8)})
+    layers = sorted({max(1, n_layers // 3), max(1, 2 * n_layers // 3), max(1, n_layers - 1)})
+    return [(t, l) for t in tokens for l in layers]
+
+
+def relative_errors(cost: PrefillCost, points: Sequence[tuple[int, int, float]]) -> list[float]:
+    """|predicted - measured| / measured for each (tokens, layers, seconds)."""
+    return [abs(cost.predict(t, l) - s) / s for t, l, s in points if s > 0 and not math.isnan(s)]

@@ -1,0 +1,42 @@
+"""Measurements kept on disk between runs (layer drop's block influence, the prefill cost model): one folder, JSON
+files, and a cache that can always be measured again (a damaged or unwritable file only costs a re-measurement).
+
+The folder is $PAR_DEMO_CACHE, else ~/.cache/par-demo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PAR_DEMO_CACHE", Path.home() / ".cache" / "par-demo"))
+
+
+def cache_path(kind: str, key: str) -> Path:
+    """Where the `kind` measurement named by `key` (any text) is kept."""
+    return cache_dir() / kind / (re.sub(r"[^\w.-]+", "_", key)[:200] + ".json")
+
+
+def read_json(path: Path) -> dict | None:
+    """The cached object, or None when there is none or it cannot be read."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write through a temporary file and rename, so a reader never sees half a file; a read-only home is no
+    error (the measurement is simply made again next time)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass

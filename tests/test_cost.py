@@ -1,0 +1,64 @@
+"""The measured prefill cost model (`par_demo.cost`): the fit recovers known costs, layers before the start layer
+are charged at the full row count, and a cached fit is reused only for exactly the model, dtype and threads it was
+measured on. (How well it predicts real time is measured with `python -m par_demo calibrate`, not asserted here.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from par_demo import cost
+from par_demo.models import load_model
+from par_demo.predict import Predictor
+
+
+def test_the_fit_recovers_the_terms_of_a_known_cost():
+    truth = cost.PrefillCost(144, 20, 12, fixed_s=3e-3, per_layer_s=2e-4, per_row_s=3e-6, per_row2_s=1e-9)
+    points = [(t, l, truth.predict(t, l)) for t, l in cost.grid(144, 12)]
+    fitted = cost.fit(points, 144, 20, 12)
+    for name in ("fixed_s", "per_layer_s", "per_row_s", "per_row2_s"):
+        assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-4, abs=1e-12)
+    assert max(cost.relative_errors(fitted, [(t, l, truth.predict(t, l)) for t, l in cost.check_grid(144, 12)])) < 1e-6
+
+
+def test_layers_before_the_start_layer_see_every_token():
+    model = cost.PrefillCost(100, 10, 8, fixed_s=1.0, per_layer_s=0.0, per_row_s=0.01, per_row2_s=0.0)
+    assert model.predict(0, 8) == pytest.approx(1.0 + 8 * 0.1)  # text rows only from layer 0
+    assert model.predict(0, 8, start_layer=2) == pytest.approx(1.0 + 2 * 1.1 + 6 * 0.1)
+    assert model.full() == pytest.approx(1.0 + 8 * 1.1)
+    assert model.predict(50, 4, n_visual=200, n_text=30) == pytest.approx(1.0 + 4 * 0.8)  # another query's shape
+
+
+def test_a_cached_fit_is_reused_only_for_the_same_model_dtype_and_threads(monkeypatch, tmp_path, random_models):
+    monkeypatch.setenv("PAR_DEMO_CACHE", str(tmp_path))
+    tiny = Predictor(random_models("llava-tiny"))
+    fitted, cached = cost.load_or_calibrate(tiny)  # really timed: 25 splits of the tiny model
+    assert not cached and len(fitted.points) == len(cost.grid(fitted.n_visual, fitted.n_layers))
+    assert all(seconds > 0 for _, _, seconds in fitted.points) and fitted.full() > 0
+
+    measured = []
+    real_measure = cost.measure_splits
+
+    def counted(*args, **kwargs):
+        measured.append(1)
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(cost, "measure_splits", counted)
+    again, cached = cost.load_or_calibrate(tiny)
+    assert cached and again == fitted and not measured
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert not cost.load_or_calibrate(tiny)[1] and len(measured) == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert cost.load_or_calibrate(tiny)[1] and len(measured) == 1  # back to the first thread count: its fit
+
+    other = Predictor(random_models("qwen2.5-vl-tiny"))
+    assert not cost.load_or_calibrate(other)[1] and len(measured) == 2
+    bf16 = Predictor(load_model("random:llava-tiny", device="cpu", dtype="bf16"))  # the same draw, in bf16
+    assert cost.cost_key(bf16) != cost.cost_key(tiny)
+    assert not cost.load_or_calibrate(bf16)[1] and len(measured) == 3
+    assert cost.load_or_calibrate(tiny)[1] and len(measured) == 3  # fp32 again: its fit
+    assert not cost.load_or_calibrate(tiny, recalibrate=True)[1] and len(measured) == 4
