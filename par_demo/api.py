@@ -32,7 +32,7 @@ from par_demo.errors import UserError
 from par_demo.families import family_of
 from par_demo.images import load_image
 from par_demo.methods import METHODS, REGISTRY, method_class
-from par_demo.methods.base import check_budget
+from par_demo.methods.base import check_budget, check_unit
 from par_demo.models import DEFAULT_MODEL, LoadedModel, for_inference, load_model
 from par_demo.predict import Prediction, Predictor
 from par_demo.router import CONFIG_FILE
@@ -50,7 +50,8 @@ class MethodInfo:
     """One pruning method as `Pruner.methods()` lists it."""
 
     name: str  # what `method=` takes
-    group: str  # "reference" (the full model), "field" (PAR and the methods it is compared with), "baseline", "ablation"
+    # "reference" (the full model), "field" (PAR and the methods it is compared with), "baseline" or "ablation"
+    group: str
     available: bool
     reason: str | None  # why it is unavailable (PAR without a router for this model), else None
 
@@ -84,7 +85,8 @@ class Pruner:
 
     def generate(self, image: ImageLike | Sequence[ImageLike], question: str | Sequence[str], method: str = "par",
                  budget: float = 0.5, tokens: int | None = None, layers: int | None = None, start_layer: int = 2,
-                 max_new_tokens: int = 16, rounds: int = 0) -> Prediction | list[Prediction]:
+                 max_new_tokens: int = 16, rounds: int = 0,
+                 budget_unit: str = "flops") -> Prediction | list[Prediction]:
         """Answer a question about an image with `method` at `budget`.
 
         Args:
@@ -99,6 +101,9 @@ class Pruner:
             max_new_tokens: the most tokens to generate.
             rounds: 0 times the one run that answers; N > 0 also runs the method and the full model in turns for N
                 rounds and reports medians and the measured speed-up (`result.timing`), as `predict` does.
+            budget_unit: "flops" (papers' unit) or "time": the budget is then a fraction of the full prefill's time
+                on this machine as the measured cost model predicts it (`calibrate`: measured on first use, a few
+                seconds, then cached); `result.time_ratio` is the prediction for the setting chosen.
 
         Returns:
             A `Prediction` (`text`, `flops_ratio`, `kept_visual_tokens`, `kept_layers`, `views_encoded`,
@@ -112,7 +117,7 @@ class Pruner:
         value = check_budget(budget)
         name = method_class(method).name  # an unknown name fails here, before any model call
         options = dict(tokens=tokens, layers=layers, start_layer=start_layer, max_new_tokens=max_new_tokens,
-                       rounds=rounds)
+                       rounds=rounds, budget_unit=check_unit(budget_unit))
         if not (_is_many(image) or _is_many(question)):
             return self.predictor.predict(load_image(image), question, name, value, **options)
         pairs = _pairs(image, question)
@@ -121,13 +126,15 @@ class Pruner:
                 for i, q in tqdm(pairs, desc=f"{name} @ {value:g}", disable=len(pairs) < 2)]
 
     def compare(self, image: ImageLike, question: str, methods: Sequence[str] | None = None, budget: float = 0.5,
-                start_layer: int = 2, max_new_tokens: int = 16, rounds: int = COMPARE_ALL_ROUNDS) -> AllMethods:
+                start_layer: int = 2, max_new_tokens: int = 16, rounds: int = COMPARE_ALL_ROUNDS,
+                budget_unit: str = "flops") -> AllMethods:
         """The full model and each method at one budget, all timed together in turns (the app's "Compare all").
 
         Args:
             methods: a method name or a list of them, in the order wanted (the full model always runs, as the
                 reference); default: PAR and the methods of the field (`Pruner.methods()`, group "field").
             rounds: timed rounds, the answering pass included.
+            budget_unit: "flops" or "time", as in `generate`.
 
         Returns:
             `AllMethods`: `full` and `results` (method -> `Prediction`, each with its measured `timing`), `skipped`
@@ -138,16 +145,17 @@ class Pruner:
         if "full" in names or not names:
             raise UserError("compare takes the pruning methods to set against the full model (which always runs), "
                             f"e.g. {', '.join(FIELD_METHODS)}")
-        value = check_budget(budget)
+        value, unit = check_budget(budget), check_unit(budget_unit)
         if not isinstance(rounds, int) or not 1 <= rounds <= 100:
             raise UserError(f"rounds must be a whole number from 1 to 100, got {rounds!r}")
         pil_image = load_image(image)
         predictor = self.predictor
 
         def run(**setting: Any) -> Prediction:
-            return predictor.predict(pil_image, question, max_new_tokens=max_new_tokens, **setting)
+            return predictor.predict(pil_image, question, max_new_tokens=max_new_tokens, budget_unit=unit, **setting)
 
         def timed(predictions: list, settings: list) -> list:
+            settings = [dict(s, budget_unit=unit) if s.get("method") != "full" else s for s in settings]
             return predictor.measure(pil_image, question, predictions, settings, rounds, max_new_tokens,
                                      answers_are_a_round=True)
 

@@ -26,7 +26,7 @@ from par_demo.errors import BudgetOutOfReach, UserError
 from par_demo.images import load_image
 from par_demo.methods import method_class
 from par_demo.methods.base import check_budget
-from par_demo.predict import Predictor, add_model_arguments, load_from_args
+from par_demo.predict import Predictor, add_budget_unit_argument, add_model_arguments, load_from_args
 from par_demo.stock import StockRun, stock_generate
 from par_demo.timing import time_interleaved
 
@@ -52,6 +52,7 @@ class Row:
     efficiency: float = 0.0
     kv_cache_mb: float = 0.0
     peak_mem_mb: float = 0.0
+    time_ratio: float | None = None  # time budgets: the cost model's predicted prefill time / the full model's
 
     @property
     def label(self) -> str:
@@ -100,10 +101,10 @@ def default_query():
     return image.resize((448, 448)), "What color is the circle?"
 
 
-def time_row(predictor: Predictor, row: Row, image, question: str, new_tokens: int):
-    generation, flops, full, _ = predictor.generate(image, question, row.method, row.budget or 1.0, row.tokens,
-                                                 row.layers, max_new_tokens=new_tokens, stop_at_eos=False)
-    return generation, flops / full
+def time_row(predictor: Predictor, row: Row, image, question: str, new_tokens: int, unit: str = "flops"):
+    answered = predictor.generate(image, question, row.method, row.budget or 1.0, row.tokens, row.layers,
+                                  max_new_tokens=new_tokens, stop_at_eos=False, budget_unit=unit)
+    return answered.generation, answered.flops / answered.flops_full, answered.time_ratio
 
 
 def time_stock(predictor: Predictor, image, question: str, new_tokens: int) -> StockRun:
@@ -111,7 +112,7 @@ def time_stock(predictor: Predictor, image, question: str, new_tokens: int) -> S
 
 
 def run_bench(predictor: Predictor, rows: list[Row], image, question: str, new_tokens: int = 32,
-              repeats: int = 5, progress: bool = False) -> list[Row]:
+              repeats: int = 5, progress: bool = False, unit: str = "flops") -> list[Row]:
     device = predictor.loaded.device
     bar = tqdm(total=len(rows) * (repeats + 1), desc="bench", disable=not progress, file=sys.stderr)
     full = next(r for r in rows if r.method == "full")
@@ -125,8 +126,7 @@ def run_bench(predictor: Predictor, rows: list[Row], image, question: str, new_t
                 1.0, full.kept_visual_tokens, full.kept_layers, full.views)
             row.kv_cache_mb, row.new_tokens = stock.kv_cache_bytes / 2**20, len(stock.tokens)
         else:
-            generation, ratio = time_row(predictor, row, image, question, new_tokens)
-            row.flops_ratio = ratio
+            generation, row.flops_ratio, row.time_ratio = time_row(predictor, row, image, question, new_tokens, unit)
             row.kept_visual_tokens = int(generation.kept_visual.numel())
             row.kept_layers = predictor.engine.n_layers - len(generation.plan.skip_layers)
             row.views = "{}/{}".format(*generation.views)
@@ -137,7 +137,7 @@ def run_bench(predictor: Predictor, rows: list[Row], image, question: str, new_t
 
     def run(row: Row) -> tuple[float, float]:
         timed = (time_stock(predictor, image, question, new_tokens) if row.method == STOCK
-                 else time_row(predictor, row, image, question, new_tokens)[0])
+                 else time_row(predictor, row, image, question, new_tokens, unit)[0])
         bar.update()
         return timed.prefill_s, timed.total_s
 
@@ -155,7 +155,8 @@ def run_bench(predictor: Predictor, rows: list[Row], image, question: str, new_t
     return rows
 
 
-def reachable_rows(predictor: Predictor, rows: list[Row], image, question: str) -> tuple[list[Row], list[str]]:
+def reachable_rows(predictor: Predictor, rows: list[Row], image, question: str,
+                   unit: str = "flops") -> tuple[list[Row], list[str]]:
     """The rows whose budget the method can meet on this query, and one line for each it cannot (on a model whose
     vision path is a large share, e.g. Qwen2.5-VL, low budgets are out of reach for methods inside the decoder)."""
     inputs = predictor.encode(image, question)
@@ -167,7 +168,7 @@ def reachable_rows(predictor: Predictor, rows: list[Row], image, question: str) 
         method = predictor.method(row.method)
         try:  # a fresh query each: a method that routes views encodes into it
             method.plan(predictor.engine.prepare(inputs, method.routes_views), row.budget or 1.0, row.tokens,
-                        row.layers)
+                        row.layers, unit=unit)
         except BudgetOutOfReach as exc:
             notes.append(f"{row.label}: {exc}")
             continue
@@ -217,7 +218,9 @@ def add_arguments(parser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--methods", default="full,fastv,random,layerdrop",
                         help="comma-separated method names; 'stock' adds transformers' own generate, unpruned")
-    parser.add_argument("--budgets", default="0.5,0.25", help="comma-separated FLOPs budgets in (0, 1]")
+    parser.add_argument("--budgets", default="0.5,0.25",
+                        help="comma-separated budgets in (0, 1]: fractions of the full prefill's FLOPs, or its time")
+    add_budget_unit_argument(parser)
     parser.add_argument("--versions", default=None, help="PAR fixed versions TOKENS:LAYERS,... e.g. 176:28,144:24")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per query (EOS ignored)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up")
@@ -240,10 +243,15 @@ def run(args) -> int:
         image = load_image(args.image)
     question = args.question or question
     predictor = Predictor(load_from_args(args))
-    rows, unreachable = reachable_rows(predictor, build_rows(methods, budgets, versions), image, question)
-    rows = run_bench(predictor, rows, image, question, args.new_tokens, args.repeats, progress=sys.stderr.isatty())
+    if args.budget_unit == "time":
+        predictor.time_budget(recalibrate=args.recalibrate)
+    rows, unreachable = reachable_rows(predictor, build_rows(methods, budgets, versions), image, question,
+                                       args.budget_unit)
+    rows = run_bench(predictor, rows, image, question, args.new_tokens, args.repeats, progress=sys.stderr.isatty(),
+                     unit=args.budget_unit)
     if args.json:
-        print(json.dumps({"environment": environment(predictor), "new_tokens": args.new_tokens,
+        print(json.dumps({"environment": environment(predictor), "budget_unit": args.budget_unit,
+                          "new_tokens": args.new_tokens,
                           "repeats": args.repeats, "rows": [asdict(r) for r in rows], "unreachable": unreachable}))
     else:
         print("\n".join([format_table(rows)] + [f"not reachable: {line}" for line in unreachable]))
@@ -251,12 +259,17 @@ def run(args) -> int:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'setting':<22}{'FLOPs':>7}{'tokens':>8}{'layers':>7}{'views':>7}{'prefill ms':>12}{'total ms':>10}"
+    head = (f"{'setting':<22}{'FLOPs':>7}{'time*':>7}{'tokens':>8}{'layers':>7}{'views':>7}{'prefill ms':>12}"
+            f"{'total ms':>10}"
             f"{'x prefill':>10}{'x total':>9}{'effic.':>8}{'dec tok/s':>10}{'KV MB':>8}{'peak MB':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.label:<22}{r.flops_ratio:>7.2f}{r.kept_visual_tokens:>8}{r.kept_layers:>7}{r.views:>7}"
+        predicted = "" if r.time_ratio is None else f"{r.time_ratio:.2f}"
+        lines.append(f"{r.label:<22}{r.flops_ratio:>7.2f}{predicted:>7}{r.kept_visual_tokens:>8}{r.kept_layers:>7}"
+                     f"{r.views:>7}"
                      f"{r.prefill_s * 1e3:>12.1f}{r.total_s * 1e3:>10.1f}{r.speedup_prefill:>10.2f}"
                      f"{r.speedup_total:>9.2f}{r.efficiency:>8.2f}{r.decode_tok_s:>10.1f}{r.kv_cache_mb:>8.2f}"
                      f"{r.peak_mem_mb:>9.0f}")
+    if any(r.time_ratio is not None for r in rows):
+        lines.append("time*: the cost model's predicted prefill time as a fraction of the full model's")
     return "\n".join(lines)

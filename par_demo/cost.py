@@ -18,11 +18,12 @@ as the page times a prefill: from pixels to the first token (`Engine.generate` w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from par_demo.engine import PruningPlan
 from par_demo.timing import time_interleaved
 
 CACHE_KIND = "prefill-cost"
-FORMAT = 1
+FORMAT = 3
 # The calibration query: one of the app's examples (a model answers any picture; only its token count matters).
 CALIBRATION_QUESTION = "What color is the circle?"
 
@@ -51,6 +52,12 @@ class PrefillCost:
     per_row2_s: float
     key: str = ""  # what it was measured on (`cost_key`)
     points: tuple[tuple[int, int, float], ...] = ()  # the measured grid: (tokens kept, layers run, seconds)
+    # Dynamic-resolution models (Qwen2.5-VL): the vision path's time per visual token of another image than the
+    # calibration one (`fixed_s` holds the calibration image's); 0 where every image gives the same tokens
+    per_visual_s: float = 0.0
+    # Each method's own work (router pass, similarity search, the budget search, absorbing's mask), which runs
+    # inside the timed prefill: seconds, measured with the grid (`method_overhead`)
+    overheads: dict[str, float] = field(default_factory=dict)
 
     def layer_s(self, rows: int) -> float:
         return self.per_layer_s + self.per_row_s * rows + self.per_row2_s * rows * rows
@@ -63,7 +70,8 @@ class PrefillCost:
         n_visual = self.n_visual if n_visual is None else n_visual
         n_text = self.n_text if n_text is None else n_text
         before = min(start_layer, layers_run)
-        return (self.fixed_s + before * self.layer_s(n_text + n_visual)
+        fixed = self.fixed_s + self.per_visual_s * (n_visual - self.n_visual)
+        return (fixed + before * self.layer_s(n_text + n_visual)
                 + (layers_run - before) * self.layer_s(n_text + min(tokens, n_visual)))
 
     def full(self, n_visual: int | None = None, n_text: int | None = None) -> float:
@@ -79,6 +87,7 @@ class PrefillCost:
             return None
         fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         fields["points"] = tuple(tuple(p) for p in fields.get("points", ()))
+        fields["overheads"] = dict(fields.get("overheads", {}))
         try:
             return cls(**fields)
         except TypeError:
@@ -143,11 +152,14 @@ def fit(points: Sequence[tuple[int, int, float]], n_visual: int, n_text: int, n_
                        tuple((int(t), int(l), float(s)) for t, l, s in points))
 
 
-def calibration_image():
+CALIBRATION_SIDE = 448  # px: what `bench` runs by default (a fixed-size model resizes it to its own size anyway)
+
+
+def calibration_image(side: int = CALIBRATION_SIDE):
     from par_demo.images import load_image
     from par_demo.models import PROJECT_ROOT
 
-    return load_image(PROJECT_ROOT / "assets" / "examples" / "shapes_color.png")
+    return load_image(PROJECT_ROOT / "assets" / "examples" / "shapes_color.png").resize((side, side))
 
 
 def calibrate(predictor, image=None, rounds: int = 3, progress: Callable[[str], None] | None = None) -> PrefillCost:
@@ -157,8 +169,30 @@ def calibrate(predictor, image=None, rounds: int = 3, progress: Callable[[str], 
     n_layers = predictor.engine.n_layers
     splits = grid(query.n_visual, n_layers)
     seconds = measure_splits(predictor, image, splits, rounds, progress)
-    return fit([(t, l, s) for (t, l), s in zip(splits, seconds)], query.n_visual, query.n_text, n_layers,
-               cost_key(predictor))
+    fitted = fit([(t, l, s) for (t, l), s in zip(splits, seconds)], query.n_visual, query.n_text, n_layers,
+                 cost_key(predictor))
+    fitted = dataclasses.replace(fitted, per_visual_s=vision_rate(predictor, fitted, rounds, progress))
+    if progress:
+        progress("timing each method's own work")
+    overheads = {name: method_overhead(predictor, fitted, name, image)
+                 for name, reason in predictor.available_methods().items() if reason is None}
+    return dataclasses.replace(fitted, overheads=overheads)
+
+
+def vision_rate(predictor, fitted: PrefillCost, rounds: int = 3,
+                progress: Callable[[str], None] | None = None) -> float:
+    """Seconds per visual token of the part of the prefill the grid cannot vary (vision tower, projector): the full
+    prefill of a half-size image, timed, against the fit's prediction for it. 0 when the model gives every image the
+    same number of tokens (its tower's cost does not change)."""
+    small = calibration_image(CALIBRATION_SIDE // 2)
+    query = predictor.engine.prepare(predictor.encode(small, CALIBRATION_QUESTION))
+    if query.n_visual == fitted.n_visual:
+        return 0.0
+    if progress:
+        progress("timing the full prefill of a half-size image (the vision path's share)")
+    full = measure_splits(predictor, small, [(query.n_visual, fitted.n_layers)], rounds)[0]
+    decoder = fitted.n_layers * fitted.layer_s(query.n_text + query.n_visual)
+    return max(0.0, (fitted.fixed_s + decoder - full) / (fitted.n_visual - query.n_visual))
 
 
 def load_or_calibrate(predictor, recalibrate: bool = False,
@@ -187,3 +221,55 @@ def check_grid(n_visual: int, n_layers: int) -> list[tuple[int, int]]:
 def relative_errors(cost: PrefillCost, points: Sequence[tuple[int, int, float]]) -> list[float]:
     """|predicted - measured| / measured for each (tokens, layers, seconds)."""
     return [abs(cost.predict(t, l) - s) / s for t, l, s in points if s > 0 and not math.isnan(s)]
+
+
+def method_overhead(predictor, fitted: PrefillCost, name: str, image=None, repeats: int = 5) -> float:
+    """Seconds a method's prefill takes beyond what `fitted` predicts for the split it chose: its planning (a router
+    pass, a similarity search, the budget search) and what its plans add inside the prefill (FastV's attention row,
+    absorbing's attention mask). Measured end to end at FLOPs budgets 0.5 and 0.25 (median of `repeats` after a
+    warm-up; the larger of the two, never below 0); 0 for the full model."""
+    from par_demo.errors import BudgetOutOfReach
+
+    if name == "full":
+        return 0.0
+    image = image if image is not None else calibration_image()
+    inputs = predictor.encode(image, CALIBRATION_QUESTION)
+    extra = []
+    for budget in (0.5, 0.25):
+        runs = []
+        try:
+            for _ in range(repeats + 1):  # the first run warms up (and makes any one-time measurement)
+                runs.append(predictor.generate(image, CALIBRATION_QUESTION, name, budget, max_new_tokens=1,
+                                               encoded=inputs).generation)
+        except BudgetOutOfReach:
+            continue
+        last = runs[-1]
+        layers_run = fitted.n_layers - len(last.plan.skip_layers)
+        kept = int(last.kept_visual.numel())
+        predicted = fitted.predict(kept, layers_run, last.plan.start_layer if kept < fitted.n_visual else 0)
+        extra.append(statistics.median(g.prefill_s for g in runs[1:]) - predicted)
+    return max(0.0, max(extra, default=0.0))
+
+
+class TimeBudget:
+    """Predicted prefill seconds of any method's setting on one model as loaded: the fitted cost model plus the
+    method's own work (measured with the grid; a method that became available since, e.g. PAR after a router was
+    trained, is timed on first use)."""
+
+    def __init__(self, predictor, recalibrate: bool = False, progress: Callable[[str], None] | None = None):
+        self.predictor = predictor
+        self.cost, self.cached = load_or_calibrate(predictor, recalibrate, progress)
+        self.overheads = dict(self.cost.overheads)
+
+    def full(self, query) -> float:
+        return self.cost.full(query.n_visual, query.n_text)
+
+    def setting(self, method, query, setting) -> float:
+        layers_run = self.cost.n_layers - len(setting.skip)
+        return self.overhead(method) + self.cost.predict(setting.tokens, layers_run, setting.start_layer,
+                                                         query.n_visual, query.n_text)
+
+    def overhead(self, method) -> float:
+        if method.name not in self.overheads:
+            self.overheads[method.name] = method_overhead(self.predictor, self.cost, method.name)
+        return self.overheads[method.name]

@@ -6,8 +6,10 @@ class UserError(ValueError):
 
 
 class BudgetOutOfReach(UserError):
-    """A FLOPs budget below the cheapest setting a method has on this model: `eval` reports it and goes on."""
+    """A budget below the cheapest setting a method has on this model: `eval` reports it and goes on. `reach` is
+    the smallest budget that method can meet (a fraction of the full prefill's FLOPs, or of its time here)."""
 
-    def __init__(self, method: str, budget: float, reach: str):
+    def __init__(self, method: str, budget: float, reach: str, unit: str = "flops"):
+        what = "FLOPs" if unit == "flops" else "time on this machine (measured cost model)"
         super().__init__(f"budget {budget:g} is below what {method} can reach on this model "
-                         f"(its cheapest setting costs {reach} of the full prefill FLOPs)")
+                         f"(its cheapest setting costs {reach} of the full prefill {what})")

@@ -1,4 +1,5 @@
-"""`eval`: accuracy of methods at FLOPs budgets on a JSONL data set (ShapesVQA format, or your own).
+"""`eval`: accuracy of methods at budgets (FLOPs, or time with --budget-unit time) on a JSONL data set (ShapesVQA
+format, or your own).
 
     python -m par_demo eval --data held_out/data.jsonl --methods full,fastv,random,layerdrop --budgets 0.25,0.5 --json
 
@@ -20,7 +21,7 @@ from par_demo.errors import BudgetOutOfReach, UserError
 from par_demo.images import load_image
 from par_demo.methods import method_class
 from par_demo.methods.base import check_budget
-from par_demo.predict import Predictor, add_model_arguments, load_from_args
+from par_demo.predict import Predictor, add_budget_unit_argument, add_model_arguments, load_from_args
 from par_demo.shapes import is_correct, load_jsonl
 
 
@@ -31,6 +32,8 @@ class EvalRow:
     accuracy: float = 0.0
     flops_ratio: float = 0.0  # mean over samples
     n: int = 0
+    budget_unit: str = "flops"
+    time_ratio: float | None = None  # time budgets: predicted prefill time / the full model's, mean over samples
     by_type: dict[str, float] = field(default_factory=dict)
     n_by_type: dict[str, int] = field(default_factory=dict)
     note: str | None = None  # why a setting was not evaluated (e.g. a budget the method cannot reach)
@@ -48,10 +51,11 @@ def settings(methods: list[str], budgets: list[float]) -> list[tuple[str, float]
 
 
 def evaluate(predictor: Predictor, samples: list[dict], pairs: list[tuple[str, float]], tokens=None, layers=None,
-             max_new_tokens: int = 8, progress: bool = False) -> list[EvalRow]:
+             max_new_tokens: int = 8, progress: bool = False, budget_unit: str = "flops") -> list[EvalRow]:
     correct = defaultdict(lambda: defaultdict(int))
     count = defaultdict(lambda: defaultdict(int))
     ratios = defaultdict(float)
+    time_ratios = defaultdict(float)
     notes: dict[tuple[str, float], str] = {}  # settings refused (out of reach): reported, not fatal
     bar = tqdm(total=len(samples) * len(pairs), desc="eval", disable=not progress, file=sys.stderr)
     for sample in samples:
@@ -62,7 +66,7 @@ def evaluate(predictor: Predictor, samples: list[dict], pairs: list[tuple[str, f
                 continue
             try:
                 p = predictor.predict(image, sample["question"], pair[0], pair[1], tokens, layers,
-                                      max_new_tokens=max_new_tokens)
+                                      max_new_tokens=max_new_tokens, budget_unit=budget_unit)
             except BudgetOutOfReach as exc:
                 notes[pair] = str(exc)
                 continue
@@ -70,6 +74,7 @@ def evaluate(predictor: Predictor, samples: list[dict], pairs: list[tuple[str, f
             correct[pair][kind] += is_correct(p.answer, sample["answer"])
             count[pair][kind] += 1
             ratios[pair] += p.flops_ratio
+            time_ratios[pair] += p.time_ratio or 0.0
     bar.close()
     rows = []
     for pair in pairs:
@@ -81,7 +86,8 @@ def evaluate(predictor: Predictor, samples: list[dict], pairs: list[tuple[str, f
         rows.append(EvalRow(
             method=pair[0], budget=pair[1], accuracy=sum(correct[pair].values()) / n, flops_ratio=ratios[pair] / n,
             n=n, by_type={k: correct[pair][k] / count[pair][k] for k in sorted(count[pair])},
-            n_by_type=dict(sorted(count[pair].items())),
+            n_by_type=dict(sorted(count[pair].items())), budget_unit=budget_unit,
+            time_ratio=time_ratios[pair] / n if budget_unit == "time" else None,
         ))
     return rows
 
@@ -92,6 +98,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data", required=True, help="JSONL file (image, question, answer, type)")
     parser.add_argument("--methods", default="full,fastv,random,layerdrop")
     parser.add_argument("--budgets", default="0.25,0.5")
+    add_budget_unit_argument(parser)
     parser.add_argument("--tokens", type=int, default=None, help="fixed visual tokens kept (instead of budgets)")
     parser.add_argument("--layers", type=int, default=None, help="fixed decoder layers kept (instead of budgets)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N samples")
@@ -111,8 +118,10 @@ def run(args) -> int:
     if not samples:
         raise UserError(f"{args.data} holds no samples")
     predictor = Predictor(load_from_args(args))
+    if args.budget_unit == "time":
+        predictor.time_budget(recalibrate=args.recalibrate)
     rows = evaluate(predictor, samples, pairs, args.tokens, args.layers, args.max_new_tokens,
-                    progress=sys.stderr.isatty())
+                    progress=sys.stderr.isatty(), budget_unit=args.budget_unit)
     if args.json:
         for row in rows:
             print(json.dumps(asdict(row)))
@@ -124,14 +133,18 @@ def run(args) -> int:
 def format_table(rows: list[EvalRow]) -> str:
     """One line per setting; each per-type cell shows the accuracy and, in brackets, how many samples it rests on."""
     types = sorted({t for r in rows for t in r.by_type})
-    head = f"{'method':<11}{'budget':>7}{'FLOPs':>7}{'n':>6}{'acc':>7}" + "".join(f"{t[:13]:>15}" for t in types)
+    timed = any(r.time_ratio is not None for r in rows)
+    head = (f"{'method':<11}{'budget':>7}{'FLOPs':>7}" + (f"{'time*':>7}" if timed else "") + f"{'n':>6}{'acc':>7}"
+            + "".join(f"{t[:13]:>15}" for t in types))
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.note:
             lines.append(f"{r.method:<11}{r.budget:>7.2f}  not evaluated: {r.note}")
             continue
         cells = "".join(f"{_accuracy_cell(r, t):>15}" for t in types)
-        lines.append(f"{r.method:<11}{r.budget:>7.2f}{r.flops_ratio:>7.2f}{r.n:>6}{r.accuracy:>7.1%}" + cells)
+        predicted = f"{r.time_ratio:>7.2f}" if timed else ""
+        lines.append(f"{r.method:<11}{r.budget:>7.2f}{r.flops_ratio:>7.2f}{predicted}{r.n:>6}{r.accuracy:>7.1%}"
+                     + cells)
     lines.append("per type: accuracy (number of samples of that type)")
     return "\n".join(lines)
 

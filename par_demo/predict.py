@@ -15,6 +15,7 @@ import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -25,12 +26,22 @@ from par_demo.families import Layout
 from par_demo.flops import FlopsModel
 from par_demo.images import load_image
 from par_demo.methods import METHODS, Method, method_class
-from par_demo.methods.base import check_budget
+from par_demo.methods.base import BUDGET_UNITS, check_budget, check_unit
 from par_demo.models import DEFAULT_MODEL, LoadedModel, clip_question, encode_query, load_model
 from par_demo.router import fingerprint
 from par_demo.timing import DEFAULT_ROUNDS, FULL, Sample, Timing, summarize, time_interleaved
 
 __all__ = ["METHODS", "Prediction", "Predictor"]
+
+
+class Answered(NamedTuple):
+    """What `Predictor.generate` returns."""
+
+    generation: Generation
+    flops: float
+    flops_full: float
+    layout: Layout
+    time_ratio: float | None  # predicted prefill time / the full model's (time budgets only)
 
 
 @dataclass
@@ -60,6 +71,8 @@ class Prediction:
     views: int = 1
     family: str = ""  # the model family (llava, qwen2.5-vl, ...)
     notices: list[str] = field(default_factory=list)  # things the user should know (e.g. a clipped question)
+    budget_unit: str = "flops"  # what `budget` is a fraction of: the full prefill's FLOPs, or its time here
+    time_ratio: float | None = None  # time budgets: predicted prefill time / the full model's (`par_demo.cost`)
     # Rounds, spread and speed-up over the full model timed in the same rounds (`par_demo.timing`); None when the
     # prediction was run once and not timed against anything (then prefill_s / total_s are that one run's).
     timing: Timing | None = None
@@ -75,7 +88,7 @@ class Prediction:
         if self.method == "full":
             return dict(FULL)
         return {"method": self.method, "budget": self.budget, "tokens": tokens, "layers": layers,
-                "start_layer": start_layer}
+                "start_layer": start_layer, "budget_unit": self.budget_unit}
 
     def with_timing(self, timing: Timing) -> Prediction:
         """This prediction with its one run's times replaced by the medians of `timing` (and `timing` attached)."""
@@ -97,6 +110,21 @@ class Predictor:
         self.engine = Engine(loaded.model, loaded.family)
         self.flops = FlopsModel.from_config(loaded.config)
         self.methods: dict[str, Method] = {}
+        self._time_budget = None  # `par_demo.cost.TimeBudget`, made when a time budget first asks for it
+
+    def time_budget(self, recalibrate: bool = False):
+        """The measured prefill cost model of this model as loaded (calibrated, or read from the cache, once)."""
+        if self._time_budget is None or recalibrate:
+            from par_demo.cost import TimeBudget
+
+            self._time_budget = TimeBudget(self, recalibrate, progress=lambda text: print(text, file=sys.stderr))
+        return self._time_budget
+
+    def setting_time(self, method: Method, query, setting) -> float:
+        return self.time_budget().setting(method, query, setting)
+
+    def full_time(self, query) -> float:
+        return self.time_budget().full(query)
 
     @property
     def cache_key(self) -> str:
@@ -124,10 +152,13 @@ class Predictor:
     def generate(self, image: Image.Image, question: str, method: str = "full", budget: float = 1.0,
                  tokens: int | None = None, layers: int | None = None, start_layer: int = 2,
                  max_new_tokens: int = 16, stop_at_eos: bool = True, encoded: dict | None = None,
-                 ) -> tuple[Generation, float, float, Layout]:
-        """Run one query; returns the generation, its (flops, flops_full) and where its visual tokens came from.
+                 budget_unit: str = "flops") -> Answered:
+        """Run one query; returns the generation, its (flops, flops_full), where its visual tokens came from and,
+        with a time budget, its predicted prefill time against the full model's. `budget_unit`: "flops" (a budget
+        is a fraction of the full prefill FLOPs) or "time" (of its predicted time on this machine, `par_demo.cost`).
         `encoded`: `encode(image, question)` done already (timing rounds reuse it; it is outside the timed part)."""
         budget = check_budget(budget)
+        check_unit(budget_unit)
         if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= 1024:
             raise UserError(f"max new tokens must be an integer in [1, 1024], got {max_new_tokens!r}")
         chosen = self.method(method)
@@ -142,38 +173,42 @@ class Predictor:
         costs = {}
 
         def planner(query):
-            plan, setting = chosen.plan(query, budget, tokens, layers, start_layer)
+            plan, setting = chosen.plan(query, budget, tokens, layers, start_layer, budget_unit)
             costs["flops"] = chosen.setting_flops(query, setting)
             costs["full"] = self.flops.full(query)
             costs["layout"] = query.layout
+            if budget_unit == "time":
+                costs["time"] = chosen.setting_cost(query, setting, "time") / chosen.full_cost(query, "time")
             return plan
 
         eos = self.loaded.processor.tokenizer.eos_token_id if stop_at_eos else None
         generation = self.engine.generate(inputs, planner, max_new_tokens=max_new_tokens, eos_token_id=eos,
                                           overview_only=chosen.routes_views)
-        return generation, costs["flops"], costs["full"], costs["layout"]
+        return Answered(generation, costs["flops"], costs["full"], costs["layout"], costs.get("time"))
 
     def decode(self, tokens: list[int]) -> str:
         return self.loaded.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
     def predict(self, image: Image.Image, question: str, method: str = "full", budget: float = 1.0,
                 tokens: int | None = None, layers: int | None = None, start_layer: int = 2,
-                max_new_tokens: int = 16, rounds: int = 0) -> Prediction:
+                max_new_tokens: int = 16, rounds: int = 0, budget_unit: str = "flops") -> Prediction:
         """Answer one question under `method` at `budget`. `rounds` > 0: the method and the full model are then
         timed in turns for that many rounds (`par_demo.timing`) and the prediction carries the medians and the
         measured speed-up (`timing`); 0: the times are those of the one run that answered."""
         if not isinstance(rounds, int) or not 0 <= rounds <= 100:
             raise UserError(f"rounds must be a whole number from 0 to 100, got {rounds!r}")
-        prediction = self._predict_once(image, question, method, budget, tokens, layers, start_layer, max_new_tokens)
+        prediction = self._predict_once(image, question, method, budget, tokens, layers, start_layer, max_new_tokens,
+                                        budget_unit)
         if rounds:
             prediction = self._timed(image, question, prediction, rounds, max_new_tokens, tokens, layers, start_layer)
         return prediction
 
     def _predict_once(self, image: Image.Image, question: str, method: str, budget: float, tokens: int | None,
-                      layers: int | None, start_layer: int, max_new_tokens: int) -> Prediction:
+                      layers: int | None, start_layer: int, max_new_tokens: int,
+                      budget_unit: str = "flops") -> Prediction:
         question, notices = clip_question(question)
-        generation, flops, flops_full, layout = self.generate(image, question, method, budget, tokens, layers,
-                                                              start_layer, max_new_tokens)
+        generation, flops, flops_full, layout, time_ratio = self.generate(
+            image, question, method, budget, tokens, layers, start_layer, max_new_tokens, budget_unit=budget_unit)
         plan = generation.plan
         scores = plan.token_scores if plan.token_scores is not None else generation.attention_to_image
         return Prediction(
@@ -201,6 +236,8 @@ class Predictor:
             views=generation.views[1],
             family=self.loaded.family.name,
             notices=notices,
+            budget_unit=budget_unit,
+            time_ratio=time_ratio,
         )
 
     def _timed(self, image: Image.Image, question: str, result: Prediction, rounds: int, max_new_tokens: int,
@@ -228,7 +265,8 @@ class Predictor:
         encoded = self.encode(image, question)  # pixels and token ids: the same for every run, and not timed
 
         def run(setting: dict) -> Sample:
-            generation = self.generate(image, question, max_new_tokens=max_new_tokens, encoded=encoded, **setting)[0]
+            generation = self.generate(image, question, max_new_tokens=max_new_tokens, encoded=encoded,
+                                       **setting).generation
             return generation.prefill_s, generation.total_s
 
         if answers_are_a_round:
@@ -269,6 +307,14 @@ def add_model_arguments(parser) -> None:
                              "global view; fewer tiles, fewer visual tokens, faster")
 
 
+def add_budget_unit_argument(parser) -> None:
+    parser.add_argument("--budget-unit", default="flops", choices=BUDGET_UNITS,
+                        help="what a budget is a fraction of: the full prefill's FLOPs (as papers report), or its "
+                             "time on this machine, predicted by the measured cost model (see `calibrate`)")
+    parser.add_argument("--recalibrate", action="store_true",
+                        help="with --budget-unit time: measure the cost model again instead of reading the cache")
+
+
 def load_from_args(args) -> LoadedModel:
     """The model the shared model arguments name."""
     options = {k: getattr(args, k, None) for k in IMAGE_OPTIONS}
@@ -283,7 +329,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--method", default=None,
                         help=f"one of: {', '.join(METHODS)} (default: par when a budget below 1 or --tokens/--layers "
                              "is given, else full)")
-    parser.add_argument("--budget", type=float, default=1.0, help="fraction of the full prefill FLOPs, in (0, 1]")
+    parser.add_argument("--budget", type=float, default=1.0,
+                        help="fraction of the full prefill's FLOPs (or time, with --budget-unit time), in (0, 1]")
+    add_budget_unit_argument(parser)
     parser.add_argument("--tokens", type=int, default=None, help="visual tokens kept (overrides the budget)")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers kept (overrides the budget)")
     parser.add_argument("--start-layer", type=int, default=2, help="layer K from which visual tokens are dropped")
@@ -319,9 +367,12 @@ def run(args) -> int:
         raise UserError(f"--rounds must be between 1 and 100, got {args.rounds}")
     image = load_image(args.image)
     predictor = Predictor(load_from_args(args))
+    if args.budget_unit == "time":
+        predictor.time_budget(recalibrate=args.recalibrate)
     method = choose_method(predictor, args.method, args.budget, args.tokens, args.layers)
     result = predictor.predict(image, args.question, method, args.budget, args.tokens, args.layers,
-                               args.start_layer, args.max_new_tokens, rounds=args.rounds)
+                               args.start_layer, args.max_new_tokens, rounds=args.rounds,
+                               budget_unit=args.budget_unit)
     if args.method is None and method != "full":
         result.notices.append(f"no --method given: {method} was used for the budget")
     if args.json:
@@ -335,7 +386,9 @@ def _print_human(p: Prediction, out) -> None:
     for notice in p.notices:
         print(f"note: {notice}", file=out)
     print(f"answer: {p.answer}", file=out)
-    print(f"method: {p.method}  budget: {p.budget:g}  FLOPs: {p.flops_ratio:.1%} of full", file=out)
+    unit = "" if p.budget_unit == "flops" else " of the time"
+    predicted = "" if p.time_ratio is None else f"  predicted time: {p.time_ratio:.1%} of full"
+    print(f"method: {p.method}  budget: {p.budget:g}{unit}  FLOPs: {p.flops_ratio:.1%} of full{predicted}", file=out)
     absorbed = " (the dropped ones absorbed)" if p.absorbed else ""
     print(f"visual tokens kept: {len(p.kept_visual_tokens)}/{p.n_visual_tokens}{absorbed}  "
           f"layers kept: {len(p.kept_layers)}/{p.n_layers}", file=out)

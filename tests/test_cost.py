@@ -37,13 +37,13 @@ def test_a_cached_fit_is_reused_only_for_the_same_model_dtype_and_threads(monkey
     assert all(seconds > 0 for _, _, seconds in fitted.points) and fitted.full() > 0
 
     measured = []
-    real_measure = cost.measure_splits
+    real_calibrate = cost.calibrate
 
     def counted(*args, **kwargs):
         measured.append(1)
-        return real_measure(*args, **kwargs)
+        return real_calibrate(*args, **kwargs)
 
-    monkeypatch.setattr(cost, "measure_splits", counted)
+    monkeypatch.setattr(cost, "calibrate", counted)
     again, cached = cost.load_or_calibrate(tiny)
     assert cached and again == fitted and not measured
 

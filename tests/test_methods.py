@@ -164,3 +164,25 @@ def test_at_budget_one_every_method_is_the_full_models_path_with_no_work_of_its_
         assert p.method == name and p.answer == full.answer and p.flops == full.flops and p.flops_ratio == 1.0
         assert len(p.kept_visual_tokens) == p.n_visual_tokens and len(p.kept_layers) == p.n_layers
         assert not p.absorbed and p.layer_scores is None
+
+
+@pytest.mark.parametrize("preset", ["llava-tiny", "qwen2.5-vl-tiny", "smolvlm-tiny"])
+def test_token_methods_bisect_to_the_setting_a_full_scan_finds(random_models, scene, preset):
+    """Methods that bisect their candidates (`monotone_costs`) really have costs that fall after the first
+    candidate, so the bisection lands where the scan of every candidate would: the FLOPs tables do not move."""
+    from par_demo.methods import METHODS
+    from par_demo.predict import Predictor
+
+    predictor = Predictor(random_models(preset))
+    query = predictor.engine.prepare(predictor.encode(scene, QUESTION))
+    full = predictor.flops.full(query)
+    bisecting = [predictor.method(n) for n in METHODS if predictor.method(n).monotone_costs]
+    assert {m.name for m in bisecting} >= {"fastv", "random", "visionzip", "divprune", "cdpruner", "downsample"}
+    for method in bisecting:
+        for start in sorted({0, 2}):
+            costs = [method.setting_flops(query, s) for s in method.candidates(query, start)]
+            assert all(a >= b for a, b in zip(costs[1:], costs[2:])), method.name
+            for budget in [i / 40 for i in range(1, 41)]:
+                limit = budget * full * (1 + 1e-9)
+                scan = next((i for i, c in enumerate(costs) if c <= limit), None)
+                assert method.first_fitting(lambda i: costs[i], len(costs), limit) == scan, (method.name, budget)

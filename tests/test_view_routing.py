@@ -140,8 +140,8 @@ def test_view_routed_par_flops_match_flop_counter(tiled, scene, preset, budget):
         image = scene.resize(SIZES[preset])
         encoded = predictor.encode(image, QUESTION)
         with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-            generation, flops, full, _ = predictor.generate(image, QUESTION, "par", budget, max_new_tokens=1,
-                                                            encoded=encoded)
+            generation, flops, full, *_ = predictor.generate(image, QUESTION, "par", budget, max_new_tokens=1,
+                                                             encoded=encoded)
     finally:
         par.router.config = replace(par.router.config, absorb=False)
     assert (generation.views[0] < generation.views[1]) == (budget < 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import torch
 
@@ -26,6 +26,11 @@ class MethodContext(Protocol):
 
     def method(self, name: str) -> "Method": ...  # another method of the same model (par-prior reads layer drop)
 
+    # Time budgets: predicted prefill seconds of a method's setting, and of the full model (`par_demo.cost`)
+    def setting_time(self, method: "Method", query: Query, setting: "Setting") -> float: ...
+
+    def full_time(self, query: Query) -> float: ...
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -34,6 +39,15 @@ class Setting:
     tokens: int
     skip: frozenset[int]
     start_layer: int = 2
+
+
+BUDGET_UNITS = ("flops", "time")
+
+
+def check_unit(unit: str) -> str:
+    if unit not in BUDGET_UNITS:
+        raise UserError(f"budget unit must be one of: {', '.join(BUDGET_UNITS)}; got {unit!r}")
+    return unit
 
 
 def check_budget(budget: float) -> float:
@@ -97,26 +111,65 @@ class Method:
             extra += absorb_flops(query.n_visual, setting.tokens, query.image_features.shape[1])
         return self.flops.prefill(query, kept, setting.skip, setting.start_layer, router=extra, attention_rows=rows)
 
-    def choose(self, query: Query, budget: float, start_layer: int) -> Setting:
-        """The first (most expensive) candidate whose prefill FLOPs fit the budget.
+    def setting_cost(self, query: Query, setting: Setting, unit: str = "flops") -> float:
+        """What a setting costs in the budget's unit: prefill FLOPs, or predicted prefill seconds on this machine
+        (the context's measured cost model, this method's own planning work included)."""
+        if unit == "flops":
+            return self.setting_flops(query, setting)
+        return self.context.setting_time(self, query, setting)
+
+    def full_cost(self, query: Query, unit: str = "flops") -> float:
+        return self.flops.full(query) if unit == "flops" else self.context.full_time(query)
+
+    def choose(self, query: Query, budget: float, start_layer: int, unit: str = "flops") -> Setting:
+        """The first (most expensive) candidate whose prefill cost (FLOPs, or predicted time) fits the budget.
 
         Candidates are searched at the requested start layer K first. A budget that no setting meets there (the
         layers before K always see every token) is searched again at K-1, ... down to the method's earliest layer.
         """
-        limit = check_budget(budget) * self.flops.full(query)
+        full = self.full_cost(query, unit)
+        limit = check_budget(budget) * full * (1 + 1e-9)
         cheapest = None
         for k in range(start_layer, min(self.min_start_layer, start_layer) - 1, -1):
-            for setting in self.candidates(query, k):
-                cost = self.setting_flops(query, setting)
-                if cost <= limit * (1 + 1e-9):
-                    return setting
-                cheapest = cost if cheapest is None else min(cheapest, cost)
-        full = self.flops.full(query)
+            candidates = list(self.candidates(query, k))
+            costs: dict[int, float] = {}
+
+            def cost(i: int) -> float:
+                if i not in costs:
+                    costs[i] = self.setting_cost(query, candidates[i], unit)
+                return costs[i]
+
+            found = self.first_fitting(cost, len(candidates), limit)
+            if found is not None:
+                return candidates[found]
+            cheapest = min([*costs.values()] + ([] if cheapest is None else [cheapest]), default=None)
         reach = f"{cheapest / full:.2f}" if cheapest is not None else "n/a"
-        raise BudgetOutOfReach(self.name, budget, reach)
+        raise BudgetOutOfReach(self.name, budget, reach, unit)
+
+    # Candidates after the first cost less and less (fewer tokens, nothing else changing): the search bisects
+    # instead of costing every candidate, a few hundred Python calls saved on every query (`tests/test_methods.py`
+    # checks the order on real models). The first candidate (every token kept) is tried on its own.
+    monotone_costs = False
+
+    def first_fitting(self, cost: Callable[[int], float], n: int, limit: float) -> int | None:
+        """The index of the first of n candidates whose cost fits `limit`, or None (every candidate costed then,
+        or with `monotone_costs` both ends, so the cheapest is known for the message)."""
+        if n == 0:
+            return None
+        if not self.monotone_costs:
+            return next((i for i in range(n) if cost(i) <= limit), None)
+        if cost(0) <= limit:
+            return 0
+        if n == 1 or cost(n - 1) > limit:
+            return None
+        low, high = 1, n - 1  # cost(high) fits; the first that fits is in [low, high]
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if cost(middle) <= limit else (middle + 1, high)
+        return low
 
     def plan(self, query: Query, budget: float = 1.0, tokens: int | None = None, layers: int | None = None,
-             start_layer: int = 2) -> tuple[PruningPlan, Setting]:
+             start_layer: int = 2, unit: str = "flops") -> tuple[PruningPlan, Setting]:
         if tokens is not None and not self.uses_tokens:
             raise UserError(f"{self.name} does not prune tokens; "
                             "--tokens applies to: fastv, random, visionzip, divprune, cdpruner, cdpruner-absorb, "
@@ -128,7 +181,7 @@ class Method:
         if tokens is not None or layers is not None:
             setting = self.fixed(query, tokens, layers, start_layer)
         else:
-            setting = self.choose(query, budget, start_layer)
+            setting = self.choose(query, budget, start_layer, unit)
         plan = self.make_plan(query, setting)
         if self.absorbs and plan.keep_visual is not None and 0 < plan.keep_visual.numel() < query.n_visual:
             plan = replace(plan, kept_sizes=absorbed_sizes(query.image_features, plan.keep_visual))
@@ -149,6 +202,11 @@ class TokenMethod(Method):
     """A method that only prunes visual tokens: its settings are token counts, every layer runs."""
 
     uses_tokens = True
+
+    @property
+    def monotone_costs(self) -> bool:
+        # fewer tokens cost less, unless absorbing adds cosines that grow as tokens are dropped
+        return not self.absorbs
 
     def candidates(self, query: Query, start_layer: int) -> list[Setting]:
         """All visual tokens kept, then one fewer, ... down to none."""
@@ -177,8 +235,8 @@ class PreLLMMethod(TokenMethod):
     CDPruner, downsampling. The start layer asked for does not apply; the method's own work counts in its FLOPs
     (`extra_flops`), and none is done when every token is kept."""
 
-    def plan(self, query, budget=1.0, tokens=None, layers=None, start_layer=2):
-        return super().plan(query, budget, tokens, layers, start_layer=0)
+    def plan(self, query, budget=1.0, tokens=None, layers=None, start_layer=2, unit="flops"):
+        return super().plan(query, budget, tokens, layers, start_layer=0, unit=unit)
 
     def select(self, query: Query, tokens: int) -> Selection:
         raise NotImplementedError

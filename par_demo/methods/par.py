@@ -171,6 +171,11 @@ class Par(Method):
             return super().setting_flops(self._viewed[1], setting)
         return super().setting_flops(query, setting)
 
+    def setting_cost(self, query, setting, unit="flops"):
+        if self._viewed is not None and self._viewed[0] is query:
+            return super().setting_cost(self._viewed[1], setting, unit)
+        return super().setting_cost(query, setting, unit)
+
     # ---------------------------------------------------------------------------------------- views
     def tile_scores(self, overview, budget: float) -> tuple[list[int], torch.Tensor]:
         """(tiles, score of each): the mean router score of the overview's tokens whose centres fall in the tile
@@ -217,7 +222,7 @@ class Par(Method):
             low, high = (mid, high) if enough(mid) else (low, mid - 1)
         return encoded_views(query) + order[:low]
 
-    def plan_views(self, query, budget: float, tokens, layers, start_layer):
+    def plan_views(self, query, budget: float, tokens, layers, start_layer, unit="flops"):
         """Plan a tiled query whose tower has run on the overview only: choose the views, encode them, plan over
         their tokens, and give the plan in the whole query's token indices."""
         self._budget, self._viewed = float(budget), None
@@ -228,11 +233,11 @@ class Par(Method):
         overview_flops = 0.0 if fixed else self.router.flops(n_overview, query.n_text)
         if not query.partial:  # every view encoded: plan the whole query, the overview's router pass charged
             self._viewed = (query, query, overview_flops)
-            return self.plan(query, budget, tokens, layers, start_layer)
+            return self.plan(query, budget, tokens, layers, start_layer, unit)
         encoded = query.encoded.nonzero().squeeze(1)
         sub = restrict(query, encoded)
         self._viewed = (query, sub, overview_flops)
-        plan, setting = self.plan(sub, budget, tokens, layers, start_layer)
+        plan, setting = self.plan(sub, budget, tokens, layers, start_layer, unit)
         keep = encoded if plan.keep_visual is None else encoded[plan.keep_visual]
         scores = torch.zeros(query.n_visual, device=plan.token_scores.device)
         scores[encoded] = plan.token_scores
@@ -261,19 +266,38 @@ class Par(Method):
             layers = default_layers(budget, self.n_layers)
         return max(self.min_layers(), min(self.n_layers, int(layers)))
 
+    def time_target_layers(self, query, limit: float, layer_logits: torch.Tensor, start_layer: int) -> int:
+        """Time budgets: the layer count of the most accurate split of the Pareto table (highest agreement with the
+        full model, then lowest KL) whose predicted time fits `limit` seconds; when none does, the fewest layers any
+        row has (the search then goes lower still). The table was measured by FLOPs budget, but each row is a
+        (tokens, layers) split scored for quality, whatever its cost on this machine."""
+        fitting = []
+        for row in self.pareto:
+            layers = max(self.min_layers(), min(self.n_layers, int(row["layers"])))
+            split = Setting(min(int(row["tokens"]), query.n_visual), self.skip_for(layer_logits, layers, start_layer),
+                            start_layer)
+            if self.setting_cost(query, split, "time") <= limit:
+                fitting.append((row.get("agreement", 0.0), -row.get("kl", 0.0), layers))
+        if fitting:
+            return max(fitting)[2]
+        return max(self.min_layers(), min(int(row["layers"]) for row in self.pareto))
+
     # ---------------------------------------------------------------------------------------- method
-    def choose(self, query, budget, start_layer):
+    def choose(self, query, budget, start_layer, unit="flops"):
         """The target layer count with as many tokens as fit (more layers if every token fits, fewer if no token
-        does). Tokens are found by bisection: FLOPs grow with tokens, and a 576-token scan per layer count adds up.
-        A budget out of reach at K is searched again at K-1, ... as in `Method.choose`."""
-        limit = check_budget(budget) * self.flops.full(query) * (1 + 1e-9)
+        does). Tokens are found by bisection: the cost grows with tokens, and a 576-token scan per layer count adds
+        up. A budget out of reach at K is searched again at K-1, ... as in `Method.choose`."""
+        full = self.full_cost(query, unit)
+        limit = check_budget(budget) * full * (1 + 1e-9)
         _, layer_logits = self.route(query, self._budget)
         n_v = query.n_visual
         floor_layers = self.min_layers() if self.route_layers else self.n_layers  # par-tokens runs every layer
         target = self.target_layers(self._budget) if self.route_layers else self.n_layers
+        if unit == "time" and self.route_layers and self.pareto:
+            target = self.time_target_layers(query, limit, layer_logits, start_layer)
         for k in range(start_layer, self.min_start_layer - 1, -1):
             def fits(tokens, skip):
-                return self.setting_flops(query, Setting(tokens, skip, k)) <= limit
+                return self.setting_cost(query, Setting(tokens, skip, k), unit) <= limit
 
             for layers in range(self.n_layers, target, -1):
                 skip = self.skip_for(layer_logits, layers, k)
@@ -294,10 +318,10 @@ class Par(Method):
                     mid = (low + high + 1) // 2
                     low, high = (mid, high) if fits(mid, skip) else (low, mid - 1)
                 return Setting(low, skip, k)
-        cheapest = self.setting_flops(query, Setting(0 if self.route_tokens else n_v,
-                                                     self.skip_for(layer_logits, floor_layers, self.min_start_layer),
-                                                     self.min_start_layer))
-        raise BudgetOutOfReach(self.name, budget, f"{cheapest / self.flops.full(query):.2f}")
+        cheapest = self.setting_cost(query, Setting(0 if self.route_tokens else n_v,
+                                                    self.skip_for(layer_logits, floor_layers, self.min_start_layer),
+                                                    self.min_start_layer), unit)
+        raise BudgetOutOfReach(self.name, budget, f"{cheapest / full:.2f}", unit)
 
     def fixed(self, query, tokens, layers, start_layer):
         n_tokens = query.n_visual if tokens is None else check_count(tokens, 0, query.n_visual, "tokens kept")
@@ -321,13 +345,13 @@ class Par(Method):
         """K: where dropped tokens leave the sequence; the one the router's flows were trained and measured at."""
         return self.config.start_layer
 
-    def plan(self, query, budget=1.0, tokens=None, layers=None, start_layer=2):
+    def plan(self, query, budget=1.0, tokens=None, layers=None, start_layer=2, unit="flops"):
         reason = self.available()
         if reason:
             raise UserError(reason)
         start_layer = self.start_layer()
-        if query.partial:
-            return self.plan_views(query, check_budget(budget), tokens, layers, start_layer)
+        if query.partial:  # the views are chosen by FLOPs in either unit; the split within them by `unit`
+            return self.plan_views(query, check_budget(budget), tokens, layers, start_layer, unit)
         if self._viewed is not None and self._viewed[1] is not query:
             self._viewed = None
         self._budget = float(budget)
@@ -337,7 +361,7 @@ class Par(Method):
                                                  int(layers) if layers is not None else None, start_layer)
             except (TypeError, ValueError):
                 pass  # bad counts get their message from `fixed`
-        return super().plan(query, budget, tokens, layers, start_layer)
+        return super().plan(query, budget, tokens, layers, start_layer, unit)
 
     def make_plan(self, query, setting):
         token_logits, layer_logits = self.route(query, self._budget)

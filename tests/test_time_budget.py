@@ -1,0 +1,91 @@
+"""Time budgets (`--budget-unit time`): every method takes the largest setting whose predicted prefill time fits the
+budget, with a cost model read from the cache (written here, so the test is exact and takes no timing), and a budget
+below the fastest setting names the smallest time budget within reach."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import par_demo
+from par_demo import cli, cost
+from par_demo.disk_cache import cache_path, write_json
+from par_demo.errors import BudgetOutOfReach
+from par_demo.methods import METHODS
+from par_demo.predict import Predictor
+
+QUESTION = "What color is the circle?"
+# A small model's shape of time: a third of the prefill fixed, a layer half fixed, half per row
+FIXED, PER_LAYER, PER_ROW = 4e-3, 3e-4, 2e-6
+
+
+@pytest.fixture
+def timed(random_models, monkeypatch, tmp_path):
+    """The tiny LLaVA with a known cost model in its cache."""
+    monkeypatch.setenv("PAR_DEMO_CACHE", str(tmp_path))
+    predictor = Predictor(random_models("llava-tiny"))
+    query = predictor.engine.prepare(predictor.encode(cost.calibration_image(), cost.CALIBRATION_QUESTION))
+    known = cost.PrefillCost(query.n_visual, query.n_text, predictor.engine.n_layers, FIXED, PER_LAYER, PER_ROW, 0.0,
+                             cost.cost_key(predictor), overheads={name: 1e-4 for name in METHODS if name != "full"})
+    write_json(cache_path(cost.CACHE_KIND, known.key), known.to_dict())
+    monkeypatch.setattr(cost, "measure_splits", lambda *a, **k: pytest.fail("the cached cost model was not used"))
+    return predictor, known
+
+
+@pytest.mark.parametrize("budget", [0.9, 0.75, 0.6])
+def test_every_method_takes_the_largest_setting_whose_predicted_time_fits(timed, scene, budget):
+    predictor, known = timed
+    query = predictor.engine.prepare(predictor.encode(scene, QUESTION))
+    full = known.full(query.n_visual, query.n_text)
+    for name in ("fastv", "random", "layerdrop", "visionzip", "divprune", "cdpruner", "downsample"):
+        method = predictor.method(name)
+        try:
+            plan, setting = method.plan(query, budget, unit="time")
+        except BudgetOutOfReach:
+            continue
+        seconds = method.setting_cost(query, setting, "time")
+        assert seconds <= budget * full * (1 + 1e-9), name
+        layers_run = known.n_layers - len(setting.skip)
+        assert seconds == pytest.approx(1e-4 + known.predict(setting.tokens, layers_run, setting.start_layer,
+                                                              query.n_visual, query.n_text))
+        richer = [s for s in method.candidates(query, setting.start_layer)
+                  if method.setting_cost(query, s, "time") > seconds]
+        assert all(method.setting_cost(query, s, "time") > budget * full for s in richer), name
+
+
+def test_time_is_harder_to_save_than_flops_where_much_of_it_is_fixed(timed, scene):
+    predictor, _ = timed
+    by_flops = predictor.predict(scene, QUESTION, "fastv", 0.9, max_new_tokens=1)
+    by_time = predictor.predict(scene, QUESTION, "fastv", 0.9, max_new_tokens=1, budget_unit="time")
+    assert by_time.budget_unit == "time" and by_flops.time_ratio is None
+    assert by_time.time_ratio <= 0.9 and len(by_time.kept_visual_tokens) < len(by_flops.kept_visual_tokens)
+    assert by_time.flops_ratio < 0.9  # a tenth of the time saved took more than a tenth of the FLOPs
+
+
+def test_a_time_budget_below_the_fixed_cost_names_the_smallest_reachable_one(timed, scene):
+    predictor, _ = timed
+    with pytest.raises(BudgetOutOfReach) as error:
+        predictor.predict(scene, QUESTION, "fastv", 0.2, max_new_tokens=1, budget_unit="time")
+    message = str(error.value)
+    assert "\n" not in message and "of the full prefill time on this machine" in message
+    reach = float(message.split("costs ")[1].split(" ")[0])
+    assert 0.2 < reach < 1 and predictor.predict(scene, QUESTION, "fastv", reach + 0.01, max_new_tokens=1,
+                                                 budget_unit="time").time_ratio <= reach + 0.01
+
+
+def test_predict_json_and_the_api_carry_the_unit_and_the_predicted_time(timed, scene, tmp_path, capsys):
+    predictor, _ = timed
+    image = tmp_path / "scene.png"
+    scene.save(image)
+    assert cli.main(["predict", "--model", "random:llava-tiny", "--device", "cpu", "--image", str(image),
+                     "--question", QUESTION, "--method", "layerdrop", "--budget", "0.6", "--budget-unit", "time",
+                     "--rounds", "1", "--json"]) == 0
+    reply = json.loads(capsys.readouterr().out)
+    assert reply["budget_unit"] == "time" and reply["time_ratio"] <= 0.6 and reply["flops_ratio"] < 0.6
+    pruner = par_demo.Pruner(predictor)
+    result = pruner.generate(scene, QUESTION, method="layerdrop", budget=0.6, budget_unit="time")
+    assert {k: result.to_dict()[k] for k in ("kept_layers", "time_ratio", "budget_unit")} == {
+        k: reply[k] for k in ("kept_layers", "time_ratio", "budget_unit")}
+    with pytest.raises(par_demo.UserError, match="budget unit must be one of"):
+        pruner.generate(scene, QUESTION, method="layerdrop", budget_unit="seconds")
