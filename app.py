@@ -26,7 +26,7 @@ from par_demo.demo import (  # noqa: E402
 )
 from par_demo.errors import UserError  # noqa: E402
 from par_demo.inputs import EXTRA_CHOICES  # noqa: E402
-from par_demo.predict import IMAGE_OPTIONS  # noqa: E402
+from par_demo.arguments import IMAGE_OPTIONS  # noqa: E402
 from par_demo.service import DEFAULT_START_LAYER, DemoService, zerogpu_enabled  # noqa: E402
 
 TITLE = "PAR: Pruning All-Rounder — visual-token and layer pruning, live"

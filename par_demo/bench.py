@@ -26,7 +26,8 @@ from par_demo.errors import BudgetOutOfReach, UserError
 from par_demo.images import load_image
 from par_demo.methods import method_class
 from par_demo.methods.base import check_budget
-from par_demo.predict import Predictor, add_budget_unit_argument, add_model_arguments, load_from_args
+from par_demo.arguments import add_budget_unit_argument, add_model_arguments, predictor_from_args
+from par_demo.predict import Predictor
 from par_demo.stock import StockRun, stock_generate
 from par_demo.timing import time_interleaved
 
@@ -242,9 +243,7 @@ def run(args) -> int:
     if args.image:
         image = load_image(args.image)
     question = args.question or question
-    predictor = Predictor(load_from_args(args))
-    if args.budget_unit == "time":
-        predictor.time_budget(recalibrate=args.recalibrate)
+    predictor = predictor_from_args(args)
     rows, unreachable = reachable_rows(predictor, build_rows(methods, budgets, versions), image, question,
                                        args.budget_unit)
     rows = run_bench(predictor, rows, image, question, args.new_tokens, args.repeats, progress=sys.stderr.isatty(),

@@ -19,7 +19,7 @@ from par_demo.errors import UserError
 
 
 def add_arguments(parser) -> None:
-    from par_demo.predict import add_model_arguments
+    from par_demo.arguments import add_model_arguments
 
     add_model_arguments(parser)
     parser.add_argument("--recalibrate", action="store_true", help="measure again even if a cached fit exists")
@@ -31,11 +31,11 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from par_demo import cost
     from par_demo.bench import environment
-    from par_demo.predict import Predictor, load_from_args
+    from par_demo.arguments import predictor_from_args
 
     if not 1 <= args.rounds <= 50:
         raise UserError(f"--rounds must be between 1 and 50, got {args.rounds}")
-    predictor = Predictor(load_from_args(args))
+    predictor = predictor_from_args(args)
 
     def progress(text: str) -> None:
         print(text, file=sys.stderr)

@@ -21,7 +21,8 @@ from par_demo.errors import BudgetOutOfReach, UserError
 from par_demo.images import load_image
 from par_demo.methods import method_class
 from par_demo.methods.base import check_budget
-from par_demo.predict import Predictor, add_budget_unit_argument, add_model_arguments, load_from_args
+from par_demo.arguments import add_budget_unit_argument, add_model_arguments, predictor_from_args
+from par_demo.predict import Predictor
 from par_demo.shapes import is_correct, load_jsonl
 
 
@@ -117,9 +118,7 @@ def run(args) -> int:
         samples = samples[: args.limit]
     if not samples:
         raise UserError(f"{args.data} holds no samples")
-    predictor = Predictor(load_from_args(args))
-    if args.budget_unit == "time":
-        predictor.time_budget(recalibrate=args.recalibrate)
+    predictor = predictor_from_args(args)
     rows = evaluate(predictor, samples, pairs, args.tokens, args.layers, args.max_new_tokens,
                     progress=sys.stderr.isatty(), budget_unit=args.budget_unit)
     if args.json:

@@ -26,8 +26,8 @@ from par_demo.families import Layout
 from par_demo.flops import FlopsModel
 from par_demo.images import load_image
 from par_demo.methods import METHODS, Method, method_class
-from par_demo.methods.base import BUDGET_UNITS, check_budget, check_unit
-from par_demo.models import DEFAULT_MODEL, LoadedModel, clip_question, encode_query, load_model
+from par_demo.methods.base import check_budget, check_unit
+from par_demo.models import LoadedModel, clip_question, encode_query
 from par_demo.router import fingerprint
 from par_demo.timing import DEFAULT_ROUNDS, FULL, Sample, Timing, summarize, time_interleaved
 
@@ -288,41 +288,9 @@ def cell_order(layout: Layout, scores: torch.Tensor) -> list[float]:
 
 
 # ------------------------------------------------------------------------------------------------- CLI
-IMAGE_OPTIONS = ("min_pixels", "max_pixels", "max_tiles")  # per-model image options; each family takes its own
-
-
-def add_model_arguments(parser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="local model folder, hub id, or random:<preset> (default: the embedded model)")
-    parser.add_argument("--quant", default="none", choices=["none", "4bit", "8bit"], help="bitsandbytes quantization")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, help="auto, fp32, bf16, fp16 (default: bf16 on GPU, fp32 on CPU)")
-    parser.add_argument("--min-pixels", type=int, default=None,
-                        help="dynamic-resolution models (Qwen2.5-VL): smallest image area the model is given")
-    parser.add_argument("--max-pixels", type=int, default=None,
-                        help="dynamic-resolution models (Qwen2.5-VL): largest image area; fewer pixels, fewer "
-                             "visual tokens, faster (one token per 28 x 28 px)")
-    parser.add_argument("--max-tiles", type=int, default=None,
-                        help="tiled models (SmolVLM, InternVL3): at most this many tiles per image, besides the "
-                             "global view; fewer tiles, fewer visual tokens, faster")
-
-
-def add_budget_unit_argument(parser) -> None:
-    parser.add_argument("--budget-unit", default="flops", choices=BUDGET_UNITS,
-                        help="what a budget is a fraction of: the full prefill's FLOPs (as papers report), or its "
-                             "time on this machine, predicted by the measured cost model (see `calibrate`)")
-    parser.add_argument("--recalibrate", action="store_true",
-                        help="with --budget-unit time: measure the cost model again instead of reading the cache")
-
-
-def load_from_args(args) -> LoadedModel:
-    """The model the shared model arguments name."""
-    options = {k: getattr(args, k, None) for k in IMAGE_OPTIONS}
-    return load_model(args.model, args.quant, args.device, args.dtype,
-                      options={k: v for k, v in options.items() if v is not None})
-
-
 def add_arguments(parser) -> None:
+    from par_demo.arguments import add_budget_unit_argument, add_model_arguments
+
     add_model_arguments(parser)
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("--question", required=True)
@@ -357,6 +325,8 @@ def choose_method(predictor: Predictor, method: str | None, budget: float, token
 
 
 def run(args) -> int:
+    from par_demo.arguments import predictor_from_args
+
     # Validate what is cheap to validate before the (slow) model load.
     check_budget(args.budget)
     if args.method is not None:
@@ -366,9 +336,7 @@ def run(args) -> int:
     if not 1 <= args.rounds <= 100:
         raise UserError(f"--rounds must be between 1 and 100, got {args.rounds}")
     image = load_image(args.image)
-    predictor = Predictor(load_from_args(args))
-    if args.budget_unit == "time":
-        predictor.time_budget(recalibrate=args.recalibrate)
+    predictor = predictor_from_args(args)
     method = choose_method(predictor, args.method, args.budget, args.tokens, args.layers)
     result = predictor.predict(image, args.question, method, args.budget, args.tokens, args.layers,
                                args.start_layer, args.max_new_tokens, rounds=args.rounds,

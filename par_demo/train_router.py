@@ -22,7 +22,7 @@ from par_demo.training.questions import read_queries
 
 
 def add_arguments(parser) -> None:
-    from par_demo.predict import add_model_arguments
+    from par_demo.arguments import add_model_arguments
 
     add_model_arguments(parser)
     defaults = TrainConfig()
@@ -92,7 +92,8 @@ def check_args(args, train: TrainConfig) -> None:
 
 
 def run(args) -> int:
-    from par_demo.predict import Predictor, load_from_args
+    from par_demo.arguments import load_from_args
+    from par_demo.predict import Predictor
 
     train = train_config_from_args(args)
     check_args(args, train)
