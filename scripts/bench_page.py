@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                   "| over bound by > spread | of those unmarked | request, median |")
             print("|---|---|---|---|---|---|---|---|---|")
             for r in rows:
-                print(f"| {r['budget']:.1f} | {r['flops_ratio']:.3f} | {r['speedup_median']:.2f}× "
+                print(f"| {r['budget']:g} | {r['flops_ratio']:.3f} | {r['speedup_median']:.2f}× "
                       f"| {r['speedup_min']:.2f}–{r['speedup_max']:.2f}× | {r['bound']:.2f}× | {r['marked_noise']} "
                       f"| {r['over_bound']} | {r['over_bound_unmarked']} | {r['request_s_median'] * 1000:.0f} ms |")
         else:
