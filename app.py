@@ -30,12 +30,19 @@ from par_demo.arguments import IMAGE_OPTIONS  # noqa: E402
 from par_demo.service import DEFAULT_START_LAYER, DemoService, zerogpu_enabled  # noqa: E402
 
 TITLE = "PAR: Pruning All-Rounder — visual-token and layer pruning, live"
-INTRO = (
-    "Ask a question about an image and choose a compute budget (the fraction of the full model's prefill FLOPs). "
-    "The full model and the pruned model both answer, and both are timed in turns in the same request; the figures "
-    "show which image patches the pruned model kept, which decoder layers it ran, and how much faster it was. "
-    "**Compare all methods** runs every method at the budget side by side."
-)
+BUDGET_MEANS = {"flops": "the fraction of the full model's prefill FLOPs",
+                "time": "the fraction of the full model's prefill time on this machine, as measured here"}
+
+
+BUDGET_LABELS = {"flops": "Budget (fraction of full prefill FLOPs)",
+                 "time": "Budget (fraction of full prefill time, measured here)"}
+
+
+def intro(unit: str) -> str:
+    return (f"Ask a question about an image and choose a compute budget ({BUDGET_MEANS[unit]}). "
+            "The full model and the pruned model both answer, and both are timed in turns in the same request; the "
+            "figures show which image patches the pruned model kept, which decoder layers it ran, and how much faster "
+            "it was. **Compare all methods** runs every method at the budget side by side.")
 CSS = panels.CSS + """
 .answer textarea {font-size: 1.15em; font-weight: 600}
 #image-notice {color: #9a5b00}
@@ -52,7 +59,7 @@ SCROLL_TO_GRID = "() => document.getElementById('compare-all')?.scrollIntoView({
 def build_demo(app: DemoApp) -> gr.Blocks:
     service = app.service
     with gr.Blocks(title="PAR demo") as demo:
-        gr.Markdown(f"# {TITLE}\n{INTRO}")
+        gr.Markdown(f"# {TITLE}\n{intro(service.budget_unit)}")
         gr.Markdown(app.model_markdown(), elem_id="model-card")
         view_state = gr.State(None)
 
@@ -65,8 +72,8 @@ def build_demo(app: DemoApp) -> gr.Blocks:
                                       lines=1, max_lines=3, elem_id="question")
                 method = CheckedRadio(app.method_choices(), value=service.default_method(), label="Pruning method",
                                       elem_id="method")
-                budget = CheckedSlider(0.1, 1.0, value=0.5, step=0.05, elem_id="budget",
-                                       label="Budget (fraction of full prefill FLOPs)")
+                budget = CheckedSlider(0.1, 1.0, value=0.5, step=0.05, elem_id="budget", label=BUDGET_LABELS[
+                    service.budget_unit])
                 with gr.Accordion("Advanced", open=False):
                     tokens = CheckedSlider(0, service.n_visual_tokens, value=0, step=1, elem_id="tokens",
                                            label="Visual tokens kept (0 = from the budget)")
@@ -184,6 +191,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="address to listen on (0.0.0.0 to serve the network)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
+    parser.add_argument("--budget-unit", default=os.environ.get("PAR_BUDGET_UNIT", "flops"), choices=["flops", "time"],
+                        help="what the budget slider is a fraction of: the full prefill's FLOPs, or its time on this "
+                             "machine (a cost model measured at start-up and cached; env PAR_BUDGET_UNIT)")
     for name, what in (("min", "smallest"), ("max", "largest")):
         env = f"PAR_{name.upper()}_PIXELS"
         parser.add_argument(f"--{name}-pixels", type=int, default=int(os.environ[env]) if os.environ.get(env) else None,
@@ -204,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     try:  # the model is loaded at start-up, outside any request (ZeroGPU requires this)
         options = {k: getattr(args, k) for k in IMAGE_OPTIONS if getattr(args, k)}
-        service = DemoService.from_model(args.model, quant=args.quant, options=options)
+        service = DemoService.from_model(args.model, quant=args.quant, options=options, budget_unit=args.budget_unit)
     except UserError as exc:
         raise SystemExit(f"error: {exc}") from None
     print(f"model {service.model_name} loaded in {time.perf_counter() - started:.1f} s", flush=True)

@@ -152,14 +152,14 @@ class Pruner:
         predictor = self.predictor
 
         def run(**setting: Any) -> Prediction:
-            return predictor.predict(pil_image, question, max_new_tokens=max_new_tokens, budget_unit=unit, **setting)
+            return predictor.predict(pil_image, question, max_new_tokens=max_new_tokens, **setting)
 
         def timed(predictions: list, settings: list) -> list:
-            settings = [dict(s, budget_unit=unit) if s.get("method") != "full" else s for s in settings]
             return predictor.measure(pil_image, question, predictions, settings, rounds, max_new_tokens,
                                      answers_are_a_round=True)
 
-        *_, state = compare_methods(run, timed, question, value, names, predictor.available_methods(), start_layer)
+        *_, state = compare_methods(run, timed, question, value, names, predictor.available_methods(), start_layer,
+                                    unit)
         return state
 
 

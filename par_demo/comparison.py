@@ -57,7 +57,7 @@ Measure = Callable[[list, list], list]  # measure(predictions, settings) -> the 
 
 
 def compare_methods(run: Run, measure: Measure, question: str, budget: float, names: Sequence[str],
-                    unavailable: dict[str, Any], start_layer: int = 2) -> Iterator[AllMethods]:
+                    unavailable: dict[str, Any], start_layer: int = 2, unit: str = "flops") -> Iterator[AllMethods]:
     """Yields the state after the full model answers, after each method answers, and once more after all were
     timed together (`measure`, whose first round is the answering pass: the full model and the methods ran one
     after another, warm, in this order). A method that is unavailable (`unavailable[name]` says why) or cannot
@@ -68,7 +68,7 @@ def compare_methods(run: Run, measure: Measure, question: str, budget: float, na
     yield state
     settings = {}
     for name in list(state.pending):
-        settings[name] = {"method": name, "budget": budget, "start_layer": start_layer}
+        settings[name] = {"method": name, "budget": budget, "start_layer": start_layer, "budget_unit": unit}
         try:
             state.results[name] = run(**settings[name])
         except BudgetOutOfReach as exc:  # one method cannot go this low: say so, go on

@@ -83,10 +83,14 @@ def stats_markdown(pruned: Prediction) -> str:
     """FLOPs, visual tokens and layers kept, as a short table."""
     tokens = len(pruned.kept_visual_tokens)
     layers = len(pruned.kept_layers)
+    # With time budgets: the cost model's prediction, next to the FLOPs (the measured time is in the timing panel)
+    timed = pruned.time_ratio is not None
     return (
-        "| FLOPs (prefill) | visual tokens kept | decoder layers run |\n|---|---|---|\n"
+        "| FLOPs (prefill) |" + (" predicted time |" if timed else "") + " visual tokens kept | decoder layers run |\n"
+        + "|---|" + ("---|" if timed else "") + "---|---|\n"
         f"| **{pruned.flops_ratio:.0%}** of full ({pruned.flops / 1e9:.3g} / {pruned.flops_full / 1e9:.3g} GFLOPs) "
-        f"| **{tokens}** / {pruned.n_visual_tokens} ({tokens / max(pruned.n_visual_tokens, 1):.0%})"
+        + (f"| **{pruned.time_ratio:.0%}** of full " if timed else "")
+        + f"| **{tokens}** / {pruned.n_visual_tokens} ({tokens / max(pruned.n_visual_tokens, 1):.0%})"
         f"{ABSORBED_NOTE if pruned.absorbed else ''}{views_note(pruned)} | **{layers}** / {pruned.n_layers} |"
     )
 

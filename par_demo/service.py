@@ -31,6 +31,7 @@ from par_demo.inputs import (
     METHOD_CHOICES, METHOD_LABELS, check_budget, check_count, check_extras, check_method, check_question, load_image,
 )
 from par_demo.methods import REGISTRY
+from par_demo.methods.base import check_unit
 from par_demo.model_card import ModelCard
 
 if TYPE_CHECKING:  # the engine is imported lazily: building a service for tests needs no model code
@@ -161,8 +162,11 @@ class DemoService:
 
     def __init__(self, predictor: Predictor, model_name: str, n_layers: int, max_visual_tokens: int,
                  cache_items: int = DEFAULT_CACHE_ITEMS, max_new_tokens: int = 16, description: str = "",
-                 card: ModelCard | None = None, rounds: int = timing.DEFAULT_ROUNDS):
+                 card: ModelCard | None = None, rounds: int = timing.DEFAULT_ROUNDS, budget_unit: str = "flops"):
         self.predictor = predictor
+        # What the page's budget is a fraction of: the full prefill's FLOPs, or its time on this machine (the
+        # measured cost model, `par_demo.cost`, made or read from the cache when the service is built)
+        self.budget_unit = check_unit(budget_unit)
         self.description = description  # the architecture in words (from the model's family)
         self.model_name = model_name
         self.n_layers = int(n_layers)
@@ -187,7 +191,10 @@ class DemoService:
         from par_demo.predict import Predictor
 
         loaded = load_model(spec or DEFAULT_MODEL, quant=quant, options=options)
-        return cls(Predictor(loaded), loaded.name, loaded.n_layers, loaded.max_visual_tokens,
+        predictor = Predictor(loaded)
+        if kwargs.get("budget_unit") == "time":
+            predictor.time_budget()  # at start-up, not in a visitor's request
+        return cls(predictor, loaded.name, loaded.n_layers, loaded.max_visual_tokens,
                    description=loaded.family.describe(loaded), card=card_for(loaded), **kwargs)
 
     @property
@@ -206,6 +213,7 @@ class DemoService:
     # -- model calls, one at a time
     def _run(self, image: Image.Image, question: str, **kwargs: Any) -> Prediction:
         kwargs.setdefault("max_new_tokens", self.max_new_tokens)
+        kwargs.setdefault("budget_unit", self.budget_unit)
         with self._model_lock:
             return _predict_on_device(self.predictor, image, question, kwargs)
 
@@ -266,7 +274,7 @@ class DemoService:
         report(0.1, "full model")
         full, from_cache = self.full_answer(pil_image, text, fingerprint)
         report(0.3, f"{METHOD_LABELS[name]} at budget {value:.2f}")
-        setting = {"method": name, "budget": value, **overrides}
+        setting = {"method": name, "budget": value, **overrides, "budget_unit": self.budget_unit}
         pruned = self._run(pil_image, text, **setting)
         report(0.5, f"timing both, {self.rounds} rounds in turns")
         full, pruned = self._measure(pil_image, text, [full, pruned], [dict(timing.FULL), setting], self.rounds)
@@ -296,7 +304,7 @@ class DemoService:
         def measure(predictions: list, settings: list) -> list:
             return self._measure(pil_image, text, predictions, settings, rounds, answers_are_a_round=True)
 
-        states = compare_methods(run, measure, text, value, names, self._available, start)
+        states = compare_methods(run, measure, text, value, names, self._available, start, self.budget_unit)
         state = next(states)  # the full model has answered: what the page shows first
         self.full_cache.put(self._full_key(fingerprint, text), state.full)
         state.model_view = self.model_view(pil_image, fingerprint)
@@ -323,7 +331,7 @@ class DemoService:
         overrides = self.check_overrides(None, None, start_layer)
         full, _ = self.full_answer(pil_image, text, image_fingerprint(pil_image))
         for budget in budgets:
-            setting = {"method": name, "budget": check_budget(budget), **overrides}
+            setting = {"method": name, "budget": check_budget(budget), **overrides, "budget_unit": self.budget_unit}
             try:
                 pruned = self._run(pil_image, text, **setting)
             except BudgetOutOfReach as exc:  # a budget below the method's cheapest setting: note it, go on

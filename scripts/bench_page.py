@@ -59,6 +59,8 @@ def bench_compare(client, examples: list[list[str]], budgets: list[float], reque
         rows.append({
             "budget": budget, "requests": len(medians), "flops_ratio": statistics.median(
                 r["flops_ratio"] for r in replies[budget]),
+            "time_ratio": statistics.median(r["time_ratio"] for r in replies[budget])
+            if replies[budget][0].get("time_ratio") is not None else None,
             "speedup_median": statistics.median(medians), "speedup_min": min(medians), "speedup_max": max(medians),
             "bound": bound, "marked_noise": sum(r["timing"]["noise"] for r in replies[budget]),
             "over_bound": len(over), "over_bound_unmarked": sum(not r["timing"]["noise"] for _, r in over),
@@ -95,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     every.add_argument("--extras", default="", help="extra method groups to run as well: baseline, ablation")
     for p in (compare, every):
         p.add_argument("--model", default=None, help="default: the embedded model")
+        p.add_argument("--budget-unit", default="flops", choices=["flops", "time"],
+                       help="what the page's budget is a fraction of (the app's --budget-unit)")
         p.add_argument("--json", action="store_true", help="print the rows as JSON as well")
     args = parser.parse_args(argv)
 
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     from gradio_client import Client
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    service = DemoService.from_model(args.model)
+    service = DemoService.from_model(args.model, budget_unit=args.budget_unit)
     service.warm_up()
     examples = load_examples()
     print(f"# {environment()}; model {service.card.name if service.card else service.model_name}", flush=True)
@@ -111,12 +115,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.what == "compare":
             budgets = [float(b) for b in args.budgets.split(",")]
             rows = bench_compare(client, examples, budgets, args.requests, args.method)
-            print(f"{args.method}, {args.requests} /compare requests per budget, {service.rounds} rounds each")
+            print(f"{args.method}, {args.requests} /compare requests per budget, {service.rounds} rounds each, "
+                  f"{args.budget_unit} budgets")
             print("| budget | FLOPs | page's prefill speed-up: median | range (min–max) | FLOPs bound | marked noise "
                   "| over bound by > spread | of those unmarked | request, median |")
             print("|---|---|---|---|---|---|---|---|---|")
             for r in rows:
-                print(f"| {r['budget']:g} | {r['flops_ratio']:.3f} | {r['speedup_median']:.2f}× "
+                predicted = "" if r["time_ratio"] is None else f" (predicted time {r['time_ratio']:.2f})"
+                print(f"| {r['budget']:g} | {r['flops_ratio']:.3f}{predicted} | {r['speedup_median']:.2f}× "
                       f"| {r['speedup_min']:.2f}–{r['speedup_max']:.2f}× | {r['bound']:.2f}× | {r['marked_noise']} "
                       f"| {r['over_bound']} | {r['over_bound_unmarked']} | {r['request_s_median'] * 1000:.0f} ms |")
         else:

@@ -89,3 +89,27 @@ def test_predict_json_and_the_api_carry_the_unit_and_the_predicted_time(timed, s
         k: reply[k] for k in ("kept_layers", "time_ratio", "budget_unit")}
     with pytest.raises(par_demo.UserError, match="budget unit must be one of"):
         pruner.generate(scene, QUESTION, method="layerdrop", budget_unit="seconds")
+
+
+def test_the_app_in_time_budgets_shows_the_predicted_time_and_times_the_same_settings(timed, scene, monkeypatch):
+    import app as app_module
+    from par_demo import panels
+    from par_demo.demo import DemoApp
+    from par_demo.service import DemoService
+
+    predictor, _ = timed
+    service = DemoService(predictor, "random:llava-tiny", predictor.engine.n_layers, predictor.loaded.max_visual_tokens,
+                          max_new_tokens=2, rounds=2, budget_unit="time")
+    comparison = service.compare(scene, QUESTION, "layerdrop", 0.6)
+    assert comparison.pruned.budget_unit == "time" and comparison.pruned.time_ratio <= 0.6
+    assert comparison.pruned.timing.rounds == 2 and comparison.full.timing.rounds == 2
+    assert "predicted time" in panels.stats_markdown(comparison.pruned)
+    *_, state = service.compare_all(scene, QUESTION, 0.9, rounds=1)
+    assert state.results and all(p.budget_unit == "time" and p.time_ratio <= 0.9 for p in state.results.values())
+    points = list(service.sweep(scene, QUESTION, "layerdrop", budgets=(0.9, 0.6), rounds=1))
+    assert [p["budget"] for p in points] == [0.9, 0.6] and all("timing" in p for p in points)
+
+    monkeypatch.setenv("PAR_BUDGET_UNIT", "time")
+    assert app_module.parse_args([]).budget_unit == "time"
+    page = app_module.build_demo(DemoApp(service))
+    assert app_module.BUDGET_LABELS["time"] in str(page.config)
