@@ -96,12 +96,20 @@ class PrefillCost:
 
 def cost_key(predictor) -> str:
     """Everything a measured time depends on: the model's weights (name, quantization and a weight fingerprint),
-    its dtype and device, the threads torch uses, the CPU kernels (oneDNN or stock) and the torch version."""
-    model = predictor.loaded.model
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    its image options, its dtype and device (the processor or GPU by name), the threads torch uses, the CPU kernels
+    (oneDNN or stock) and the torch and transformers versions."""
+    import transformers
+
+    from par_demo.bench import cpu_name
+
+    loaded = predictor.loaded
+    dtype = str(next(loaded.model.parameters()).dtype).replace("torch.", "")
     kernels = os.environ.get("PAR_DEMO_CPU_KERNELS", "onednn")
-    return (f"{predictor.cache_key}-{dtype}-{predictor.loaded.device}-threads{torch.get_num_threads()}-{kernels}-"
-            f"torch{torch.__version__}")
+    device = loaded.device
+    chip = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    options = ",".join(f"{k}={v}" for k, v in sorted(loaded.options.items()))
+    return (f"{predictor.cache_key}-{options}-{dtype}-{device}-{chip}-threads{torch.get_num_threads()}-{kernels}-"
+            f"torch{torch.__version__}-transformers{transformers.__version__}")
 
 
 def grid(n_visual: int, n_layers: int) -> list[tuple[int, int]]:
@@ -262,7 +270,10 @@ class TimeBudget:
         self.overheads = dict(self.cost.overheads)
 
     def full(self, query) -> float:
-        return self.cost.full(query.n_visual, query.n_text)
+        """The full model's predicted prefill on this query's whole image (a query cut down to some views keeps the
+        whole image's counts in `whole`: budgets stay fractions of the full model's time, as of its FLOPs)."""
+        shape = getattr(query, "whole", None) or query
+        return self.cost.full(shape.n_visual, shape.n_text)
 
     def setting(self, method, query, setting) -> float:
         layers_run = self.cost.n_layers - len(setting.skip)

@@ -6,6 +6,7 @@ The folder is $PAR_DEMO_CACHE, else ~/.cache/par-demo.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -17,8 +18,10 @@ def cache_dir() -> Path:
 
 
 def cache_path(kind: str, key: str) -> Path:
-    """Where the `kind` measurement named by `key` (any text) is kept."""
-    return cache_dir() / kind / (re.sub(r"[^\w.-]+", "_", key)[:200] + ".json")
+    """Where the `kind` measurement named by `key` (any text) is kept: a readable start of the key and a hash of
+    all of it (long keys differ at their end: threads, versions)."""
+    readable = re.sub(r"[^\w.-]+", "_", key)[:80]
+    return cache_dir() / kind / f"{readable}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
 
 
 def read_json(path: Path) -> dict | None:

@@ -170,6 +170,8 @@ class Predictor:
             # every method at budget 1 is exactly as fast as the model it prunes.
             chosen = self.method("full")
         inputs = encoded if encoded is not None else self.encode(image, question)
+        if budget_unit == "time":  # measured (or read from the cache) now, never inside the timed prefill below
+            self.time_budget().overhead(chosen)
         costs = {}
 
         def planner(query):

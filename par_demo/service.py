@@ -193,6 +193,9 @@ class DemoService:
         loaded = load_model(spec or DEFAULT_MODEL, quant=quant, options=options)
         predictor = Predictor(loaded)
         if kwargs.get("budget_unit") == "time":
+            if zerogpu_enabled():  # no GPU is attached outside requests there: nothing to time at start-up
+                raise UserError("time budgets need the model's device at start-up to measure it; ZeroGPU attaches "
+                                "one only during requests: use --budget-unit flops there")
             predictor.time_budget()  # at start-up, not in a visitor's request
         return cls(predictor, loaded.name, loaded.n_layers, loaded.max_visual_tokens,
                    description=loaded.family.describe(loaded), card=card_for(loaded), **kwargs)
