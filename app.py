@@ -27,6 +27,7 @@ from par_demo.demo import (  # noqa: E402
 from par_demo.errors import UserError  # noqa: E402
 from par_demo.inputs import EXTRA_CHOICES  # noqa: E402
 from par_demo.arguments import IMAGE_OPTIONS  # noqa: E402
+from par_demo.methods.base import BUDGET_UNITS  # noqa: E402
 from par_demo.service import DEFAULT_START_LAYER, DemoService, zerogpu_enabled  # noqa: E402
 
 TITLE = "PAR: Pruning All-Rounder — visual-token and layer pruning, live"
@@ -191,7 +192,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="address to listen on (0.0.0.0 to serve the network)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
-    parser.add_argument("--budget-unit", default=os.environ.get("PAR_BUDGET_UNIT", "flops"), choices=["flops", "time"],
+    parser.add_argument("--budget-unit", default=os.environ.get("PAR_BUDGET_UNIT", "flops"), choices=BUDGET_UNITS,
                         help="what the budget slider is a fraction of: the full prefill's FLOPs, or its time on this "
                              "machine (a cost model measured at start-up and cached; env PAR_BUDGET_UNIT)")
     for name, what in (("min", "smallest"), ("max", "largest")):

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch  # noqa: E402
 
 from par_demo.demo import DemoApp  # noqa: E402
+from par_demo.methods.base import BUDGET_UNITS  # noqa: E402
 from par_demo.service import DemoService, load_examples  # noqa: E402
 
 
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     every.add_argument("--extras", default="", help="extra method groups to run as well: baseline, ablation")
     for p in (compare, every):
         p.add_argument("--model", default=None, help="default: the embedded model")
-        p.add_argument("--budget-unit", default="flops", choices=["flops", "time"],
+        p.add_argument("--budget-unit", default="flops", choices=BUDGET_UNITS,
                        help="what the page's budget is a fraction of (the app's --budget-unit)")
         p.add_argument("--json", action="store_true", help="print the rows as JSON as well")
     args = parser.parse_args(argv)
