@@ -9,8 +9,9 @@ on the model as it is loaded (its dtype, quantization, device and thread count) 
 
 by non-negative least squares (T visual tokens kept from the first layer on, L layers run; `per_row2` is
 attention's share, which grows with the square of the sequence). Layers before a start layer K see every token:
-`predict` charges them at the full row count. A fit is cached on disk per model weights, dtype, quantization,
-device, thread count, CPU-kernel choice and torch version (`load_or_calibrate`); any change measures it again.
+`predict` charges them at the full row count. A fit is cached on disk per model weights, image options, dtype,
+quantization, device (the CPU or GPU by name), thread count, CPU-kernel choice and torch and transformers versions
+(`cost_key`, `load_or_calibrate`); any change measures it again.
 
 Each grid point is the median of a few runs taken in turns with the others (the rule of `par_demo.timing`), timed
 as the page times a prefill: from pixels to the first token (`Engine.generate` with one new token).
@@ -281,6 +282,8 @@ class TimeBudget:
                                                          query.n_visual, query.n_text)
 
     def overhead(self, method) -> float:
-        if method.name not in self.overheads:
+        if method.name not in self.overheads:  # measured once, and kept with the fit for the next process
             self.overheads[method.name] = method_overhead(self.predictor, self.cost, method.name)
+            self.cost = dataclasses.replace(self.cost, overheads=dict(self.overheads))
+            write_json(cache_path(CACHE_KIND, self.cost.key), self.cost.to_dict())
         return self.overheads[method.name]

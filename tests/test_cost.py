@@ -62,3 +62,12 @@ def test_a_cached_fit_is_reused_only_for_the_same_model_dtype_and_threads(monkey
     assert not cost.load_or_calibrate(bf16)[1] and len(measured) == 3
     assert cost.load_or_calibrate(tiny)[1] and len(measured) == 3  # fp32 again: its fit
     assert not cost.load_or_calibrate(tiny, recalibrate=True)[1] and len(measured) == 4
+
+
+def test_a_method_timed_after_the_fit_is_kept_in_the_cache(monkeypatch, tmp_path, random_models):
+    monkeypatch.setenv("PAR_DEMO_CACHE", str(tmp_path))
+    predictor = Predictor(random_models("llava-tiny"))
+    budget = cost.TimeBudget(predictor)
+    del budget.overheads["fastv"]  # as if fastv had not been available when the fit was made
+    seconds = budget.overhead(predictor.method("fastv"))
+    assert cost.TimeBudget(predictor).overheads["fastv"] == seconds  # read back, not measured again
