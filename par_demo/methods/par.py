@@ -112,6 +112,7 @@ class Par(Method):
         self._routed: tuple | None = None  # (query, budget, token logits (n_v,), layer logits (N,))
         self._budget = 1.0
         self._viewed: tuple | None = None  # (tiled query, its encoded tokens as a query, overview routing FLOPs)
+        self._order: tuple | None = None  # (layer logits, routable layers lowest-scored first): `skip_order`
 
     # ---------------------------------------------------------------------------------------- router
     def _load(self) -> None:
@@ -247,10 +248,17 @@ class Par(Method):
     def skip_for(self, layer_logits: torch.Tensor, kept_layers: int, start_layer: int = 0) -> frozenset[int]:
         """Skip the lowest-scored routable layers so that `kept_layers` layers run in all (`start_layer` matters
         to `par-prior`, which must keep layer K-1)."""
-        routable = self.config.routable()
         n_skip = self.n_layers - kept_layers
-        order = sorted(routable, key=lambda i: float(layer_logits[i]))
-        return frozenset(order[:n_skip])
+        return frozenset(self.skip_order(layer_logits)[:n_skip])
+
+    def skip_order(self, layer_logits: torch.Tensor) -> list[int]:
+        """The routable layers, lowest-scored first: the order they are skipped in. Kept for the last logits asked
+        about: the budget search asks for it once per layer count tried, and reading a logit at a time from a
+        tensor is most of the search's cost on a small model."""
+        if self._order is None or self._order[0] is not layer_logits:
+            logits = layer_logits.tolist()
+            self._order = (layer_logits, sorted(self.config.routable(), key=logits.__getitem__))
+        return self._order[1]
 
     def min_layers(self) -> int:
         return self.n_layers - len(self.config.routable())

@@ -59,7 +59,8 @@ class ParPrior(Par):
         # FastV's scores are read at layer K-1: it must run, so it is never a candidate for skipping
         routable = [i for i in self.config.routable() if i != start_layer - 1]
         n_skip = min(self.n_layers - kept_layers, len(routable))
-        return frozenset(sorted(routable, key=lambda i: float(layer_logits[i]))[:n_skip])
+        logits = layer_logits.tolist()
+        return frozenset(sorted(routable, key=logits.__getitem__)[:n_skip])
 
     def extra_flops(self, query, setting):
         return 0.0
