@@ -259,7 +259,7 @@ class DemoApp:
                 viz.empty_figure("Run a query to see which decoder layers ran", 190),
                 viz.empty_figure("Latency appears here", 250),
                 viz.empty_figure("Press “Sweep budgets” for latency vs FLOPs", 340),
-                viz.empty_figure("…and agreement with the full answer", 340))
+                viz.empty_figure("…and agreement with the full answer against measured time", 340))
 
     # -- one method against the full model
     def run(self, image: Any, question: Any, method: Any, budget: Any, tokens: Any, layers: Any, start_layer: Any,

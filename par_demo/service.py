@@ -381,6 +381,9 @@ def sweep_point(full: Prediction, pruned: Prediction) -> dict:
         "budget": pruned.budget, "flops_ratio": pruned.flops_ratio, "answer": pruned.answer,
         "agreement": answer_agreement(full.answer, pruned.answer), "full_answer": full.answer,
         "timing": pruned.timing, "full_timing": full.timing,
+        # what a visitor waits, not what the FLOPs model says: the pruned prefill's median over the full model's,
+        # both from the same interleaved rounds
+        "time_ratio": pruned.timing.prefill_s.median / full.timing.prefill_s.median,
     }
 
 

@@ -256,6 +256,17 @@ def test_sweep_handler_streams(app):
     assert "full model prefill" in names and "full model total" in names  # measured along the sweep
 
 
+def test_sweep_plots_agreement_against_the_measured_prefill_time(service):
+    points = [p for p in service.sweep(EXAMPLE, QUESTION, "layerdrop", budgets=(1.0, 0.4), rounds=ROUNDS)
+              if "skipped" not in p]
+    for p in points:  # the pruned prefill over the full model's, both medians of the same interleaved rounds
+        assert p["time_ratio"] == pytest.approx(p["timing"].prefill_s.median / p["full_timing"].prefill_s.median)
+    figure = viz.sweep_agreement_figure(points, "layerdrop")
+    assert list(figure.data[0].x) == [p["time_ratio"] for p in points]
+    assert figure.layout.xaxis.title.text.startswith("measured prefill time")
+    assert all(f"FLOPs {p['flops_ratio']:.2f}" in hover for p, hover in zip(points, figure.data[0].customdata))
+
+
 def test_compare_all_handler_streams_a_grid_and_offers_the_run_as_json(app):
     import json
 
