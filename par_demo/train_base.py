@@ -44,7 +44,9 @@ from par_demo.tokenizer import IMAGE_MEAN, IMAGE_STD, build_processor
 class ModelConfig:
     # Proportions of LLaVA-1.5-7B: the vision tower is ~5% of prefill FLOPs and text ~10% of the tokens, so
     # FLOPs budgets down to 0.25 are reachable by pruning tokens, skipping layers, or both.
-    patch_size: int = 16  # 192 / 16 = 12x12 = 144 image tokens
+    # 192 / 16 = 12x12 = 144 image tokens; 8 gives LLaVA-1.5's 24x24 = 576, whose prefill is compute-bound on a CPU
+    # (`docs/embedded-model.md`, "Which model's time looks like an LVLM's")
+    patch_size: int = 16
     vision_width: int = 64
     vision_layers: int = 2
     vision_heads: int = 2
@@ -75,9 +77,19 @@ class TrainConfig:
     eval_per_type: int = 20  # quick held-out check during training
     final_per_type: int = 100  # held-out check printed at the end
     threads: int = 2
+    # bf16 autocast on CPU (the weights and the optimizer stay fp32): on an AMX CPU a stage-B step of a 256-wide
+    # LM takes about half the time; off by default, the shipped checkpoint was trained in fp32
+    bf16: bool = False
 
 
-GRID = IMAGE_SIZE // ModelConfig.patch_size
+def grid_of(patch_size: int) -> int:
+    """Patches per side of the 192-px scene."""
+    if patch_size <= 0 or IMAGE_SIZE % patch_size:
+        raise UserError(f"--patch-size must divide the {IMAGE_SIZE}-px image, got {patch_size}")
+    return IMAGE_SIZE // patch_size
+
+
+GRID = grid_of(ModelConfig.patch_size)  # the shipped model's
 COLOR_NAMES = list(COLORS)
 IGNORE = -100
 
@@ -102,7 +114,7 @@ def build_model(mc: ModelConfig, processor) -> LlavaForConditionalGeneration:
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu",
-        image_seq_length=GRID * GRID, tie_word_embeddings=False,
+        image_seq_length=grid_of(mc.patch_size) ** 2, tie_word_embeddings=False,
     )
     model = LlavaForConditionalGeneration(config)
     gen = model.generation_config
@@ -129,22 +141,22 @@ def to_pixels(images_u8: np.ndarray) -> torch.Tensor:
 # scene pool and per-patch labels
 
 
-def patch_labels(objects: list[dict]) -> np.ndarray:
-    """[GRID*GRID, 4] int labels per patch: colour (0=bg), shape (0=bg), centre (0/1), quadrant (0=bg).
+def patch_labels(objects: list[dict], grid: int = GRID) -> np.ndarray:
+    """[grid*grid, 4] int labels per patch: colour (0=bg), shape (0=bg), centre (0/1), quadrant (0=bg).
 
     A patch belongs to an object when the object covers >= 1/4 of it, to the background when < 1/16;
     in between it is ambiguous and ignored. The patch holding an object's box centre is always that object's.
     """
-    p = IMAGE_SIZE // GRID
+    p = IMAGE_SIZE // grid
     canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
     draw = ImageDraw.Draw(canvas)
     for k, obj in enumerate(objects):
         draw_object(draw, obj, k + 1)
-    ids = np.asarray(canvas).reshape(GRID, p, GRID, p).transpose(0, 2, 1, 3).reshape(GRID * GRID, p * p)
+    ids = np.asarray(canvas).reshape(grid, p, grid, p).transpose(0, 2, 1, 3).reshape(grid * grid, p * p)
     cover = np.stack([(ids == k + 1).sum(1) for k in range(len(objects))], 1)  # [patches, objects]
     owner = cover.argmax(1)
     best = cover.max(1)
-    labels = np.zeros((GRID * GRID, 4), dtype=np.int64)
+    labels = np.zeros((grid * grid, 4), dtype=np.int64)
     labels[(best >= p * p // 16) & (best < p * p // 4)] = IGNORE
 
     def assign(patch: int, k: int) -> None:
@@ -160,7 +172,7 @@ def patch_labels(objects: list[dict]) -> np.ndarray:
         assign(int(patch), int(owner[patch]))
     for k, obj in enumerate(objects):
         cx, cy = obj["center"]
-        patch = min(int(cy // p), GRID - 1) * GRID + min(int(cx // p), GRID - 1)
+        patch = min(int(cy // p), grid - 1) * grid + min(int(cx // p), grid - 1)
         labels[patch, 2] = 1
         assign(patch, k)
     labels[labels[:, 0] == 0, 2] = 0
@@ -174,15 +186,15 @@ class Pool:
     labels: np.ndarray  # int64 [N, patches, 4]
 
 
-def make_pool(n: int, seed: int) -> Pool:
+def make_pool(n: int, seed: int, grid: int = GRID) -> Pool:
     rng = np.random.default_rng([seed, 1])
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    objects, labels = [], np.empty((n, GRID * GRID, 4), dtype=np.int64)
+    objects, labels = [], np.empty((n, grid * grid, 4), dtype=np.int64)
     for i in tqdm(range(n), desc="render scenes", leave=False):
         image, objs = render_scene(rng)
         images[i] = np.asarray(image)
         objects.append(objs)
-        labels[i] = patch_labels(objs)
+        labels[i] = patch_labels(objs, grid)
     return Pool(images, objects, labels)
 
 
@@ -227,7 +239,7 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
 class QuestionPacker:
     """Turns (image index, questions) into packed token ids, position ids, a block mask and loss targets."""
 
-    def __init__(self, processor, questions_per_image: int):
+    def __init__(self, processor, questions_per_image: int, grid: int = GRID):
         self.tok = processor.tokenizer
         self.q = questions_per_image
         prompt = processor.apply_chat_template(
@@ -238,7 +250,7 @@ class QuestionPacker:
         image_token = self.tok.convert_tokens_to_ids("<image>")
         head_ids = self.tok(head)["input_ids"]  # <s> user : <image>
         i = head_ids.index(image_token)
-        self.prefix = head_ids[:i] + [image_token] * (GRID * GRID) + head_ids[i + 1:]
+        self.prefix = head_ids[:i] + [image_token] * (grid * grid) + head_ids[i + 1:]
         self.image_start = i
         self.tail = self.tok(tail, add_special_tokens=False)["input_ids"]  # assistant :
         self.block_len = 12
@@ -462,6 +474,11 @@ def format_accuracy(acc: dict) -> str:
 # the two stages
 
 
+def autocast(tc: TrainConfig):
+    """The forward passes of a training step in bf16 when asked (`TrainConfig.bf16`); losses come out fp32."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16)
+
+
 def checkpoint_path(work: Path, stage: str) -> Path:
     return work / f"stage_{stage}.pt"
 
@@ -490,8 +507,9 @@ def train_stage_a(model, pool: Pool, tc: TrainConfig, work: Path, log) -> torch.
     for step in bar:
         rng = np.random.default_rng([tc.seed, 2, step])
         idx = rng.choice(n_train, size=tc.a_batch, replace=False)
-        feats = vision_features(model, to_pixels(pool.images[idx]))
-        loss, accs = patch_loss(heads, feats, torch.from_numpy(pool.labels[idx]))
+        with autocast(tc):
+            feats = vision_features(model, to_pixels(pool.images[idx]))
+            loss, accs = patch_loss(heads, feats, torch.from_numpy(pool.labels[idx]))
         optimizer_step(opt, loss, params, lr_at(step, tc.a_steps, tc.a_lr, tc.warmup))
         bar.set_postfix(loss=f"{loss.item():.3f}", color=f"{accs[0]:.2f}", shape=f"{accs[1]:.2f}")
         if (step + 1) % tc.eval_every == 0 or step + 1 == tc.a_steps:
@@ -551,7 +569,7 @@ def train_stage_b(model, processor, pool: Pool, heads, tc: TrainConfig, work: Pa
         p.requires_grad_(False)
     init_projector_from_heads(model, heads)
     feats = precompute_features(model, pool)
-    packer = QuestionPacker(processor, tc.b_questions)
+    packer = QuestionPacker(processor, tc.b_questions, grid_of(model.config.vision_config.patch_size))
     pos, mask = packer.layout()
     head_dim = model.model.language_model.layers[LOOK_LAYER].self_attn.head_dim
     read_head = torch.nn.Linear(head_dim, sum(READ_SIZES))  # a training-only probe, not part of the saved model
@@ -573,9 +591,10 @@ def train_stage_b(model, processor, pool: Pool, heads, tc: TrainConfig, work: Pa
         rng = np.random.default_rng([tc.seed, 3, step])
         idx = rng.choice(len(pool.images), size=tc.b_batch, replace=False)
         ids, targets, rows, queries, looks, reads = packer.batch(pool, idx, rng)
-        answer_loss, look_loss, read_loss = packed_loss(
-            model, read_head, feats[idx], ids, targets, rows, queries, looks, reads, pos, mask, packer.image_start
-        )
+        with autocast(tc):
+            answer_loss, look_loss, read_loss = packed_loss(
+                model, read_head, feats[idx], ids, targets, rows, queries, looks, reads, pos, mask, packer.image_start
+            )
         loss = answer_loss + tc.look_weight * look_loss + tc.read_weight * read_loss
         optimizer_step(opt, loss, params, lr_at(step, tc.b_steps, tc.b_lr, tc.warmup))
         bar.set_postfix(answer=f"{answer_loss.item():.3f}", look=f"{look_loss.item():.3f}",
@@ -595,14 +614,17 @@ def train_stage_b(model, processor, pool: Pool, heads, tc: TrainConfig, work: Pa
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="assets/models/shapes-llava", help="where the trained model is saved")
     parser.add_argument("--work", default=None, help="checkpoints and log for resuming (default: runs/train-base-seed<S>)")
-    # the patch size stays 16: the per-patch labels and the question packer are laid out on its 12x12 grid
-    for f in [f for f in fields(ModelConfig) if f.name != "patch_size"] + list(fields(TrainConfig)):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    for f in list(fields(ModelConfig)) + list(fields(TrainConfig)):
+        if isinstance(f.default, bool):
+            parser.add_argument("--" + f.name.replace("_", "-"), action="store_true")
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
 
 
 def run(args) -> int:
     tc = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    mc = ModelConfig(**{f.name: getattr(args, f.name) for f in fields(ModelConfig) if f.name != "patch_size"})
+    mc = ModelConfig(**{f.name: getattr(args, f.name) for f in fields(ModelConfig)})
+    grid = grid_of(mc.patch_size)
     if mc.text_layers <= LOOK_LAYER:
         raise UserError(f"--text-layers must be at least {LOOK_LAYER + 1} (the look loss uses layer {LOOK_LAYER})")
     if tc.b_questions % len(QUESTION_TYPES):
@@ -624,7 +646,7 @@ def run(args) -> int:
     processor = build_processor(IMAGE_SIZE, mc.patch_size)
     model = build_model(mc, processor)
     log(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
-    pool = make_pool(tc.pool_size, tc.seed)
+    pool = make_pool(tc.pool_size, tc.seed, grid)
     log(f"rendered {tc.pool_size} training scenes")
     heads = train_stage_a(model, pool, tc, work, log)
     train_stage_b(model, processor, pool, heads, tc, work, log)

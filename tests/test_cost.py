@@ -71,3 +71,21 @@ def test_a_method_timed_after_the_fit_is_kept_in_the_cache(monkeypatch, tmp_path
     del budget.overheads["fastv"]  # as if fastv had not been available when the fit was made
     seconds = budget.overhead(predictor.method("fastv"))
     assert cost.TimeBudget(predictor).overheads["fastv"] == seconds  # read back, not measured again
+
+
+def test_embedded_time_profile_script_splits_the_prefill_of_other_grids(tmp_path):
+    """scripts/embedded_time_profile.py: the cost model's fit on a random-weight copy at another grid."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "embedded_time_profile.py"
+    out = tmp_path / "profile.json"
+    subprocess.run([sys.executable, str(script), "--configs", "64x16,64x32", "--rounds", "1", "--json", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["width"], r["visual_tokens"]) for r in rows] == [(64, 144), (64, 36)]
+    for r in rows:
+        assert r["fixed_share"] + r["per_layer_share"] + r["rows_share"] == pytest.approx(1.0)
+        assert r["full_prefill_ms"] > 0 and min(r["fixed_share"], r["per_layer_share"]) >= 0

@@ -99,3 +99,45 @@ def test_train_base_refuses_a_model_too_shallow_for_its_losses(tmp_path, capsys)
 
     assert main(["train-base", "--out", str(tmp_path / "m"), "--text-layers", "2"]) == 2
     assert "--text-layers must be at least 3" in capsys.readouterr().err
+
+
+def test_patch_labels_follow_the_grid_of_the_patch_size():
+    fine = tb.patch_labels(SCENE, grid=24)  # patch 8: LLaVA-1.5's 24 x 24 grid
+    coarse = tb.patch_labels(SCENE)
+    assert fine.shape == (576, 4) and coarse.shape == (144, 4)
+    assert (fine[:, 2] == 1).sum() == (coarse[:, 2] == 1).sum() == len(SCENE)  # one centre patch per object
+    for o in SCENE:  # each object's centre patch carries its colour at both grids
+        cx, cy = o["center"]
+        assert fine[int(cy // 8) * 24 + int(cx // 8), 2] == 1
+        assert fine[int(cy // 8) * 24 + int(cx // 8), 0] == coarse[int(cy // 16) * 12 + int(cx // 16), 0] > 0
+    # a fine patch wholly inside an object is that object's, as its coarse patch is
+    assert fine[(10 // 8 + 1) * 24 + 10 // 8 + 1, 0] == tb.COLOR_NAMES.index("red") + 1
+
+
+def test_train_base_trains_a_576_token_model_in_bf16(tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from par_demo.cli import main
+
+    args = ["train-base", "--out", str(tmp_path / "model"), "--work", str(tmp_path / "work"), "--pool-size", "516",
+            "--a-steps", "1", "--a-batch", "4", "--b-steps", "1", "--b-batch", "1", "--b-questions", "6",
+            "--eval-every", "1", "--eval-per-type", "1", "--final-per-type", "1", "--warmup", "1",
+            "--vision-width", "32", "--vision-layers", "1", "--text-layers", "3", "--text-mlp", "128",
+            "--patch-size", "8", "--bf16"]
+    assert main(args) == 0
+    assert "'bf16': True" in (tmp_path / "work" / "log.txt").read_text()
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "model", local_files_only=True)
+    processor = AutoProcessor.from_pretrained(tmp_path / "model", local_files_only=True)
+    assert model.config.image_seq_length == 576 and model.dtype == torch.float32  # saved fp32 all the same
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many objects are there?"}]}],
+        add_generation_prompt=True)
+    inputs = processor(images=tb.held_out(1, seed=0)[0]["image"], text=prompt, return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 576
+
+
+def test_train_base_refuses_a_patch_size_that_does_not_tile_the_image(tmp_path, capsys):
+    from par_demo.cli import main
+
+    assert main(["train-base", "--out", str(tmp_path / "m"), "--patch-size", "10"]) == 2
+    assert "--patch-size must divide the 192-px image" in capsys.readouterr().err
