@@ -149,3 +149,29 @@ def test_view_routed_par_flops_match_flop_counter(tiled, scene, preset, budget):
     counted = counter.get_total_flops()
     assert abs(flops - counted) / counted < 0.002, (flops, counted)
     assert flops / full <= budget + 1e-9
+
+
+def test_in_time_budgets_par_leaves_tiles_out_by_their_predicted_time(tiled, scene, monkeypatch, tmp_path):
+    """A tower that is most of the prefill time (as SmolVLM-256M's is on a CPU) meets a time budget only by encoding
+    fewer views: PAR chooses them by predicted time (the cost model charges the tower per encoded visual token), and
+    the answer's predicted time fits the budget."""
+    from par_demo import cost
+    from par_demo.disk_cache import cache_path, write_json
+    from par_demo.predict import Predictor
+
+    monkeypatch.setenv("PAR_DEMO_CACHE", str(tmp_path))
+    predictor = Predictor(tiled["smolvlm-tiny"].loaded)
+    predictor.router_path = tiled["smolvlm-tiny"].router_path
+    calibration = predictor.engine.prepare(predictor.encode(cost.calibration_image(), cost.CALIBRATION_QUESTION))
+    per_visual = 1e-3  # 16 ms a view, against well under 1 ms a decoder layer
+    known = cost.PrefillCost(calibration.n_visual, calibration.n_text, predictor.engine.n_layers,
+                             1e-3 + per_visual * calibration.n_visual, 1e-4, 1e-6, 0.0, cost.cost_key(predictor),
+                             per_visual_s=per_visual, overheads={"par": 1e-4})
+    write_json(cache_path(cost.CACHE_KIND, known.key), known.to_dict())
+    image = scene.resize(SIZES["smolvlm-tiny"])
+    encoded = []
+    for budget in (1.0, 0.7, 0.5):
+        p = predictor.predict(image, QUESTION, "par", budget, max_new_tokens=2, budget_unit="time")
+        assert p.views == 7 and p.time_ratio <= budget + 1e-9
+        encoded.append(p.views_encoded)
+    assert encoded[0] == 7 and encoded[2] < encoded[1] < 7

@@ -194,10 +194,11 @@ class Par(Method):
             scores.append(probs[inside].float().mean())
         return tiles, torch.stack(scores) if scores else torch.zeros(0)
 
-    def choose_views(self, query, budget: float) -> list[int]:
+    def choose_views(self, query, budget: float, unit: str = "flops") -> list[int]:
         """The overview plus the best-scored tiles: as many as still let the decoder keep `budget` of the visual
         tokens encoded at the layer count the budget gets (the router's own FLOPs aside: at budget 1 every tile is
-        encoded). The share it can keep falls as tiles are added, so their number is bisected."""
+        encoded). The share it can keep falls as tiles are added, so their number is bisected. In time budgets the
+        same rule with predicted seconds (`par_demo.cost`: the tower's time is charged per encoded visual token)."""
         encoded = query.encoded.nonzero().squeeze(1)
         overview = restrict(query, encoded)
         tiles, scores = self.tile_scores(overview, budget)
@@ -205,13 +206,15 @@ class Par(Method):
         _, layer_logits = self.route(overview, budget)
         layers = self.target_layers(budget) if self.route_layers else self.n_layers
         skip = self.skip_for(layer_logits, layers, 0)
-        limit = budget * self.flops.full(query) * (1 + 1e-9)
+        limit = budget * self.full_cost(query, unit) * (1 + 1e-9)
         views_of, width = query.layout.tile, query.image_features.shape[1]
 
         def enough(m: int) -> bool:
             chosen = torch.tensor(encoded_views(query) + order[:m], device=views_of.device)
             sub = restrict(query, torch.isin(views_of, chosen).nonzero().squeeze(1))
             kept = math.ceil(budget * sub.n_visual)
+            if unit == "time":  # the router's own work is in the method's measured overhead
+                return self.setting_cost(sub, Setting(min(kept, sub.n_visual), skip, 0), "time") <= limit
             if kept >= sub.n_visual:
                 return self.flops.prefill(sub, None, skip, 0) <= limit
             absorb = absorb_flops(sub.n_visual, kept, width) if self.absorbs else 0.0
@@ -229,7 +232,7 @@ class Par(Method):
         self._budget, self._viewed = float(budget), None
         fixed = tokens is not None or layers is not None
         n_overview = int(query.encoded.sum())  # the tokens the router scored the tiles from (none when fixed)
-        views = list(range(len(query.layout.tiles))) if fixed else self.choose_views(query, budget)
+        views = list(range(len(query.layout.tiles))) if fixed else self.choose_views(query, budget, unit)
         query.encode_views(views)
         overview_flops = 0.0 if fixed else self.router.flops(n_overview, query.n_text)
         if not query.partial:  # every view encoded: plan the whole query, the overview's router pass charged
@@ -358,7 +361,7 @@ class Par(Method):
         if reason:
             raise UserError(reason)
         start_layer = self.start_layer()
-        if query.partial:  # the views are chosen by FLOPs in either unit; the split within them by `unit`
+        if query.partial:  # the views the tower encodes, then the split of their tokens and layers, by `unit`
             return self.plan_views(query, check_budget(budget), tokens, layers, start_layer, unit)
         if self._viewed is not None and self._viewed[1] is not query:
             self._viewed = None
