@@ -153,3 +153,26 @@ def test_the_first_time_budget_call_measures_the_cost_model_before_its_prefill(r
     second = predictor.predict(scene, QUESTION, "fastv", 0.95, max_new_tokens=2, budget_unit="time")
     assert first.kept_visual_tokens == second.kept_visual_tokens and first.time_ratio == second.time_ratio
     assert first.prefill_s < 20 * second.prefill_s  # the calibration's seconds are not in the first prefill
+
+
+def test_par_takes_the_most_accurate_scored_split_that_fits_the_time(timed, scene, tmp_path):
+    """PAR's time budgets choose among every split its Pareto measurement scored, not only the best of each FLOPs
+    budget: here the FLOPs-best row (6 of 8 layers) fits 0.7 of the time with a handful of tokens, while a scored
+    4-layer split agreed more often with the full model and fits with most tokens kept."""
+    from par_demo.router import MetaRouter, RouterConfig, fingerprint, save_router
+
+    predictor, _ = timed
+    config = RouterConfig(lm_width=128, n_layers=8, width=16, heads=1, start_layer=0,
+                          model=fingerprint(predictor.loaded))
+    best = [{"budget": 0.3, "layers": 6, "tokens": 8, "kl": 0.2, "agreement": 0.90}]
+    scored = best + [{"budget": 0.3, "layers": 4, "tokens": 30, "kl": 0.1, "agreement": 0.97},
+                     {"budget": 0.5, "layers": 8, "tokens": 40, "kl": 0.0, "agreement": 1.0}]  # does not fit 0.7
+    kept = {}
+    for name, extra in (("scored", {"training": {"pareto_all": scored}}), ("best only", {})):
+        predictor.router_path = save_router(MetaRouter(config), tmp_path / name, best, extra)
+        predictor.methods.clear()
+        p = predictor.predict(scene, QUESTION, "par", 0.7, max_new_tokens=1, budget_unit="time")
+        assert p.time_ratio <= 0.7 + 1e-9
+        kept[name] = (len(p.kept_layers), len(p.kept_visual_tokens))
+    assert kept["scored"][0] == 4 and kept["scored"][1] > 30  # the 4-layer split, as many tokens as fit
+    assert kept["best only"][0] == 6 and kept["best only"][1] < 30  # a router without its scored splits: as before

@@ -106,6 +106,7 @@ class Par(Method):
         super().__init__(context)
         self.router = None
         self.pareto: list[dict] = []
+        self.scored: list[dict] = []  # every (budget, layers) split the Pareto measurement scored (`time_target_layers`)
         self.folder: Path | None = None
         self._problem: str | None = None
         self._loaded_from = None  # the folder list the router was looked up with (an explicit path may change)
@@ -132,6 +133,8 @@ class Par(Method):
             self._problem = str(exc)
             return
         self.folder, self.pareto = found, sorted(meta.get("pareto", []), key=lambda row: row["budget"])
+        # routers measured before every split was kept have their best split per budget only
+        self.scored = meta.get("training", {}).get("pareto_all") or self.pareto
 
     def available(self):
         self._load()
@@ -278,12 +281,14 @@ class Par(Method):
         return max(self.min_layers(), min(self.n_layers, int(layers)))
 
     def time_target_layers(self, query, limit: float, layer_logits: torch.Tensor, start_layer: int) -> int:
-        """Time budgets: the layer count of the most accurate split of the Pareto table (highest agreement with the
-        full model, then lowest KL) whose predicted time fits `limit` seconds; when none does, the fewest layers any
-        row has (the search then goes lower still). The table was measured by FLOPs budget, but each row is a
-        (tokens, layers) split scored for quality, whatever its cost on this machine."""
+        """Time budgets: the layer count of the most accurate split the Pareto measurement scored (highest agreement
+        with the full model, then lowest KL) whose predicted time fits `limit` seconds; when none does, the fewest
+        layers any split has (the search then goes lower still). The measurement went by FLOPs budget and kept the
+        best split of each, but it scored every layer count at each budget, and each of those is a (tokens, layers)
+        split scored for quality whatever its cost on this machine: where time is not FLOPs, the best split for a
+        time budget is often not one a FLOPs budget would pick."""
         fitting = []
-        for row in self.pareto:
+        for row in self.scored:
             layers = max(self.min_layers(), min(self.n_layers, int(row["layers"])))
             split = Setting(min(int(row["tokens"]), query.n_visual), self.skip_for(layer_logits, layers, start_layer),
                             start_layer)
@@ -291,7 +296,7 @@ class Par(Method):
                 fitting.append((row.get("agreement", 0.0), -row.get("kl", 0.0), layers))
         if fitting:
             return max(fitting)[2]
-        return max(self.min_layers(), min(int(row["layers"]) for row in self.pareto))
+        return max(self.min_layers(), min(int(row["layers"]) for row in self.scored))
 
     # ---------------------------------------------------------------------------------------- method
     def choose(self, query, budget, start_layer, unit="flops"):
