@@ -176,3 +176,15 @@ def test_par_takes_the_most_accurate_scored_split_that_fits_the_time(timed, scen
         kept[name] = (len(p.kept_layers), len(p.kept_visual_tokens))
     assert kept["scored"][0] == 4 and kept["scored"][1] > 30  # the 4-layer split, as many tokens as fit
     assert kept["best only"][0] == 6 and kept["best only"][1] < 30  # a router without its scored splits: as before
+
+
+def test_only_undominated_scored_splits_are_searched_best_first():
+    from par_demo.methods.par import undominated
+
+    rows = [{"layers": 6, "tokens": 40, "kl": 0.1, "agreement": 0.95},
+            {"layers": 8, "tokens": 40, "kl": 0.2, "agreement": 0.95},  # more layers, no better: never the choice
+            {"layers": 6, "tokens": 60, "kl": 0.1, "agreement": 0.90},  # more tokens, worse
+            {"layers": 8, "tokens": 50, "kl": 0.0, "agreement": 0.99},
+            {"layers": 4, "tokens": 20, "kl": 0.5, "agreement": 0.80},
+            {"layers": 4, "tokens": 20, "kl": 0.5, "agreement": 0.80}]  # a duplicate
+    assert [(r["layers"], r["tokens"]) for r in undominated(rows)] == [(8, 50), (6, 40), (4, 20)]

@@ -95,6 +95,23 @@ def router_folders(context) -> list[Path]:
     return folders
 
 
+def undominated(rows: list[dict]) -> list[dict]:
+    """The scored splits no other split beats on every count: as few or fewer layers and tokens, and agreeing with
+    the full model as often or more (lower KL breaking ties). A split's time grows with its layers and its tokens on
+    any machine (the cost model's terms are non-negative), so a dominated split is never the most accurate one that
+    fits a time budget; dropping them keeps the search short (the shipped router's 176 splits leave a few dozen)."""
+    def quality(row):
+        return row.get("agreement", 0.0), -row.get("kl", 0.0)
+
+    def beats(a, b):
+        return (a is not b and a["layers"] <= b["layers"] and a["tokens"] <= b["tokens"] and quality(a) >= quality(b)
+                and (a["layers"], a["tokens"], quality(a)) != (b["layers"], b["tokens"], quality(b)))
+
+    kept = [row for row in rows if not any(beats(other, row) for other in rows)]
+    unique = {(row["layers"], row["tokens"], quality(row)): row for row in kept}  # exact duplicates once
+    return sorted(unique.values(), key=lambda row: (*quality(row), row["layers"]), reverse=True)  # best first
+
+
 class Par(Method):
     name = "par"
     uses_tokens = True
@@ -134,7 +151,7 @@ class Par(Method):
             return
         self.folder, self.pareto = found, sorted(meta.get("pareto", []), key=lambda row: row["budget"])
         # routers measured before every split was kept have their best split per budget only
-        self.scored = meta.get("training", {}).get("pareto_all") or self.pareto
+        self.scored = undominated(meta.get("training", {}).get("pareto_all") or self.pareto)
 
     def available(self):
         self._load()
@@ -287,15 +304,12 @@ class Par(Method):
         best split of each, but it scored every layer count at each budget, and each of those is a (tokens, layers)
         split scored for quality whatever its cost on this machine: where time is not FLOPs, the best split for a
         time budget is often not one a FLOPs budget would pick."""
-        fitting = []
-        for row in self.scored:
+        for row in self.scored:  # most accurate first: the first that fits is the one
             layers = max(self.min_layers(), min(self.n_layers, int(row["layers"])))
             split = Setting(min(int(row["tokens"]), query.n_visual), self.skip_for(layer_logits, layers, start_layer),
                             start_layer)
             if self.setting_cost(query, split, "time") <= limit:
-                fitting.append((row.get("agreement", 0.0), -row.get("kl", 0.0), layers))
-        if fitting:
-            return max(fitting)[2]
+                return layers
         return max(self.min_layers(), min(int(row["layers"]) for row in self.scored))
 
     # ---------------------------------------------------------------------------------------- method
