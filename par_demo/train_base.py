@@ -564,10 +564,12 @@ def init_projector_from_heads(model, heads: torch.nn.Linear) -> None:
 
 
 def train_stage_b(model, processor, pool: Pool, heads, tc: TrainConfig, work: Path, log) -> None:
-    """Projector + LM on precomputed features, many questions per image; resumes from work/stage_B.pt."""
+    """Projector + LM on precomputed features, many questions per image; resumes from work/stage_B.pt. `heads`
+    None: the projector is the one the model has (a warm start, `--init-from`)."""
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(False)
-    init_projector_from_heads(model, heads)
+    if heads is not None:
+        init_projector_from_heads(model, heads)
     feats = precompute_features(model, pool)
     packer = QuestionPacker(processor, tc.b_questions, grid_of(model.config.vision_config.patch_size))
     pos, mask = packer.layout()
@@ -611,8 +613,21 @@ def train_stage_b(model, processor, pool: Pool, heads, tc: TrainConfig, work: Pa
 # CLI
 
 
+def warm_start(model, folder: Path) -> None:
+    """Take the weights of a model `train-base` saved with the same model flags (tower, projector and LM)."""
+    try:
+        source = LlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True)
+        model.load_state_dict(source.state_dict())
+    except (OSError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--init-from {folder}: not a model saved with these model flags ({first})") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="assets/models/shapes-llava", help="where the trained model is saved")
+    parser.add_argument("--init-from", default=None,
+                        help="continue from a model train-base saved (same model flags): stage A is skipped and "
+                             "stage B runs --b-steps more steps on a fresh learning-rate schedule")
     parser.add_argument("--work", default=None, help="checkpoints and log for resuming (default: runs/train-base-seed<S>)")
     for f in list(fields(ModelConfig)) + list(fields(TrainConfig)):
         if isinstance(f.default, bool):
@@ -648,7 +663,12 @@ def run(args) -> int:
     log(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
     pool = make_pool(tc.pool_size, tc.seed, grid)
     log(f"rendered {tc.pool_size} training scenes")
-    heads = train_stage_a(model, pool, tc, work, log)
+    if args.init_from:
+        warm_start(model, Path(args.init_from))
+        log(f"initialised from {args.init_from}: stage A skipped, stage B continues its projector and LM")
+        heads = None
+    else:
+        heads = train_stage_a(model, pool, tc, work, log)
     train_stage_b(model, processor, pool, heads, tc, work, log)
 
     out = Path(args.out)

@@ -141,3 +141,20 @@ def test_train_base_refuses_a_patch_size_that_does_not_tile_the_image(tmp_path, 
 
     assert main(["train-base", "--out", str(tmp_path / "m"), "--patch-size", "10"]) == 2
     assert "--patch-size must divide the 192-px image" in capsys.readouterr().err
+
+
+def test_train_base_continues_from_a_saved_model_and_refuses_another_architecture(tmp_path, capsys):
+    from par_demo.cli import main
+
+    small = ["--pool-size", "516", "--a-steps", "1", "--a-batch", "4", "--b-steps", "1", "--b-batch", "1",
+             "--b-questions", "6", "--eval-every", "1", "--eval-per-type", "1", "--final-per-type", "1", "--warmup",
+             "1", "--vision-width", "32", "--vision-layers", "1", "--text-layers", "3", "--text-mlp", "128"]
+    assert main(["train-base", "--out", str(tmp_path / "first"), "--work", str(tmp_path / "w1"), *small]) == 0
+    assert main(["train-base", "--out", str(tmp_path / "second"), "--work", str(tmp_path / "w2"),
+                 "--init-from", str(tmp_path / "first"), *small]) == 0
+    log = (tmp_path / "w2" / "log.txt").read_text()
+    assert "stage A skipped" in log and "stage B step 1" in log and "stage A step" not in log
+    wider = [*small[:-4], "--text-layers", "4", "--text-mlp", "128"]
+    assert main(["train-base", "--out", str(tmp_path / "third"), "--work", str(tmp_path / "w3"),
+                 "--init-from", str(tmp_path / "first"), *wider]) == 2
+    assert "not a model saved with these model flags" in capsys.readouterr().err
