@@ -43,15 +43,22 @@ def bench_compare(client, examples: list[list[str]], budgets: list[float], reque
 
     replies: dict[float, list[dict]] = {b: [] for b in budgets}
     walls: dict[float, list[float]] = {b: [] for b in budgets}
+    refused: dict[float, str] = {}  # a budget the method cannot reach: the page's one-line answer, once
     for i in range(requests):
         image, question = examples[i % len(examples)]
-        for budget in budgets:  # in turns, so a busy moment of the machine falls on every budget alike
+        for budget in [b for b in budgets if b not in refused]:  # in turns: a busy moment falls on every budget
             started = time.perf_counter()
-            *_, stats, _ = client.predict(handle_file(image), question, method, budget, api_name="/compare")
+            try:
+                *_, stats, _ = client.predict(handle_file(image), question, method, budget, api_name="/compare")
+            except Exception as exc:  # gradio_client re-raises the page's refusal (e.g. a budget out of reach)
+                if replies[budget]:
+                    raise
+                refused[budget] = str(exc).strip().splitlines()[-1]
+                continue
             walls[budget].append(time.perf_counter() - started)
             replies[budget].append(stats)
-    rows = []
-    for budget in budgets:
+    rows = [{"budget": budget, "refused": message} for budget, message in refused.items()]
+    for budget in [b for b in budgets if b not in refused]:
         speedups = [r["timing"]["prefill_speedup"] for r in replies[budget]]
         medians = [s["median"] for s in speedups]
         bound = statistics.median(r["timing"]["speedup_bound"] for r in replies[budget])
@@ -122,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                   "| over bound by > spread | of those unmarked | request, median |")
             print("|---|---|---|---|---|---|---|---|---|")
             for r in rows:
+                if "refused" in r:
+                    print(f"| {r['budget']:g} | refused: {r['refused']} |||||||")
+                    continue
                 predicted = "" if r["time_ratio"] is None else f" (predicted time {r['time_ratio']:.2f})"
                 print(f"| {r['budget']:g} | {r['flops_ratio']:.3f}{predicted} | {r['speedup_median']:.2f}× "
                       f"| {r['speedup_min']:.2f}–{r['speedup_max']:.2f}× | {r['bound']:.2f}× | {r['marked_noise']} "
