@@ -1,4 +1,5 @@
-"""The shipped ShapesVQA checkpoint loads offline, is small, and still answers fresh questions correctly."""
+"""The shipped ShapesVQA checkpoints (144 visual tokens, and LLaVA-1.5's 576) load offline, are small, and still
+answer fresh questions correctly."""
 
 from __future__ import annotations
 
@@ -11,17 +12,24 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from par_demo.shapes import QUESTION_TYPES, is_correct, sample_example
 
-MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "models" / "shapes-llava"
+MODELS = Path(__file__).resolve().parent.parent / "assets" / "models"
+VISUAL_TOKENS = {"shapes-llava": 144, "shapes-llava-576": 576}  # 12 x 12 and 24 x 24 patches
+# Floors on 120 fresh samples (overall, and each question type's share): the shipped model measures 99.2 % on 1,200
+# held-out samples; the 576-token one is partly trained (88.8 % on 600 held-out, shape questions 74 %,
+# docs/embedded-model.md) and is held to what it measured, so that a broken or mis-saved checkpoint cannot land.
+FLOORS = {"shapes-llava": (0.9, 0.75), "shapes-llava-576": (0.8, 0.6)}
 TEST_SEED = 90_210  # used by this test only, never for training
 
 
-@pytest.fixture(scope="module")
-def model_and_processor():
-    if not (MODEL_DIR / "config.json").exists():
-        pytest.fail(f"the embedded model is missing: {MODEL_DIR}")
+@pytest.fixture(scope="module", params=list(VISUAL_TOKENS))
+def model_and_processor(request):
+    folder = MODELS / request.param
+    if not (folder / "config.json").exists():
+        pytest.fail(f"the embedded model is missing: {folder}")
     torch.set_num_threads(2)
-    processor = AutoProcessor.from_pretrained(MODEL_DIR, local_files_only=True)
-    model = LlavaForConditionalGeneration.from_pretrained(MODEL_DIR, local_files_only=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    model = LlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True).eval()
+    model.folder = folder
     return model, processor
 
 
@@ -32,18 +40,18 @@ def prompt_for(processor, question: str) -> str:
 
 def test_checkpoint_is_small_and_sized_for_pruning(model_and_processor):
     model, _ = model_and_processor
-    total = sum(f.stat().st_size for f in MODEL_DIR.rglob("*") if f.is_file())
+    total = sum(f.stat().st_size for f in model.folder.rglob("*") if f.is_file())
     assert total <= 20 * 1024 * 1024, f"checkpoint is {total / 2**20:.1f} MB"
     assert model.config.text_config.num_hidden_layers >= 8
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     assert grid >= 12
 
 
-def test_processor_gives_144_image_tokens(model_and_processor):
+def test_processor_gives_one_image_token_per_patch(model_and_processor):
     model, processor = model_and_processor
     image, _, question, _ = sample_example("count_all", np.random.default_rng(TEST_SEED))
     inputs = processor(images=image, text=prompt_for(processor, question), return_tensors="pt")
-    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 144
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == VISUAL_TOKENS[model.folder.name]
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
     assert prompt_for(processor, question) == f"USER: <image>\n{question} ASSISTANT:"
 
@@ -70,5 +78,6 @@ def test_fresh_accuracy_with_stock_greedy_generate(model_and_processor):
     # A floor that catches a broken or mis-saved checkpoint (answering from priors alone scores ~30%), with room
     # for the noise of 120 samples below what the shipped checkpoint measures on 1,200 held-out ones
     # (docs/embedded-model.md).
-    assert accuracy >= 0.9, f"accuracy {accuracy:.2f}, per type {hits}"
-    assert min(hits.values()) >= 0.75 * per_type, f"a question type collapsed: {hits}"
+    overall, each = FLOORS[model.folder.name]
+    assert accuracy >= overall, f"accuracy {accuracy:.2f}, per type {hits}"
+    assert min(hits.values()) >= each * per_type, f"a question type collapsed: {hits}"
