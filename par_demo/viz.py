@@ -274,10 +274,9 @@ def sweep_agreement_figure(points: Sequence[dict], method_label: str, height: in
                              name="agreement", mode="lines+markers", line=dict(color=KEPT_COLOR), customdata=hover,
                              hovertemplate="prefill time %{x:.2f}: agreement %{y:.2f}<br>%{customdata}<extra></extra>"))
     # a pruned run can be slower than the full model (a method's own work on a tiny model): the axis shows it
-    fig.update_xaxes(title_text="measured prefill time (fraction of full)", range=[0, max([1.05, *xs]) + 0.02],
+    fig.update_xaxes(title_text="measured time (fraction of full)", range=[0, max([1.05, *xs]) + 0.02],
                      gridcolor="#eee")
     fig.update_yaxes(title_text="word-overlap F1", range=[-0.05, 1.05], gridcolor="#eee")
     fig.update_layout(showlegend=False)
-    title = "Same answer as the full model?" + subtitle(f"{len(points)} budgets · word overlap, 1 = same · "
-                                                        "against measured time")
+    title = "Same answer as the full model?" + subtitle(f"{len(points)} budgets · word overlap, 1 = same")
     return _base_layout(fig, title, height)

@@ -263,7 +263,7 @@ def test_sweep_plots_agreement_against_the_measured_prefill_time(service):
         assert p["time_ratio"] == pytest.approx(p["timing"].prefill_s.median / p["full_timing"].prefill_s.median)
     figure = viz.sweep_agreement_figure(points, "layerdrop")
     assert list(figure.data[0].x) == [p["time_ratio"] for p in points]
-    assert figure.layout.xaxis.title.text.startswith("measured prefill time")
+    assert figure.layout.xaxis.title.text.startswith("measured time")
     assert all(f"FLOPs {p['flops_ratio']:.2f}" in hover for p, hover in zip(points, figure.data[0].customdata))
 
 
