@@ -182,6 +182,12 @@ def served_locally(app: DemoApp) -> Iterator[str]:
         blocks.close()
 
 
+def default_budget_unit() -> str:
+    """Time is what a visitor feels; ZeroGPU attaches its GPU only inside requests, so there is nothing to time at
+    start-up and the slider falls back to FLOPs."""
+    return "flops" if zerogpu_enabled() else "time"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=TITLE)
     parser.add_argument("--model", default=os.environ.get("PAR_MODEL") or None,
@@ -192,9 +198,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="address to listen on (0.0.0.0 to serve the network)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
-    parser.add_argument("--budget-unit", default=os.environ.get("PAR_BUDGET_UNIT", "flops"), choices=BUDGET_UNITS,
-                        help="what the budget slider is a fraction of: the full prefill's FLOPs, or its time on this "
-                             "machine (a cost model measured at start-up and cached; env PAR_BUDGET_UNIT)")
+    parser.add_argument("--budget-unit", default=os.environ.get("PAR_BUDGET_UNIT") or default_budget_unit(),
+                        choices=BUDGET_UNITS,
+                        help="what the budget slider is a fraction of: the prefill's time on this machine (default; a "
+                             "cost model measured at start-up and cached), or its FLOPs (the default on ZeroGPU, "
+                             "where no GPU is attached at start-up to time; env PAR_BUDGET_UNIT)")
     for name, what in (("min", "smallest"), ("max", "largest")):
         env = f"PAR_{name.upper()}_PIXELS"
         parser.add_argument(f"--{name}-pixels", type=int, default=int(os.environ[env]) if os.environ.get(env) else None,

@@ -563,9 +563,11 @@ def init_projector_from_heads(model, heads: torch.nn.Linear) -> None:
     first.bias[:n] = heads.bias
 
 
-def train_stage_b(model, processor, pool: Pool, heads, tc: TrainConfig, work: Path, log) -> None:
+def train_stage_b(model, processor, pool: Pool, heads, tc: TrainConfig, work: Path, log,
+                  carried: dict | None = None) -> None:
     """Projector + LM on precomputed features, many questions per image; resumes from work/stage_B.pt. `heads`
-    None: the projector is the one the model has (a warm start, `--init-from`)."""
+    None: the projector is the one the model has (a warm start, `--init-from`); `carried`: the stage-B checkpoint
+    it came from, whose read probe and optimizer moments go on (its step count does not: the schedule is fresh)."""
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(False)
     if heads is not None:
@@ -580,6 +582,9 @@ def train_stage_b(model, processor, pool: Pool, heads, tc: TrainConfig, work: Pa
     # beta2 0.95: steadier second-moment estimates at the high learning rate a from-scratch LM this small wants
     opt = torch.optim.AdamW(params, lr=tc.b_lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     path, start = checkpoint_path(work, "B"), 0
+    if carried is not None and not path.exists():
+        read_head.load_state_dict(carried["read_head"]), opt.load_state_dict(carried["opt"])
+        log("stage B: read probe and optimizer moments carried over from the checkpoint")
     if path.exists():
         state = torch.load(path, weights_only=False)
         model.load_state_dict(state["model"]), read_head.load_state_dict(state["read_head"])
@@ -613,12 +618,21 @@ def train_stage_b(model, processor, pool: Pool, heads, tc: TrainConfig, work: Pa
 # CLI
 
 
-def warm_start(model, folder: Path) -> None:
-    """Take the weights of a model `train-base` saved with the same model flags (tower, projector and LM)."""
+def warm_start(model, folder: Path) -> dict | None:
+    """Take the weights of a model `train-base` saved with the same model flags (tower, projector and LM). `folder`
+    may also be a train-base work folder: its last stage-B checkpoint then gives the weights and is returned, so
+    that the read probe and the optimizer's moments carry on too (a fresh probe's random gradients would first
+    undo part of what the LM learned)."""
+    checkpoint = checkpoint_path(folder, "B")
     try:
+        if checkpoint.exists():
+            state = torch.load(checkpoint, weights_only=False)
+            model.load_state_dict(state["model"])
+            return state
         source = LlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True)
         model.load_state_dict(source.state_dict())
-    except (OSError, RuntimeError, ValueError) as exc:
+        return None
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"--init-from {folder}: not a model saved with these model flags ({first})") from None
 
@@ -626,7 +640,8 @@ def warm_start(model, folder: Path) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="assets/models/shapes-llava", help="where the trained model is saved")
     parser.add_argument("--init-from", default=None,
-                        help="continue from a model train-base saved (same model flags): stage A is skipped and "
+                        help="continue from a model train-base saved, or from its --work folder (then its read "
+                             "probe and optimizer moments go on too); same model flags: stage A is skipped and "
                              "stage B runs --b-steps more steps on a fresh learning-rate schedule")
     parser.add_argument("--work", default=None, help="checkpoints and log for resuming (default: runs/train-base-seed<S>)")
     for f in list(fields(ModelConfig)) + list(fields(TrainConfig)):
@@ -663,13 +678,14 @@ def run(args) -> int:
     log(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
     pool = make_pool(tc.pool_size, tc.seed, grid)
     log(f"rendered {tc.pool_size} training scenes")
+    carried = None
     if args.init_from:
-        warm_start(model, Path(args.init_from))
+        carried = warm_start(model, Path(args.init_from))
         log(f"initialised from {args.init_from}: stage A skipped, stage B continues its projector and LM")
         heads = None
     else:
         heads = train_stage_a(model, pool, tc, work, log)
-    train_stage_b(model, processor, pool, heads, tc, work, log)
+    train_stage_b(model, processor, pool, heads, tc, work, log, carried)
 
     out = Path(args.out)
     model.save_pretrained(out)

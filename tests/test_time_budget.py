@@ -128,8 +128,12 @@ def test_the_app_in_time_budgets_shows_the_predicted_time_and_times_the_same_set
     assert [p["budget"] for p in points] == [0.9, 0.6] and all("timing" in p for p in points)
     assert len(units) > 10 and set(units) == {"time"}  # answers and timing rounds alike ran time-budget plans
 
-    monkeypatch.setenv("PAR_BUDGET_UNIT", "time")
-    assert app_module.parse_args([]).budget_unit == "time"
+    monkeypatch.delenv("PAR_BUDGET_UNIT", raising=False)
+    assert app_module.parse_args([]).budget_unit == "time"  # the app's default: what a visitor feels
+    monkeypatch.setattr(app_module, "zerogpu_enabled", lambda: True)
+    assert app_module.parse_args([]).budget_unit == "flops"  # ZeroGPU: no GPU at start-up to time
+    monkeypatch.setenv("PAR_BUDGET_UNIT", "flops")
+    assert app_module.parse_args(["--budget-unit", "time"]).budget_unit == "time"
     page = app_module.build_demo(DemoApp(service))
     assert app_module.BUDGET_LABELS["time"] in str(page.config)
 

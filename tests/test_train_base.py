@@ -143,7 +143,7 @@ def test_train_base_refuses_a_patch_size_that_does_not_tile_the_image(tmp_path, 
     assert "--patch-size must divide the 192-px image" in capsys.readouterr().err
 
 
-def test_train_base_continues_from_a_saved_model_and_refuses_another_architecture(tmp_path, capsys):
+def test_train_base_continues_from_a_saved_model_or_its_work_folder_and_refuses_another_architecture(tmp_path, capsys):
     from par_demo.cli import main
 
     small = ["--pool-size", "516", "--a-steps", "1", "--a-batch", "4", "--b-steps", "1", "--b-batch", "1",
@@ -154,6 +154,10 @@ def test_train_base_continues_from_a_saved_model_and_refuses_another_architectur
                  "--init-from", str(tmp_path / "first"), *small]) == 0
     log = (tmp_path / "w2" / "log.txt").read_text()
     assert "stage A skipped" in log and "stage B step 1" in log and "stage A step" not in log
+    assert "carried over" not in log  # a saved model has no read probe: a fresh one
+    assert main(["train-base", "--out", str(tmp_path / "fourth"), "--work", str(tmp_path / "w4"),
+                 "--init-from", str(tmp_path / "w1"), *small]) == 0  # a work folder: its probe goes on too
+    assert "read probe and optimizer moments carried over" in (tmp_path / "w4" / "log.txt").read_text()
     wider = [*small[:-4], "--text-layers", "4", "--text-mlp", "128"]
     assert main(["train-base", "--out", str(tmp_path / "third"), "--work", str(tmp_path / "w3"),
                  "--init-from", str(tmp_path / "first"), *wider]) == 2
