@@ -1,4 +1,4 @@
-"""The model side of the app: one predictor behind a lock, a bounded cache of full answers, and the three things
+"""The model side of the app: one predictor on its own thread (`par_demo.model_thread`), a bounded cache of full answers, and the three things
 the page asks of it: one method against the full model (`compare`), every method at one budget (`compare_all`)
 and one method over many budgets (`sweep`).
 
@@ -33,6 +33,7 @@ from par_demo.inputs import (
 from par_demo.methods import REGISTRY
 from par_demo.methods.base import check_unit
 from par_demo.model_card import ModelCard
+from par_demo.model_thread import ModelThread
 
 if TYPE_CHECKING:  # the engine is imported lazily: building a service for tests needs no model code
     from par_demo.predict import Prediction, Predictor
@@ -162,7 +163,8 @@ class DemoService:
 
     def __init__(self, predictor: Predictor, model_name: str, n_layers: int, max_visual_tokens: int,
                  cache_items: int = DEFAULT_CACHE_ITEMS, max_new_tokens: int = 16, description: str = "",
-                 card: ModelCard | None = None, rounds: int = timing.DEFAULT_ROUNDS, budget_unit: str = "flops"):
+                 card: ModelCard | None = None, rounds: int = timing.DEFAULT_ROUNDS, budget_unit: str = "flops",
+                 model_thread: ModelThread | None = None):
         self.predictor = predictor
         # What the page's budget is a fraction of: the full prefill's FLOPs, or its time on this machine (the
         # measured cost model, `par_demo.cost`, made or read from the cache when the service is built)
@@ -176,8 +178,9 @@ class DemoService:
         self.rounds = rounds
         self.full_cache = LRUCache(cache_items)
         self.view_cache = LRUCache(cache_items)
-        # One model, many users: model calls run one at a time (the app's queue also serialises them).
-        self._model_lock = threading.Lock()
+        # One model, many users: model calls run one at a time (the app's queue also serialises them), all on one
+        # thread, the one that loaded the model, so that a CPU runs one OpenMP thread team (`par_demo.model_thread`).
+        self.model_thread = model_thread or ModelThread(inline=zerogpu_enabled())
         # Why a method is unavailable, as the page shows it: paths inside the project relative to it.
         self._available = {name: reason and reason.replace(f"{ROOT}/", "")
                            for name, reason in predictor.available_methods().items()}
@@ -190,15 +193,23 @@ class DemoService:
         from par_demo.models import DEFAULT_MODEL, load_model
         from par_demo.predict import Predictor
 
-        loaded = load_model(spec or DEFAULT_MODEL, quant=quant, options=options)
-        predictor = Predictor(loaded)
-        if kwargs.get("budget_unit") == "time":
-            if zerogpu_enabled():  # no GPU is attached outside requests there: nothing to time at start-up
-                raise UserError("time budgets need the model's device at start-up to measure it; ZeroGPU attaches "
-                                "one only during requests: use --budget-unit flops there")
-            predictor.time_budget()  # at start-up, not in a visitor's request
+        if kwargs.get("budget_unit") == "time" and zerogpu_enabled():
+            # no GPU is attached outside requests there: nothing to time at start-up
+            raise UserError("time budgets need the model's device at start-up to measure it; ZeroGPU attaches "
+                            "one only during requests: use --budget-unit flops there")
+
+        def load() -> Predictor:
+            predictor = Predictor(load_model(spec or DEFAULT_MODEL, quant=quant, options=options))
+            if kwargs.get("budget_unit") == "time":
+                predictor.time_budget()  # at start-up, not in a visitor's request
+            return predictor
+
+        model_thread = kwargs.pop("model_thread", None) or ModelThread(inline=zerogpu_enabled())
+        predictor = model_thread.call(load)
+        loaded = predictor.loaded
         return cls(predictor, loaded.name, loaded.n_layers, loaded.max_visual_tokens,
-                   description=loaded.family.describe(loaded), card=card_for(loaded), **kwargs)
+                   description=loaded.family.describe(loaded), card=card_for(loaded), model_thread=model_thread,
+                   **kwargs)
 
     @property
     def n_visual_tokens(self) -> int:
@@ -213,24 +224,22 @@ class DemoService:
                 return name
         return METHOD_CHOICES[0][1]
 
-    # -- model calls, one at a time
+    # -- model calls, one at a time, on the model thread
     def _run(self, image: Image.Image, question: str, **kwargs: Any) -> Prediction:
         kwargs.setdefault("max_new_tokens", self.max_new_tokens)
         kwargs.setdefault("budget_unit", self.budget_unit)
-        with self._model_lock:
-            return _predict_on_device(self.predictor, image, question, kwargs)
+        return self.model_thread.call(_predict_on_device, self.predictor, image, question, kwargs)
 
     def _measure(self, image: Image.Image, question: str, predictions: list, settings: list,
                  rounds: int, answers_are_a_round: bool = False) -> list[Prediction]:
-        with self._model_lock:
-            return _measure_on_device(self.predictor, image, question, predictions, settings, rounds,
-                                      self.max_new_tokens, answers_are_a_round)
+        return self.model_thread.call(_measure_on_device, self.predictor, image, question, predictions, settings,
+                                      rounds, self.max_new_tokens, answers_are_a_round)
 
     def model_view(self, image: Image.Image, fingerprint: str | None = None) -> Image.Image:
         key = (fingerprint or image_fingerprint(image), self.model_name)
         view = self.view_cache.get(key)
         if view is None:
-            view = self.predictor.model_view(image).convert("RGB")
+            view = self.model_thread.call(self.predictor.model_view, image).convert("RGB")
             self.view_cache.put(key, view)
         return view
 
@@ -345,7 +354,7 @@ class DemoService:
 
     # -- start-up
     def start_warm_up(self) -> threading.Thread:
-        """`warm_up` in a background thread; a query arriving meanwhile simply waits for the model lock."""
+        """`warm_up` in a background thread; a query arriving meanwhile waits its turn on the model thread."""
 
         def run() -> None:
             try:

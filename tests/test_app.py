@@ -7,6 +7,7 @@ public API through a real server is in test_app_api.py.
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import gradio as gr
 import plotly.graph_objects as go
@@ -35,11 +36,13 @@ class CountingPredictor:
     def __init__(self, inner):
         self.inner = inner
         self.calls: list[str] = []
+        self.threads: set[int] = set()  # the threads the model ran on
 
     def available_methods(self):
         return self.inner.available_methods()
 
     def model_view(self, image):
+        self.threads.add(threading.get_ident())
         return self.inner.model_view(image)
 
     def encode(self, image, question):
@@ -47,10 +50,12 @@ class CountingPredictor:
 
     def predict(self, image, question, method="full", **kwargs):
         self.calls.append(method)
+        self.threads.add(threading.get_ident())
         return self.inner.predict(image, question, method, **kwargs)
 
     def generate(self, image, question, method="full", **kwargs):
         self.calls.append(f"timed {method}")
+        self.threads.add(threading.get_ident())
         return self.inner.generate(image, question, method, **kwargs)
 
     measure = Predictor.measure  # the real timing rounds, calling the counted `generate`
@@ -120,6 +125,35 @@ def test_warm_up_runs_the_full_model_and_every_available_method_once(service):
     service.warm_up()
     available = [name for _, name in METHOD_CHOICES if not service.available_methods().get(name)]
     assert service.predictor.calls == ["full", *available]
+
+
+def test_every_model_call_runs_on_the_one_model_thread_whichever_thread_asks(service):
+    # Gradio answers on worker threads and the warm-up runs on one of its own; on a CPU each thread that calls the
+    # model would start an OpenMP team of its own, and two teams on 2 cores slow every kernel (par_demo.model_thread)
+    service.predictor.threads.clear()
+    service.view_cache = s.LRUCache(4)  # the model view is computed again, on the model thread
+    askers = [threading.Thread(target=service.compare, args=(EXAMPLE, QUESTION, "fastv", budget))
+              for budget in (0.5, 0.7)]
+    askers.append(service.start_warm_up())
+    for asker in askers[:2]:
+        asker.start()
+    for asker in askers:
+        asker.join()
+    service.compare(EXAMPLE, QUESTION, "random", 0.5)  # and from this thread
+    assert service.predictor.threads == {service.model_thread.ident}
+    assert service.model_thread.ident != threading.get_ident()
+
+
+def test_the_model_is_loaded_on_the_thread_that_answers(tiny, monkeypatch):
+    import par_demo.models
+
+    loaded_on = []
+    monkeypatch.setattr(par_demo.models, "load_model",
+                        lambda spec, **options: loaded_on.append(threading.get_ident()) or tiny)
+    service = s.DemoService.from_model("any", max_new_tokens=2, rounds=1)
+    service.predictor = CountingPredictor(service.predictor)
+    service.compare(EXAMPLE, QUESTION, "random", 0.5)
+    assert loaded_on == [service.model_thread.ident] and service.predictor.threads == set(loaded_on)
 
 
 def test_cache_key_includes_the_question(service):
