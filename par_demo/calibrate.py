@@ -63,7 +63,11 @@ def print_human(result: dict, fitted) -> None:
           f"{fitted.n_layers} layers")
     print(f"  fixed {fitted.fixed_s * 1e3:.2f} ms + per layer {fitted.per_layer_s * 1e3:.3f} ms "
           f"+ {fitted.per_row_s * 1e6:.2f} us/row + {fitted.per_row2_s * 1e9:.3f} ns/row^2")
-    print(f"  full prefill predicted {fitted.full() * 1e3:.1f} ms")
+    print(f"  full prefill predicted {fitted.full() * 1e3:.1f} ms; absorbing's attention bias "
+          f"+{fitted.absorb_row2_s * 1e9:.3f} ns/row^2 per layer")
+    if fitted.overheads:
+        print("  each method's own work: " + ", ".join(
+            f"{name} {seconds * 1e3:.2f} ms" for name, seconds in fitted.overheads.items() if name != "full"))
     if result["check"]:
         print(f"  {'tokens':>6} {'layers':>6} {'measured ms':>11} {'predicted ms':>12} {'error':>6}")
         for row in result["check"]:

@@ -35,7 +35,7 @@ from par_demo.engine import PruningPlan
 from par_demo.timing import time_interleaved
 
 CACHE_KIND = "prefill-cost"
-FORMAT = 3
+FORMAT = 4  # 4: overheads measured against the bare split; absorbing's bias in the fit
 # The calibration query: one of the app's examples (a model answers any picture; only its token count matters).
 CALIBRATION_QUESTION = "What color is the circle?"
 
@@ -56,24 +56,29 @@ class PrefillCost:
     # Dynamic-resolution models (Qwen2.5-VL): the vision path's time per visual token of another image than the
     # calibration one (`fixed_s` holds the calibration image's); 0 where every image gives the same tokens
     per_visual_s: float = 0.0
-    # Each method's own work (router pass, similarity search, the budget search, absorbing's mask), which runs
-    # inside the timed prefill: seconds, measured with the grid (`method_overhead`)
+    # Absorbing (proportional attention, `methods/absorb.py`): attention with a bias on the kept keys instead of the
+    # plain causal kernel costs this much more per layer per row**2 from the start layer on (`absorb_rate`)
+    absorb_row2_s: float = 0.0
+    # Each method's own work (router pass, similarity search, the budget search), which runs inside the timed
+    # prefill: seconds, measured with the grid against the bare split the method chose (`method_overhead`)
     overheads: dict[str, float] = field(default_factory=dict)
 
     def layer_s(self, rows: int) -> float:
         return self.per_layer_s + self.per_row_s * rows + self.per_row2_s * rows * rows
 
     def predict(self, tokens: int, layers_run: int, start_layer: int = 0, n_visual: int | None = None,
-                n_text: int | None = None) -> float:
+                n_text: int | None = None, absorbed: bool = False) -> float:
         """Seconds for a prefill keeping `tokens` visual tokens from layer `start_layer` on and running
         `layers_run` layers (those before the start layer are counted among them and see every token). `n_visual`
-        / `n_text`: another query's shape (default: the calibration query's)."""
+        / `n_text`: another query's shape (default: the calibration query's). `absorbed`: the kept tokens carry
+        proportional attention's bias from the start layer on."""
         n_visual = self.n_visual if n_visual is None else n_visual
         n_text = self.n_text if n_text is None else n_text
         before = min(start_layer, layers_run)
         fixed = self.fixed_s + self.per_visual_s * (n_visual - self.n_visual)
-        return (fixed + before * self.layer_s(n_text + n_visual)
-                + (layers_run - before) * self.layer_s(n_text + min(tokens, n_visual)))
+        rows = n_text + min(tokens, n_visual)
+        after = self.layer_s(rows) + (self.absorb_row2_s * rows * rows if absorbed and tokens < n_visual else 0.0)
+        return fixed + before * self.layer_s(n_text + n_visual) + (layers_run - before) * after
 
     def full(self, n_visual: int | None = None, n_text: int | None = None) -> float:
         n_visual = self.n_visual if n_visual is None else n_visual
@@ -180,7 +185,8 @@ def calibrate(predictor, image=None, rounds: int = 3, progress: Callable[[str], 
     seconds = measure_splits(predictor, image, splits, rounds, progress)
     fitted = fit([(t, l, s) for (t, l), s in zip(splits, seconds)], query.n_visual, query.n_text, n_layers,
                  cost_key(predictor))
-    fitted = dataclasses.replace(fitted, per_visual_s=vision_rate(predictor, fitted, rounds, progress))
+    fitted = dataclasses.replace(fitted, per_visual_s=vision_rate(predictor, fitted, rounds, progress),
+                                 absorb_row2_s=absorb_rate(predictor, fitted, image, rounds, progress))
     if progress:
         progress("timing each method's own work")
     overheads = {name: method_overhead(predictor, fitted, name, image)
@@ -202,6 +208,31 @@ def vision_rate(predictor, fitted: PrefillCost, rounds: int = 3,
     full = measure_splits(predictor, small, [(query.n_visual, fitted.n_layers)], rounds)[0]
     decoder = fitted.n_layers * fitted.layer_s(query.n_text + query.n_visual)
     return max(0.0, (fitted.fixed_s + decoder - full) / (fitted.n_visual - query.n_visual))
+
+
+def absorb_rate(predictor, fitted: PrefillCost, image, rounds: int = 3,
+                progress: Callable[[str], None] | None = None) -> float:
+    """Seconds per layer per row**2 that proportional attention's bias adds: half the visual tokens through every
+    layer, with and without a bias on the kept keys, timed in turns. Attention with a bias cannot use the plain
+    causal kernel, so the extra grows with the square of the sequence."""
+    engine = predictor.engine
+    inputs = predictor.encode(image, CALIBRATION_QUESTION)
+    kept = fitted.n_visual // 2
+    if kept < 1:
+        return 0.0
+    plain = split_plan(fitted.n_visual, fitted.n_layers, kept, fitted.n_layers)
+    biased = dataclasses.replace(plain, kept_sizes=torch.full((plain.keep_visual.numel(),), 2.0))
+    if progress:
+        progress("timing absorbing's attention bias")
+
+    def run(plan: PruningPlan) -> tuple[float, float]:
+        generation = engine.generate(inputs, lambda query: plan, max_new_tokens=1)
+        return generation.prefill_s, generation.total_s
+
+    without, with_bias = time_interleaved(run, [plain, biased], max(rounds, 5), warm_up=True)
+    extra = statistics.median(s[0] for s in with_bias) - statistics.median(s[0] for s in without)
+    rows = fitted.n_text + plain.keep_visual.numel()
+    return max(0.0, extra / (fitted.n_layers * rows * rows))
 
 
 def load_or_calibrate(predictor, recalibrate: bool = False,
@@ -232,31 +263,61 @@ def relative_errors(cost: PrefillCost, points: Sequence[tuple[int, int, float]])
     return [abs(cost.predict(t, l) - s) / s for t, l, s in points if s > 0 and not math.isnan(s)]
 
 
-def method_overhead(predictor, fitted: PrefillCost, name: str, image=None, repeats: int = 5) -> float:
-    """Seconds a method's prefill takes beyond what `fitted` predicts for the split it chose: its planning (a router
-    pass, a similarity search, the budget search) and what its plans add inside the prefill (FastV's attention row,
-    absorbing's attention mask). Measured end to end at FLOPs budgets 0.5 and 0.25 (median of `repeats` after a
-    warm-up; the larger of the two, never below 0); 0 for the full model."""
+def method_overhead(predictor, fitted: PrefillCost, name: str, image=None, rounds: int = 5) -> float:
+    """Seconds a method's prefill takes beyond the bare split it chose: its planning (a router pass, a similarity
+    search, the budget search) and what its plan adds inside the prefill (FastV's attention row, merged features).
+    Measured at FLOPs budgets 0.5 and 0.25: the method's own runs in turns with the engine running the same split
+    bare (the same visual tokens kept from the same layer, with the same absorbed sizes, the same layers skipped,
+    nothing else), the difference of their medians; the larger of the two, never below 0; 0 for the full model.
+    Absorbing's bias grows with the split, so it is not in here but in the fit (`absorb_row2_s`).
+
+    Against the bare split, not against `fitted`'s prediction for it: the fit's own error at that split would count
+    as the method's work, and a method is then charged for it at every split it considers (PAR's router pass on the
+    576-token model measured 5.8 ms against the prediction, 0.6-1.3 ms against the bare split). A method that
+    chooses which image views are encoded (`routes_views`) encodes fewer views than a replay would: it is measured
+    against the prediction."""
     from par_demo.errors import BudgetOutOfReach
 
     if name == "full":
         return 0.0
     image = image if image is not None else calibration_image()
     inputs = predictor.encode(image, CALIBRATION_QUESTION)
+    routes_views = predictor.method(name).routes_views
     extra = []
     for budget in (0.5, 0.25):
-        runs = []
-        try:
-            for _ in range(repeats + 1):  # the first run warms up (and makes any one-time measurement)
-                runs.append(predictor.generate(image, CALIBRATION_QUESTION, name, budget, max_new_tokens=1,
-                                               encoded=inputs).generation)
+        try:  # the first run warms up (and makes any one-time measurement)
+            chosen = predictor.generate(image, CALIBRATION_QUESTION, name, budget, max_new_tokens=1,
+                                        encoded=inputs).generation
         except BudgetOutOfReach:
             continue
-        last = runs[-1]
-        layers_run = fitted.n_layers - len(last.plan.skip_layers)
-        kept = int(last.kept_visual.numel())
-        predicted = fitted.predict(kept, layers_run, last.plan.start_layer if kept < fitted.n_visual else 0)
-        extra.append(statistics.median(g.prefill_s for g in runs[1:]) - predicted)
+        kept, skip, start = chosen.kept_visual, chosen.plan.skip_layers, chosen.plan.start_layer
+        n_kept = int(kept.numel())
+        if routes_views:
+            own = [predictor.generate(image, CALIBRATION_QUESTION, name, budget, max_new_tokens=1,
+                                      encoded=inputs).generation.prefill_s for _ in range(rounds)]
+            predicted = fitted.predict(n_kept, fitted.n_layers - len(skip), start if n_kept < fitted.n_visual else 0,
+                                       absorbed=chosen.plan.kept_sizes is not None)
+            extra.append(statistics.median(own) - predicted)
+            continue
+        plan = chosen.plan
+        if n_kept >= fitted.n_visual:
+            bare = PruningPlan(start_layer=start, skip_layers=skip)
+        elif plan.keep_visual is not None:
+            bare = PruningPlan(start_layer=start, skip_layers=skip, keep_visual=plan.keep_visual,
+                               kept_sizes=plan.kept_sizes)
+        else:  # chosen inside the prefill (FastV's rule): the tokens it chose
+            bare = PruningPlan(start_layer=start, skip_layers=skip, keep_visual=kept)
+
+        def run(setting: dict) -> tuple[float, float]:
+            if setting["bare"]:
+                generation = predictor.engine.generate(inputs, lambda query: bare, max_new_tokens=1)
+            else:
+                generation = predictor.generate(image, CALIBRATION_QUESTION, name, budget, max_new_tokens=1,
+                                                encoded=inputs).generation
+            return generation.prefill_s, generation.total_s
+
+        own, replayed = time_interleaved(run, [{"bare": False}, {"bare": True}], rounds, warm_up=True)
+        extra.append(statistics.median(s[0] for s in own) - statistics.median(s[0] for s in replayed))
     return max(0.0, max(extra, default=0.0))
 
 
@@ -279,7 +340,7 @@ class TimeBudget:
     def setting(self, method, query, setting) -> float:
         layers_run = self.cost.n_layers - len(setting.skip)
         return self.overhead(method) + self.cost.predict(setting.tokens, layers_run, setting.start_layer,
-                                                         query.n_visual, query.n_text)
+                                                         query.n_visual, query.n_text, absorbed=method.absorbs)
 
     def overhead(self, method) -> float:
         if method.name not in self.overheads:  # measured once, and kept with the fit for the next process

@@ -4,6 +4,8 @@ measured on. (How well it predicts real time is measured with `python -m par_dem
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -27,6 +29,14 @@ def test_layers_before_the_start_layer_see_every_token():
     assert model.predict(0, 8, start_layer=2) == pytest.approx(1.0 + 2 * 1.1 + 6 * 0.1)
     assert model.full() == pytest.approx(1.0 + 8 * 1.1)
     assert model.predict(50, 4, n_visual=200, n_text=30) == pytest.approx(1.0 + 4 * 0.8)  # another query's shape
+
+
+def test_absorbed_tokens_pay_the_attention_bias_on_the_layers_after_the_start_layer():
+    model = cost.PrefillCost(100, 10, 8, fixed_s=1.0, per_layer_s=0.0, per_row_s=0.01, per_row2_s=0.0,
+                             absorb_row2_s=1e-4)
+    plain = model.predict(40, 8, start_layer=2)
+    assert model.predict(40, 8, start_layer=2, absorbed=True) == pytest.approx(plain + 6 * 1e-4 * 50 ** 2)
+    assert model.predict(100, 8, absorbed=True) == model.full()  # nothing dropped, nothing absorbed
 
 
 def test_a_cached_fit_is_reused_only_for_the_same_model_dtype_and_threads(monkeypatch, tmp_path, random_models):
@@ -71,6 +81,26 @@ def test_a_method_timed_after_the_fit_is_kept_in_the_cache(monkeypatch, tmp_path
     del budget.overheads["fastv"]  # as if fastv had not been available when the fit was made
     seconds = budget.overhead(predictor.method("fastv"))
     assert cost.TimeBudget(predictor).overheads["fastv"] == seconds  # read back, not measured again
+
+
+def test_a_methods_overhead_is_its_own_work_whatever_the_fits_error(monkeypatch, random_models):
+    """A method's overhead is timed against the same split run bare, so a fit that is off at that split does not
+    make the method look slower: here `random` is given 20 ms of planning, and a fit that is 30 ms too low."""
+    import time
+
+    predictor = Predictor(random_models("llava-tiny"))
+    method = predictor.method("random")
+    plain = type(method).plan
+
+    def slow_plan(self, *args, **kwargs):
+        time.sleep(0.02)
+        return plain(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(method), "plan", slow_plan)
+    fitted = cost.calibrate(predictor, rounds=1)
+    too_low = dataclasses.replace(fitted, fixed_s=fitted.fixed_s - 0.03)
+    for fit in (fitted, too_low):
+        assert 0.015 < cost.method_overhead(predictor, fit, "random") < 0.04
 
 
 def test_embedded_time_profile_script_splits_the_prefill_of_other_grids(tmp_path):
