@@ -268,12 +268,12 @@ def method_overhead(predictor, fitted: PrefillCost, name: str, image=None, round
     search, the budget search) and what its plan adds inside the prefill (FastV's attention row, merged features).
     Measured at FLOPs budgets 0.5 and 0.25: the method's own runs in turns with the engine running the same split
     bare (the same visual tokens kept from the same layer, with the same absorbed sizes, the same layers skipped,
-    nothing else), the difference of their medians; the larger of the two, never below 0; 0 for the full model.
-    Absorbing's bias grows with the split, so it is not in here but in the fit (`absorb_row2_s`).
+    nothing else), the median of the rounds' differences; the mean of the two budgets, never below 0; 0 for the
+    full model. Absorbing's bias grows with the split, so it is not in here but in the fit (`absorb_row2_s`).
 
     Against the bare split, not against `fitted`'s prediction for it: the fit's own error at that split would count
     as the method's work, and a method is then charged for it at every split it considers (PAR's router pass on the
-    576-token model measured 5.8 ms against the prediction, 0.6-1.3 ms against the bare split). A method that
+    576-token model measured 5.8 ms against the prediction, 2.5 ms against the bare split). A method that
     chooses which image views are encoded (`routes_views`) encodes fewer views than a replay would: it is measured
     against the prediction."""
     from par_demo.errors import BudgetOutOfReach
@@ -317,8 +317,9 @@ def method_overhead(predictor, fitted: PrefillCost, name: str, image=None, round
             return generation.prefill_s, generation.total_s
 
         own, replayed = time_interleaved(run, [{"bare": False}, {"bare": True}], rounds, warm_up=True)
-        extra.append(statistics.median(s[0] for s in own) - statistics.median(s[0] for s in replayed))
-    return max(0.0, max(extra, default=0.0))
+        # paired: the two runs of a round saw the same moment of the machine
+        extra.append(statistics.median(o[0] - r[0] for o, r in zip(own, replayed)))
+    return max(0.0, statistics.fmean(extra)) if extra else 0.0
 
 
 class TimeBudget:
