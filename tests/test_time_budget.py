@@ -182,6 +182,32 @@ def test_par_takes_the_most_accurate_scored_split_that_fits_the_time(timed, scen
     assert kept["best only"][0] == 6 and kept["best only"][1] < 30  # a router without its scored splits: as before
 
 
+def test_par_routes_a_time_budget_once_at_the_flops_budget_its_split_was_scored_at(timed, scene, tmp_path,
+                                                                                    monkeypatch):
+    """The router is conditioned on a budget; the Pareto measurement scored each split with the router at that
+    split's FLOPs budget. A time budget's split is routed the same way (and once), not at the time budget."""
+    from par_demo.router import MetaRouter, RouterConfig, fingerprint, save_router
+
+    predictor, _ = timed
+    config = RouterConfig(lm_width=128, n_layers=8, width=16, heads=1, start_layer=0,
+                          model=fingerprint(predictor.loaded))
+    scored = [{"budget": 0.3, "layers": 4, "tokens": 30, "kl": 0.1, "agreement": 0.97},
+              {"budget": 0.5, "layers": 8, "tokens": 40, "kl": 0.0, "agreement": 1.0}]  # does not fit 0.7
+    predictor.router_path = save_router(MetaRouter(config), tmp_path / "router", scored[:1],
+                                        {"training": {"pareto_all": scored}})
+    predictor.methods.clear()
+    routed_at = []
+    real_forward = MetaRouter.forward
+
+    def recorded(self, visual, text, budgets, layout):
+        routed_at.append(budgets.tolist())
+        return real_forward(self, visual, text, budgets, layout)
+
+    monkeypatch.setattr(MetaRouter, "forward", recorded)
+    p = predictor.predict(scene, QUESTION, "par", 0.7, max_new_tokens=1, budget_unit="time")
+    assert len(p.kept_layers) == 4 and routed_at == [[pytest.approx(0.3)]]
+
+
 def test_only_undominated_scored_splits_are_searched_best_first():
     from par_demo.methods.par import undominated
 
