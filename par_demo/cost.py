@@ -176,8 +176,10 @@ def calibration_image(side: int = CALIBRATION_SIDE):
     return load_image(PROJECT_ROOT / "assets" / "examples" / "shapes_color.png").resize((side, side))
 
 
-def calibrate(predictor, image=None, rounds: int = 3, progress: Callable[[str], None] | None = None) -> PrefillCost:
-    """Time the grid of splits on this model as loaded and fit the cost model (no cache)."""
+def calibrate(predictor, image=None, rounds: int = 3, progress: Callable[[str], None] | None = None,
+              methods: bool = True) -> PrefillCost:
+    """Time the grid of splits on this model as loaded and fit the cost model (no cache); with `methods`, also each
+    available method's own work (else `TimeBudget` times a method when it is first used)."""
     image = image if image is not None else calibration_image()
     query = predictor.engine.prepare(predictor.encode(image, CALIBRATION_QUESTION))
     n_layers = predictor.engine.n_layers
@@ -187,6 +189,8 @@ def calibrate(predictor, image=None, rounds: int = 3, progress: Callable[[str], 
                  cost_key(predictor))
     fitted = dataclasses.replace(fitted, per_visual_s=vision_rate(predictor, fitted, rounds, progress),
                                  absorb_row2_s=absorb_rate(predictor, fitted, image, rounds, progress))
+    if not methods:
+        return fitted
     if progress:
         progress("timing each method's own work")
     overheads = {name: method_overhead(predictor, fitted, name, image)
@@ -235,8 +239,8 @@ def absorb_rate(predictor, fitted: PrefillCost, image, rounds: int = 3,
     return max(0.0, extra / (fitted.n_layers * rows * rows))
 
 
-def load_or_calibrate(predictor, recalibrate: bool = False,
-                      progress: Callable[[str], None] | None = None) -> tuple[PrefillCost, bool]:
+def load_or_calibrate(predictor, recalibrate: bool = False, progress: Callable[[str], None] | None = None,
+                      methods: bool = True) -> tuple[PrefillCost, bool]:
     """(the cost model of this model as loaded, whether it came from the cache). Measured and cached when there is
     none for exactly this model, dtype, quantization, device, thread count, kernels and torch, or when asked."""
     key = cost_key(predictor)
@@ -246,7 +250,7 @@ def load_or_calibrate(predictor, recalibrate: bool = False,
         cost = PrefillCost.from_dict(cached) if cached else None
         if cost is not None and cost.key == key and cost.n_layers == predictor.engine.n_layers:
             return cost, True
-    cost = calibrate(predictor, progress=progress)
+    cost = calibrate(predictor, progress=progress, methods=methods)
     write_json(path, cost.to_dict())
     return cost, False
 
@@ -327,9 +331,10 @@ class TimeBudget:
     method's own work (measured with the grid; a method that became available since, e.g. PAR after a router was
     trained, is timed on first use)."""
 
-    def __init__(self, predictor, recalibrate: bool = False, progress: Callable[[str], None] | None = None):
+    def __init__(self, predictor, recalibrate: bool = False, progress: Callable[[str], None] | None = None,
+                 methods: bool = True):
         self.predictor = predictor
-        self.cost, self.cached = load_or_calibrate(predictor, recalibrate, progress)
+        self.cost, self.cached = load_or_calibrate(predictor, recalibrate, progress, methods)
         self.overheads = dict(self.cost.overheads)
 
     def full(self, query) -> float:

@@ -112,12 +112,15 @@ class Predictor:
         self.methods: dict[str, Method] = {}
         self._time_budget = None  # `par_demo.cost.TimeBudget`, made when a time budget first asks for it
 
-    def time_budget(self, recalibrate: bool = False):
-        """The measured prefill cost model of this model as loaded (calibrated, or read from the cache, once)."""
+    def time_budget(self, recalibrate: bool = False, methods: bool = True):
+        """The measured prefill cost model of this model as loaded (calibrated, or read from the cache, once).
+        `methods=False`: a new calibration leaves each method's own work to be timed when the method is first
+        used (the app's start-up: its warm-up, after the page is served, uses every method)."""
         if self._time_budget is None or recalibrate:
             from par_demo.cost import TimeBudget
 
-            self._time_budget = TimeBudget(self, recalibrate, progress=lambda text: print(text, file=sys.stderr))
+            self._time_budget = TimeBudget(self, recalibrate, progress=lambda text: print(text, file=sys.stderr),
+                                           methods=methods)
         return self._time_budget
 
     def setting_time(self, method: Method, query, setting) -> float:

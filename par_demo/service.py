@@ -201,7 +201,9 @@ class DemoService:
         def load() -> Predictor:
             predictor = Predictor(load_model(spec or DEFAULT_MODEL, quant=quant, options=options))
             if kwargs.get("budget_unit") == "time":
-                predictor.time_budget()  # at start-up, not in a visitor's request
+                # the split grid at start-up, not in a visitor's request; each method's own work is timed in the
+                # warm-up (`start_warm_up`, every method once), which runs while the page is already served
+                predictor.time_budget(methods=False)
             return predictor
 
         model_thread = kwargs.pop("model_thread", None) or ModelThread(inline=zerogpu_enabled())

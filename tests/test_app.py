@@ -156,6 +156,22 @@ def test_the_model_is_loaded_on_the_thread_that_answers(tiny, monkeypatch):
     assert loaded_on == [service.model_thread.ident] and service.predictor.threads == set(loaded_on)
 
 
+def test_start_up_times_the_split_grid_and_the_warm_up_times_each_methods_own_work(tiny, monkeypatch, tmp_path):
+    # the page is served once the model is loaded; timing 13 methods' own work would keep it down for seconds more
+    import par_demo.models
+    from par_demo import cost
+
+    monkeypatch.setenv("PAR_DEMO_CACHE", str(tmp_path))
+    monkeypatch.setattr(par_demo.models, "load_model", lambda spec, **options: tiny)
+    timed = []
+    monkeypatch.setattr(cost, "method_overhead",
+                        lambda predictor, fitted, name, *a, **k: 0.0 if name == "full" else timed.append(name) or 1e-4)
+    service = s.DemoService.from_model("any", max_new_tokens=2, rounds=1, budget_unit="time")
+    assert timed == [] and service.predictor.time_budget().cost.points  # the grid was measured, no method
+    service.warm_up()
+    assert "fastv" in timed and "layerdrop" in timed
+
+
 def test_cache_key_includes_the_question(service):
     service.predictor.calls.clear()
     service.compare(EXAMPLE, QUESTION, "fastv", 0.6)
