@@ -25,7 +25,7 @@ def test_prune_your_model_prints_one_row_per_budget_with_the_answer():
     out = run_example("prune_your_model.py", "--budgets", "1.0,0.25", "--rounds", "1")
     rows = [line.split() for line in out.splitlines()[1:]]
     assert [row[0] for row in rows] == ["1.00", "0.25"]
-    assert rows[0][2] == "144/144" and rows[0][3] == "12/12"  # the full model keeps everything
+    assert rows[0][2] == "576/576" and rows[0][3] == "12/12"  # the full model keeps everything
     assert float(rows[1][1]) <= 0.25 and rows[1][-2:] == ["bottom", "right"]  # the embedded model's answer
 
 

@@ -16,7 +16,7 @@ def test_the_embedded_model_says_it_knows_synthetic_shape_scenes_only():
 
     card = card_for(load_model(DEFAULT_MODEL, device="cpu"))
     assert card.name == "ShapesVQA LLaVA" and card.source == "embedded" and card.synthetic_only
-    assert (card.visual_tokens, card.layers) == (144, 12) and "12×12" in card.family
+    assert (card.visual_tokens, card.layers) == (576, 12) and "24×24" in card.family  # LLaVA-1.5's grid
     assert 3e6 < card.parameters < 4e6
     assert [kind for kind, _ in card.question_types] == list(QUESTION_TYPES)
     text = model_card_markdown(card)
