@@ -218,3 +218,21 @@ def test_only_undominated_scored_splits_are_searched_best_first():
             {"layers": 4, "tokens": 20, "kl": 0.5, "agreement": 0.80},
             {"layers": 4, "tokens": 20, "kl": 0.5, "agreement": 0.80}]  # a duplicate
     assert [(r["layers"], r["tokens"]) for r in undominated(rows)] == [(8, 50), (6, 40), (4, 20)]
+
+
+def test_the_readmes_accuracy_against_time_table_is_what_the_shipped_measurements_give(tmp_path):
+    """scripts/plot_accuracy_time.py on the JSON files under docs/benchmarks/ prints the README's table (and writes
+    the figure's HTML): the README shows the measurements, not numbers typed in by hand."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "scripts/plot_accuracy_time.py",
+                           "--eval", "docs/benchmarks/cpu-eval-time-budget-embedded-576.jsonl",
+                           "--bench", "docs/benchmarks/cpu-time-budget-embedded-576.json",
+                           "--html", str(tmp_path / "figure.html")], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    table = done.stdout.strip()
+    assert table.count("\n") >= 9 and table in (root / "README.md").read_text()
+    assert (tmp_path / "figure.html").stat().st_size > 100_000  # plotly.js inside: it opens offline
