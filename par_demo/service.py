@@ -1,6 +1,6 @@
-"""The model side of the app: one predictor on its own thread (`par_demo.model_thread`), a bounded cache of full answers, and the three things
-the page asks of it: one method against the full model (`compare`), every method at one budget (`compare_all`)
-and one method over many budgets (`sweep`).
+"""The model side of the app: one predictor on its own thread (`par_demo.model_thread`), a bounded cache of full
+answers, and the three things the page asks of it: one method against the full model (`compare`), every method at
+one budget (`compare_all`) and one method over many budgets (`sweep`).
 
 Inputs are checked here (`par_demo.inputs`), so the app and its API give the same one-line messages. Every
 latency this module reports is measured in the request that reports it (`par_demo.timing`): the full model's
