@@ -139,15 +139,21 @@ def measure_splits(predictor, image, splits: Sequence[tuple[int, int]], rounds: 
     inputs = predictor.encode(image, CALIBRATION_QUESTION)
     n_visual = engine.prepare(inputs).n_visual
     plans = [split_plan(n_visual, engine.n_layers, t, l) for t, l in splits]
+    if progress:
+        progress(f"timing {len(splits)} prefill splits x {rounds} rounds")
+    samples = time_interleaved(plan_runner(engine, inputs), plans, rounds, warm_up=True)
+    return [statistics.median(s[0] for s in own) for own in samples]
+
+
+def plan_runner(engine, inputs: dict) -> Callable[[PruningPlan], tuple[float, float]]:
+    """One prefill (and first token) of `inputs` under a fixed plan, as `time_interleaved` runs it: (prefill s,
+    total s)."""
 
     def run(plan: PruningPlan) -> tuple[float, float]:
         generation = engine.generate(inputs, lambda query: plan, max_new_tokens=1)
         return generation.prefill_s, generation.total_s
 
-    if progress:
-        progress(f"timing {len(splits)} prefill splits x {rounds} rounds")
-    samples = time_interleaved(run, plans, rounds, warm_up=True)
-    return [statistics.median(s[0] for s in own) for own in samples]
+    return run
 
 
 def fit(points: Sequence[tuple[int, int, float]], n_visual: int, n_text: int, n_layers: int,
@@ -228,12 +234,7 @@ def absorb_rate(predictor, fitted: PrefillCost, image, rounds: int = 3,
     biased = dataclasses.replace(plain, kept_sizes=torch.full((plain.keep_visual.numel(),), 2.0))
     if progress:
         progress("timing absorbing's attention bias")
-
-    def run(plan: PruningPlan) -> tuple[float, float]:
-        generation = engine.generate(inputs, lambda query: plan, max_new_tokens=1)
-        return generation.prefill_s, generation.total_s
-
-    without, with_bias = time_interleaved(run, [plain, biased], max(rounds, 5), warm_up=True)
+    without, with_bias = time_interleaved(plan_runner(engine, inputs), [plain, biased], max(rounds, 5), warm_up=True)
     extra = statistics.median(s[0] for s in with_bias) - statistics.median(s[0] for s in without)
     rows = fitted.n_text + plain.keep_visual.numel()
     return max(0.0, extra / (fitted.n_layers * rows * rows))
@@ -303,24 +304,22 @@ def method_overhead(predictor, fitted: PrefillCost, name: str, image=None, round
                                        absorbed=chosen.plan.kept_sizes is not None)
             extra.append(statistics.median(own) - predicted)
             continue
+        # the same split, nothing planned: FastV's rule chooses its tokens inside the prefill, so its replay gets
+        # the tokens it chose; absorbed sizes go with the tokens (their bias is the fit's, not the method's)
         plan = chosen.plan
-        if n_kept >= fitted.n_visual:
-            bare = PruningPlan(start_layer=start, skip_layers=skip)
-        elif plan.keep_visual is not None:
-            bare = PruningPlan(start_layer=start, skip_layers=skip, keep_visual=plan.keep_visual,
-                               kept_sizes=plan.kept_sizes)
-        else:  # chosen inside the prefill (FastV's rule): the tokens it chose
-            bare = PruningPlan(start_layer=start, skip_layers=skip, keep_visual=kept)
+        keep = plan.keep_visual if plan.keep_visual is not None else kept
+        bare = (PruningPlan(start_layer=start, skip_layers=skip) if n_kept >= fitted.n_visual else
+                PruningPlan(start_layer=start, skip_layers=skip, keep_visual=keep, kept_sizes=plan.kept_sizes))
+        replay = plan_runner(predictor.engine, inputs)
 
-        def run(setting: dict) -> tuple[float, float]:
-            if setting["bare"]:
-                generation = predictor.engine.generate(inputs, lambda query: bare, max_new_tokens=1)
-            else:
-                generation = predictor.generate(image, CALIBRATION_QUESTION, name, budget, max_new_tokens=1,
-                                                encoded=inputs).generation
+        def run(bare_run: bool) -> tuple[float, float]:
+            if bare_run:
+                return replay(bare)
+            generation = predictor.generate(image, CALIBRATION_QUESTION, name, budget, max_new_tokens=1,
+                                            encoded=inputs).generation
             return generation.prefill_s, generation.total_s
 
-        own, replayed = time_interleaved(run, [{"bare": False}, {"bare": True}], rounds, warm_up=True)
+        own, replayed = time_interleaved(run, [False, True], rounds, warm_up=True)
         # paired: the two runs of a round saw the same moment of the machine
         extra.append(statistics.median(o[0] - r[0] for o, r in zip(own, replayed)))
     return max(0.0, statistics.fmean(extra)) if extra else 0.0

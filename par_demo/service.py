@@ -206,7 +206,7 @@ class DemoService:
                 predictor.time_budget(methods=False)
             return predictor
 
-        model_thread = kwargs.pop("model_thread", None) or ModelThread(inline=zerogpu_enabled())
+        model_thread = ModelThread(inline=zerogpu_enabled())
         predictor = model_thread.call(load)
         loaded = predictor.loaded
         return cls(predictor, loaded.name, loaded.n_layers, loaded.max_visual_tokens,

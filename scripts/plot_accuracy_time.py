@@ -7,18 +7,16 @@
 
 Accuracy comes from `eval --budget-unit time --json` (one row per method and budget), the time from `bench
 --budget-unit time --json` at the same budgets on the same model: the prefill's measured time as a fraction of the
-full model's in the same run (the inverse of its measured speed-up). `--png` screenshots the HTML with headless
-Chromium (`--chromium`, default `chromium`). Prints the table as Markdown.
+full model's in the same run (the inverse of its measured speed-up). `--png` screenshots the HTML through
+Playwright with the system's Chromium, as the browser tests do (`--chromium`, default /usr/bin/chromium). Prints the
+table as Markdown.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -70,11 +68,14 @@ def table(found: dict[str, list[tuple[float, float, float]]]) -> str:
 
 
 def screenshot(html: Path, png: Path, chromium: str) -> None:
-    binary = shutil.which(chromium) or chromium
-    with tempfile.TemporaryDirectory() as profile:
-        subprocess.run([binary, "--headless", "--disable-gpu", "--no-sandbox", f"--user-data-dir={profile}",
-                        f"--screenshot={png.resolve()}", "--window-size=920,580", "--hide-scrollbars",
-                        html.resolve().as_uri()], check=True, capture_output=True, timeout=120)
+    from playwright import sync_api
+
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 920, "height": 580})
+        page.goto(html.resolve().as_uri())
+        page.locator(".js-plotly-plot").screenshot(path=str(png))
+        browser.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench", required=True, help="JSON of `bench --budget-unit time --json`, same budgets")
     parser.add_argument("--html", required=True, help="where to write the figure (self-contained HTML)")
     parser.add_argument("--png", default=None, help="also a PNG of it, screenshotted with headless Chromium")
-    parser.add_argument("--chromium", default="chromium")
+    parser.add_argument("--chromium", default="/usr/bin/chromium")
     parser.add_argument("--title", default="Accuracy against measured prefill time (embedded 576-token model, CPU)")
     args = parser.parse_args(argv)
     rows = [json.loads(line) for line in Path(args.eval).read_text().splitlines() if line.strip()]
