@@ -10,8 +10,8 @@ on the model as it is loaded (its dtype, quantization, device and thread count) 
 by non-negative least squares (T visual tokens kept from the first layer on, L layers run; `per_row2` is
 attention's share, which grows with the square of the sequence). Layers before a start layer K see every token:
 `predict` charges them at the full row count. A fit is cached on disk per model weights, image options, dtype,
-quantization, device (the CPU or GPU by name), thread count, CPU-kernel choice and torch and transformers versions
-(`cost_key`, `load_or_calibrate`); any change measures it again.
+quantization, device (the CPU or GPU by name), thread count, CPU-kernel and allocator choices and torch and
+transformers versions (`cost_key`, `load_or_calibrate`); any change measures it again.
 
 Each grid point is the median of a few runs taken in turns with the others (the rule of `par_demo.timing`), timed
 as the page times a prefill: from pixels to the first token (`Engine.generate` with one new token).
@@ -30,12 +30,13 @@ import numpy as np
 import torch
 from scipy.optimize import nnls
 
+from par_demo import allocator
 from par_demo.disk_cache import cache_path, read_json, write_json
 from par_demo.engine import PruningPlan
 from par_demo.timing import time_interleaved
 
 CACHE_KIND = "prefill-cost"
-FORMAT = 4  # 4: overheads measured against the bare split; absorbing's bias in the fit
+FORMAT = 5  # 5: a method's planning timed inside its runs; 4: overheads against the bare split, absorbing in the fit
 # The calibration query: one of the app's examples (a model answers any picture; only its token count matters).
 CALIBRATION_QUESTION = "What color is the circle?"
 
@@ -60,7 +61,7 @@ class PrefillCost:
     # plain causal kernel costs this much more per layer per row**2 from the start layer on (`absorb_rate`)
     absorb_row2_s: float = 0.0
     # Each method's own work (router pass, similarity search, the budget search), which runs inside the timed
-    # prefill: seconds, measured with the grid against the bare split the method chose (`method_overhead`)
+    # prefill: seconds beyond the bare split the method chose (`method_overhead`)
     overheads: dict[str, float] = field(default_factory=dict)
 
     def layer_s(self, rows: int) -> float:
@@ -103,7 +104,7 @@ class PrefillCost:
 def cost_key(predictor) -> str:
     """Everything a measured time depends on: the model's weights (name, quantization and a weight fingerprint),
     its image options, its dtype and device (the processor or GPU by name), the threads torch uses, the CPU kernels
-    (oneDNN or stock) and the torch and transformers versions."""
+    (oneDNN or stock), the CPU allocator's settings (`par_demo.allocator`) and the torch and transformers versions."""
     import transformers
 
     from par_demo.bench import cpu_name
@@ -111,6 +112,8 @@ def cost_key(predictor) -> str:
     loaded = predictor.loaded
     dtype = str(next(loaded.model.parameters()).dtype).replace("torch.", "")
     kernels = os.environ.get("PAR_DEMO_CPU_KERNELS", "onednn")
+    if loaded.device.type == "cpu":
+        kernels += f"-malloc-{allocator.mode()}"
     device = loaded.device
     chip = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     options = ",".join(f"{k}={v}" for k, v in sorted(loaded.options.items()))
@@ -268,60 +271,62 @@ def relative_errors(cost: PrefillCost, points: Sequence[tuple[int, int, float]])
     return [abs(cost.predict(t, l) - s) / s for t, l, s in points if s > 0 and not math.isnan(s)]
 
 
-def method_overhead(predictor, fitted: PrefillCost, name: str, image=None, rounds: int = 5) -> float:
+def method_overhead(predictor, fitted: PrefillCost, name: str, image=None, rounds: int = 7) -> float:
     """Seconds a method's prefill takes beyond the bare split it chose: its planning (a router pass, a similarity
-    search, the budget search) and what its plan adds inside the prefill (FastV's attention row, merged features).
-    Measured at FLOPs budgets 0.5 and 0.25: the method's own runs in turns with the engine running the same split
-    bare (the same visual tokens kept from the same layer, with the same absorbed sizes, the same layers skipped,
-    nothing else), the median of the rounds' differences; the mean of the two budgets, never below 0; 0 for the
-    full model. Absorbing's bias grows with the split, so it is not in here but in the fit (`absorb_row2_s`).
+    search, the budget search) and what its plan adds inside the prefill (FastV's attention row and top-k). Measured
+    at FLOPs budgets 0.5 and 0.25 on the calibration query, the mean of the two, never below 0; 0 for the full model.
 
-    Against the bare split, not against `fitted`'s prediction for it: the fit's own error at that split would count
-    as the method's work, and a method is then charged for it at every split it considers (PAR's router pass on the
-    576-token model measured 5.8 ms against the prediction, 2.5 ms against the bare split). A method that
-    chooses which image views are encoded (`routes_views`) encodes fewer views than a replay would: it is measured
-    against the prediction."""
+    A plan that names its whole split (the visual tokens kept, their sizes and merged features, the layers skipped)
+    leaves the prefill exactly the bare split's work, which the fit predicts (absorbing's bias included:
+    `absorb_row2_s`): its overhead is the planner's own time, timed inside each run (`Generation.plan_s`), the median
+    of the rounds. Taking it as the difference of two whole prefills instead adds their noise to it (on the 576-token
+    model, +-1 ms on PAR's 2 ms). A plan that leaves work to the prefill (`keep_visual_count`: tokens chosen there
+    from attention scores) runs in turns with the bare split it ended with (the same tokens kept from the same layer,
+    the same layers skipped, nothing else): the median of the rounds' paired differences.
+
+    Either way against the bare split, not against `fitted`'s prediction for it, whose error at that split would be
+    charged to the method at every split it considers. A method that chooses which views of a tiled image are encoded
+    (`routes_views`) encodes fewer views than a replay would, and its planner runs the tower: on a tiled calibration
+    image it is measured against the prediction."""
     from par_demo.errors import BudgetOutOfReach
 
     if name == "full":
         return 0.0
     image = image if image is not None else calibration_image()
     inputs = predictor.encode(image, CALIBRATION_QUESTION)
-    routes_views = predictor.method(name).routes_views
+
+    def generate(budget: float):
+        return predictor.generate(image, CALIBRATION_QUESTION, name, budget, max_new_tokens=1,
+                                  encoded=inputs).generation
+
     extra = []
     for budget in (0.5, 0.25):
         try:  # the first run warms up (and makes any one-time measurement)
-            chosen = predictor.generate(image, CALIBRATION_QUESTION, name, budget, max_new_tokens=1,
-                                        encoded=inputs).generation
+            chosen = generate(budget)
         except BudgetOutOfReach:
             continue
-        kept, skip, start = chosen.kept_visual, chosen.plan.skip_layers, chosen.plan.start_layer
+        kept, skip, start, plan = chosen.kept_visual, chosen.plan.skip_layers, chosen.plan.start_layer, chosen.plan
         n_kept = int(kept.numel())
-        if routes_views:
-            own = [predictor.generate(image, CALIBRATION_QUESTION, name, budget, max_new_tokens=1,
-                                      encoded=inputs).generation.prefill_s for _ in range(rounds)]
+        if predictor.method(name).routes_views and chosen.views[1] > 1:  # views of a tiled image chosen
+            own = [generate(budget).prefill_s for _ in range(rounds)]
             predicted = fitted.predict(n_kept, fitted.n_layers - len(skip), start if n_kept < fitted.n_visual else 0,
-                                       absorbed=chosen.plan.kept_sizes is not None)
+                                       absorbed=plan.kept_sizes is not None)
             extra.append(statistics.median(own) - predicted)
-            continue
-        # the same split, nothing planned: FastV's rule chooses its tokens inside the prefill, so its replay gets
-        # the tokens it chose; absorbed sizes go with the tokens (their bias is the fit's, not the method's)
-        plan = chosen.plan
-        keep = plan.keep_visual if plan.keep_visual is not None else kept
-        bare = (PruningPlan(start_layer=start, skip_layers=skip) if n_kept >= fitted.n_visual else
-                PruningPlan(start_layer=start, skip_layers=skip, keep_visual=keep, kept_sizes=plan.kept_sizes))
-        replay = plan_runner(predictor.engine, inputs)
+        elif plan.keep_visual_count is None:  # the split is the plan's: only the planning is the method's
+            extra.append(statistics.median(generate(budget).plan_s for _ in range(rounds)))
+        else:  # replayed with the tokens the prefill chose, nothing planned
+            bare = PruningPlan(start_layer=start, skip_layers=skip, keep_visual=kept)
+            replay = plan_runner(predictor.engine, inputs)
 
-        def run(bare_run: bool) -> tuple[float, float]:
-            if bare_run:
-                return replay(bare)
-            generation = predictor.generate(image, CALIBRATION_QUESTION, name, budget, max_new_tokens=1,
-                                            encoded=inputs).generation
-            return generation.prefill_s, generation.total_s
+            def run(bare_run: bool) -> tuple[float, float]:
+                if bare_run:
+                    return replay(bare)
+                generation = generate(budget)
+                return generation.prefill_s, generation.total_s
 
-        own, replayed = time_interleaved(run, [False, True], rounds, warm_up=True)
-        # paired: the two runs of a round saw the same moment of the machine
-        extra.append(statistics.median(o[0] - r[0] for o, r in zip(own, replayed)))
+            own, replayed = time_interleaved(run, [False, True], rounds, warm_up=True)
+            # paired: the two runs of a round saw the same moment of the machine
+            extra.append(statistics.median(o[0] - r[0] for o, r in zip(own, replayed)))
     return max(0.0, statistics.fmean(extra)) if extra else 0.0
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from par_demo import cpu_kernels
+from par_demo import allocator, cpu_kernels
 from par_demo.errors import UserError
 from par_demo.families import Family, family_for_model_type, family_of, preset_families
 
@@ -255,8 +255,11 @@ def _from_pretrained(spec: str, quant: str, device: str, dtype: torch.dtype, opt
 
 def for_inference(model, quant: str):
     """Eval mode, and for an unquantized model on a CPU the linear layers' weights prepacked for oneDNN
-    (`cpu_kernels`: short, pruned sequences run as fast per FLOP as long ones)."""
+    (`cpu_kernels`: short, pruned sequences run as fast per FLOP as long ones); on a CPU, freed memory kept for the
+    next prefill (`allocator`)."""
     model.eval()
+    if next(model.parameters()).device.type == "cpu":
+        allocator.keep_freed_memory()
     if quant == "none" and cpu_kernels.wanted(model):
         cpu_kernels.prepack(model)
     return model

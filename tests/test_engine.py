@@ -75,3 +75,42 @@ def test_mismatched_image_tokens_and_batches_are_refused(tiny, inputs):
         engine.prepare({**inputs, "input_ids": inputs["input_ids"][:, :-150]})
     with pytest.raises(UserError, match="batch size 1"):
         engine.prepare({"input_ids": inputs["input_ids"].repeat(2, 1), "pixel_values": inputs["pixel_values"].repeat(2, 1, 1, 1)})
+
+
+@pytest.mark.parametrize("preset", ["llava-tiny", "qwen2.5-vl-tiny", "smolvlm-tiny", "internvl3-tiny"])
+def test_the_fused_rms_norm_gives_every_familys_decoder_norm_bit_for_bit(random_models, preset):
+    """`engine.rms_norm` swaps a decoder norm for one fused kernel only where the bits stay the same (fp32); in bf16
+    the module itself runs. A transformers release whose norm computes otherwise fails here."""
+    import copy
+
+    from par_demo.engine import FUSABLE_NORMS, rms_norm
+
+    loaded = random_models(preset)
+    engine = Engine(loaded.model, loaded.family)
+    norms = [engine.lm.norm] + [n for layer in engine.layers for n in (layer.input_layernorm,
+                                                                        layer.post_attention_layernorm)]
+    assert {type(n).__name__ for n in norms} <= FUSABLE_NORMS  # every family's decoder norm is fused
+    torch.manual_seed(0)
+    h = torch.randn(1, 37, engine.lm.norm.weight.shape[0]) * 3
+    with torch.no_grad():
+        for shared in norms:
+            norm = copy.deepcopy(shared)  # the session's model stays as it is
+            norm.weight.uniform_(0.5, 1.5)
+            assert torch.equal(rms_norm(norm, h), norm(h))
+        half = copy.deepcopy(norms[0]).to(torch.bfloat16)
+        assert torch.equal(rms_norm(half, h.bfloat16()), half(h.bfloat16()))
+
+
+def test_a_generation_reports_its_planners_share_of_the_prefill(tiny, inputs):
+    """`Generation.plan_s`: the planner's time, inside `prefill_s` (the cost model's overheads are read from it)."""
+    import time
+
+    engine = Engine(tiny.model, tiny.family)
+
+    def slow_planner(query):
+        time.sleep(0.02)
+        return PruningPlan()
+
+    slow = engine.generate(inputs, slow_planner, max_new_tokens=1)
+    assert 0.02 <= slow.plan_s < slow.prefill_s
+    assert engine.generate(inputs, None, max_new_tokens=1).plan_s < 0.02

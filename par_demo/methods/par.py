@@ -128,13 +128,20 @@ class Par(Method):
         self.folder: Path | None = None
         self._problem: str | None = None
         self._loaded_from = None  # the folder list the router was looked up with (an explicit path may change)
+        self._asked = None  # (explicit router path, $PAR_DEMO_ROUTER, model name) the folders were found for
         self._routed: tuple | None = None  # (query, budget, token logits (n_v,), layer logits (N,))
         self._budget = 1.0
         self._viewed: tuple | None = None  # (tiled query, its encoded tokens as a query, overview routing FLOPs)
         self._order: tuple | None = None  # (layer logits, routable layers lowest-scored first): `skip_order`
+        self._splits: tuple | None = None  # (scored rows, their (row, tokens, skip)): `scored_splits`
 
     # ---------------------------------------------------------------------------------------- router
     def _load(self) -> None:
+        # what the folders follow from, compared first: looking them up touches the disk, and every plan asks
+        asked = (getattr(self.context, "router_path", None), os.environ.get("PAR_DEMO_ROUTER"), self.context.loaded.name)
+        if asked == self._asked:
+            return
+        self._asked = asked
         folders = router_folders(self.context)
         if folders == self._loaded_from:
             return
@@ -309,14 +316,23 @@ class Par(Method):
         Chosen before the router runs, so that it runs once, at the row's budget: which layers are skipped comes
         later from its logits, and here only changes the time when layers before K are skipped (estimated with the
         last routable layers skipped first)."""
-        routable_last_first = self.config.routable()[::-1]
-        for row in self.scored:  # most accurate first: the first that fits is the one
-            layers = max(self.min_layers(), min(self.n_layers, int(row["layers"])))
-            skip = frozenset(routable_last_first[:self.n_layers - layers])
-            if self.setting_cost(query, Setting(min(int(row["tokens"]), query.n_visual), skip, start_layer),
-                                 "time") <= limit:
+        n_visual = query.n_visual
+        for row, tokens, skip in self.scored_splits():  # most accurate first: the first that fits is the one
+            if self.setting_cost(query, Setting(min(tokens, n_visual), skip, start_layer), "time") <= limit:
                 return row
         return min(self.scored, key=lambda row: (row["layers"], row["tokens"]))
+
+    def scored_splits(self) -> list[tuple[dict, int, frozenset[int]]]:
+        """Each scored row with its token count and the layers it skips for its time (the last routable layers
+        first), made once per router: the time search walks them on every query."""
+        if self._splits is None or self._splits[0] is not self.scored:
+            routable_last_first, lowest = self.config.routable()[::-1], self.min_layers()
+            splits = []
+            for row in self.scored:
+                layers = max(lowest, min(self.n_layers, int(row["layers"])))
+                splits.append((row, int(row["tokens"]), frozenset(routable_last_first[:self.n_layers - layers])))
+            self._splits = (self.scored, splits)
+        return self._splits[1]
 
     # ---------------------------------------------------------------------------------------- method
     def choose(self, query, budget, start_layer, unit="flops"):

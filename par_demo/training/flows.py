@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from par_demo.engine import PruningPlan, attention_mask, key_bias
+from par_demo.engine import PruningPlan, attention_mask, key_bias, rms_norm
 from par_demo.methods.absorb import absorb_flops, absorbed_sizes
 from par_demo.methods.par import select_tokens, selection_flops, standardise
 from par_demo.router import RouterConfig, router_flops
@@ -214,7 +214,7 @@ def run_batch(engine, rows: list[tuple[object, Flow]], start_layer: int) -> list
                 h[index], _ = engine.run_layer(i, h[index], tuple(part[index] for part in rope), None,
                                                mask=None if mask is None else mask[index])
         answers = torch.cat([h[r, n - t.m:n] for r, ((t, _), n) in enumerate(zip(rows, lengths))])
-        logits = engine.lm_head(engine.lm.norm(answers)).float()
+        logits = engine.lm_head(rms_norm(engine.lm.norm, answers)).float()
         return list(logits.split([t.m for t, _ in rows]))
 
 
