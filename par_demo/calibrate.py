@@ -6,7 +6,8 @@ its predictions against splits it was not fitted on.
 
 The cost model (`par_demo.cost`) predicts how long a prefill keeping T visual tokens and running L layers takes on
 this machine; this command prints its fitted terms, then times a second grid of splits between the calibration
-points and prints predicted against measured time and the median relative error.
+points (each right after a full prefill, as the page times a method) and prints predicted against measured time and
+the median relative error.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def run(args) -> int:
               "cost": fitted.to_dict(), "check": []}
     if not args.no_check:
         splits = cost.check_grid(fitted.n_visual, fitted.n_layers)
-        seconds = cost.measure_splits(predictor, cost.calibration_image(), splits, args.rounds, progress)
+        # each right after a full prefill: the regime the predictions are for (`PrefillCost.after_full_s`)
+        seconds = cost.measure_splits(predictor, cost.calibration_image(), splits, args.rounds, progress,
+                                      after_full=True)
         result["check"] = [{"tokens": t, "layers": l, "measured_s": s, "predicted_s": fitted.predict(t, l)}
                            for (t, l), s in zip(splits, seconds)]
         errors = cost.relative_errors(fitted, [(t, l, s) for (t, l), s in zip(splits, seconds)])

@@ -142,16 +142,20 @@ def split_plan(n_visual: int, n_layers: int, tokens: int, layers_run: int) -> Pr
 
 
 def measure_splits(predictor, image, splits: Sequence[tuple[int, int]], rounds: int = 3,
-                   progress: Callable[[str], None] | None = None) -> list[float]:
-    """Median prefill seconds of each (tokens, layers) split, the splits run in turns for `rounds` rounds."""
+                   progress: Callable[[str], None] | None = None, after_full: bool = False) -> list[float]:
+    """Median prefill seconds of each (tokens, layers) split, the splits run in turns for `rounds` rounds.
+    `after_full`: each right after a full prefill, as the page and `bench` time them (what `predict` predicts)."""
     engine = predictor.engine
     inputs = predictor.encode(image, CALIBRATION_QUESTION)
     n_visual = engine.prepare(inputs).n_visual
     plans = [split_plan(n_visual, engine.n_layers, t, l) for t, l in splits]
+    if after_full:
+        plans = [p for plan in plans for p in (PruningPlan(), plan)]
     if progress:
-        progress(f"timing {len(splits)} prefill splits x {rounds} rounds")
+        progress(f"timing {len(splits)} prefill splits x {rounds} rounds" + (", each after a full one" * after_full))
     samples = time_interleaved(plan_runner(engine, inputs), plans, rounds, warm_up=True)
-    return [statistics.median(s[0] for s in own) for own in samples]
+    medians = [statistics.median(s[0] for s in own) for own in samples]
+    return medians[1::2] if after_full else medians
 
 
 def plan_runner(engine, inputs: dict) -> Callable[[PruningPlan], tuple[float, float]]:
@@ -293,7 +297,7 @@ def relative_errors(cost: PrefillCost, points: Sequence[tuple[int, int, float]])
     return [abs(cost.predict(t, l) - s) / s for t, l, s in points if s > 0 and not math.isnan(s)]
 
 
-def method_overhead(predictor, fitted: PrefillCost, name: str, image=None, rounds: int = 7) -> float:
+def method_overhead(predictor, fitted: PrefillCost, name: str, image=None, rounds: int = 3) -> float:
     """Seconds a method's prefill takes beyond the bare split it chose: its planning (a router pass, a similarity
     search, the budget search) and what its plan adds inside the prefill (FastV's attention row and top-k). Measured
     at FLOPs budgets 0.5 and 0.25 on the calibration query, the mean of the two, never below 0; 0 for the full model.
@@ -301,7 +305,7 @@ def method_overhead(predictor, fitted: PrefillCost, name: str, image=None, round
     A plan that names its whole split (the visual tokens kept, their sizes and merged features, the layers skipped)
     leaves the prefill exactly the bare split's work, which the fit predicts (absorbing's bias included:
     `absorb_row2_s`): its overhead is the planner's own time, timed inside each run (`Generation.plan_s`), the median
-    of the rounds. Taking it as the difference of two whole prefills instead adds their noise to it (on the 576-token
+    of the rounds (three: a planner's time varies little; the app's warm-up times every method this way). Taking it as the difference of two whole prefills instead adds their noise to it (on the 576-token
     model, +-1 ms on PAR's 2 ms). A plan that leaves work to the prefill (`keep_visual_count`: tokens chosen there
     from attention scores) runs in turns with the bare split it ended with (`prefill_work`).
 
@@ -344,7 +348,7 @@ def method_overhead(predictor, fitted: PrefillCost, name: str, image=None, round
         elif plan.keep_visual_count is None:  # the split is the plan's: only the planning is the method's
             extra.append(statistics.median(after_full().plan_s for _ in range(rounds)))
         else:
-            extra.append(prefill_work(lambda: generate(budget), replay, plan, kept, rounds))
+            extra.append(prefill_work(lambda: generate(budget), replay, plan, kept, rounds + 2))  # noisier
     return max(0.0, statistics.fmean(extra)) if extra else 0.0
 
 

@@ -199,12 +199,8 @@ class DemoService:
                             "one only during requests: use --budget-unit flops there")
 
         def load() -> Predictor:
-            predictor = Predictor(load_model(spec or DEFAULT_MODEL, quant=quant, options=options))
-            if kwargs.get("budget_unit") == "time":
-                # the split grid at start-up, not in a visitor's request; each method's own work is timed in the
-                # warm-up (`start_warm_up`, every method once), which runs while the page is already served
-                predictor.time_budget(methods=False)
-            return predictor
+            # time budgets' cost model is measured by the warm-up (`start_warm_up`), while the page is served
+            return Predictor(load_model(spec or DEFAULT_MODEL, quant=quant, options=options))
 
         model_thread = ModelThread(inline=zerogpu_enabled())
         predictor = model_thread.call(load)
@@ -369,9 +365,14 @@ class DemoService:
         return thread
 
     def warm_up(self) -> float:
-        """The full model and every available method once on an example, so that no visitor's request pays for a
-        first run (kernel set-up, a method's one-time calibration) and every timing the page shows is warm."""
+        """With time budgets the cost model's split grid, then the full model and every available method once on an
+        example, so that no visitor's request pays for a first run (kernel set-up, a method's one-time calibration,
+        the cost model) and every timing the page shows is warm."""
         started = time.perf_counter()
+        if self.budget_unit == "time":
+            # the split grid first (a cached fit is read), then each method's own work as each method first runs;
+            # queued on the model thread before any visitor's request, which waits for it
+            self.model_thread.call(self.predictor.time_budget, methods=False)
         examples = load_examples()
         image = load_image(examples[0][0]) if examples else Image.new("RGB", (64, 64), (200, 200, 200))
         question = examples[0][1] if examples else "What is in the image?"
