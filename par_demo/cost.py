@@ -269,17 +269,38 @@ def after_full_rate(predictor, fitted: PrefillCost, image, rounds: int = 3,
     return max(0.0, statistics.median(a[0] - b[0] for a, b in zip(after_full, after_itself)))
 
 
+# A cached fit whose full prefill is this far off a fresh timing is measured again: a calibration taken while the
+# machine was busy (one of this project's read 0.36 s of fixed cost for a 40 ms prefill) would otherwise make every
+# time budget wrong for as long as the cache lives (it was 10x off). From one process to the next this project's
+# 2-core machine drifted up to 1.4x with glibc's default allocator, 1.1x with `par_demo.allocator`'s settings.
+STALE = 3.0
+
+
+def cache_drift(predictor, cost: PrefillCost, rounds: int = 3) -> float:
+    """The full prefill of the calibration query, timed now (median of `rounds` after a warm-up run), over the cached
+    fit's prediction for it."""
+    run = plan_runner(predictor.engine, predictor.encode(calibration_image(), CALIBRATION_QUESTION))
+    run(PruningPlan())
+    measured = statistics.median(run(PruningPlan())[0] for _ in range(rounds))
+    return measured / cost.full()
+
+
 def load_or_calibrate(predictor, recalibrate: bool = False, progress: Callable[[str], None] | None = None,
                       methods: bool = True) -> tuple[PrefillCost, bool]:
     """(the cost model of this model as loaded, whether it came from the cache). Measured and cached when there is
-    none for exactly this model, dtype, quantization, device, thread count, kernels and torch, or when asked."""
+    none for exactly this model, dtype, quantization, device, thread count, kernels and torch, when the cached one
+    is more than `STALE` times off a full prefill timed now, or when asked."""
     key = cost_key(predictor)
     path = cache_path(CACHE_KIND, key)
     if not recalibrate:
         cached = read_json(path)
         cost = PrefillCost.from_dict(cached) if cached else None
         if cost is not None and cost.key == key and cost.n_layers == predictor.engine.n_layers:
-            return cost, True
+            off = cache_drift(predictor, cost)
+            if 1 / STALE <= off <= STALE:
+                return cost, True
+            if progress:
+                progress(f"the cached cost model is {off:.1f}x off this machine's full prefill now: measuring it again")
     cost = calibrate(predictor, progress=progress, methods=methods)
     write_json(path, cost.to_dict())
     return cost, False

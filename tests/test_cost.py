@@ -119,3 +119,22 @@ def test_embedded_time_profile_script_splits_the_prefill_of_other_grids(tmp_path
     for r in rows:
         assert r["fixed_share"] + r["per_layer_share"] + r["rows_share"] == pytest.approx(1.0)
         assert r["full_prefill_ms"] > 0 and min(r["fixed_share"], r["per_layer_share"]) >= 0
+
+
+def test_a_cached_fit_far_off_todays_machine_is_measured_again(monkeypatch, tmp_path, random_models):
+    """A calibration taken while the machine was busy (ten times too slow) is not trusted for as long as the cache
+    lives: a fresh full prefill is timed against it when it is read."""
+    from par_demo.disk_cache import cache_path, write_json
+
+    monkeypatch.setenv("PAR_DEMO_CACHE", str(tmp_path))
+    tiny = Predictor(random_models("llava-tiny"))
+    fitted, _ = cost.load_or_calibrate(tiny)
+    assert 1 / cost.STALE < cost.cache_drift(tiny, fitted) < cost.STALE
+    busy = dataclasses.replace(fitted, fixed_s=10 * fitted.fixed_s, per_layer_s=10 * fitted.per_layer_s,
+                               per_row_s=10 * fitted.per_row_s, per_row2_s=10 * fitted.per_row2_s)
+    write_json(cache_path(cost.CACHE_KIND, fitted.key), busy.to_dict())
+    messages = []
+    again, cached = cost.load_or_calibrate(tiny, progress=messages.append)
+    assert not cached and again.full() < busy.full() / 3
+    assert any("measuring it again" in m for m in messages)
+    assert cost.load_or_calibrate(tiny)[1]  # the new fit is kept
