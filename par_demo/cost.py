@@ -326,16 +326,17 @@ def method_overhead(predictor, fitted: PrefillCost, name: str, image=None, round
     A plan that names its whole split (the visual tokens kept, their sizes and merged features, the layers skipped)
     leaves the prefill exactly the bare split's work, which the fit predicts (absorbing's bias included:
     `absorb_row2_s`): its overhead is the planner's own time, timed inside each run (`Generation.plan_s`), the median
-    of the rounds (three: a planner's time varies little; the app's warm-up times every method this way). Taking it as the difference of two whole prefills instead adds their noise to it (on the 576-token
-    model, +-1 ms on PAR's 2 ms). A plan that leaves work to the prefill (`keep_visual_count`: tokens chosen there
-    from attention scores) runs in turns with the bare split it ended with (`prefill_work`).
+    of the rounds (three: a planner's time varies little; the app's warm-up times every method this way). Taken as
+    the difference of two whole prefills instead, it carries their noise (on the 576-token model, +-1 ms on PAR's
+    2.4 ms). A plan that leaves work to the prefill (`keep_visual_count`: tokens chosen there from attention scores)
+    runs in turns with the bare split it ended with (`prefill_work`).
 
     Either way against the bare split, not against `fitted`'s prediction for it, whose error at that split would be
     charged to the method at every split it considers; and each run right after the full model's, as the page and
-    `bench` time a method (a router's weights are then out of the caches too: PAR's planning took 2.2 ms run after
-    itself, about 0.5 ms more after the full model, on the default model). A method that chooses which views of a tiled image are encoded
-    (`routes_views`) encodes fewer views than a replay would, and its planner runs the tower: on a tiled calibration
-    image it is measured against the prediction."""
+    `bench` time a method (a router's weights are then out of the caches too: PAR's planning on the default model
+    took 2.0-2.2 ms run after itself, 2.4 ms right after the full model). A method that chooses which views of a
+    tiled image are encoded (`routes_views`) encodes fewer views than a replay would, and its planner runs the tower:
+    on a tiled calibration image it is measured against the prediction."""
     from par_demo.errors import BudgetOutOfReach
 
     if name == "full":

@@ -138,7 +138,8 @@ class Par(Method):
     # ---------------------------------------------------------------------------------------- router
     def _load(self) -> None:
         # what the folders follow from, compared first: looking them up touches the disk, and every plan asks
-        asked = (getattr(self.context, "router_path", None), os.environ.get("PAR_DEMO_ROUTER"), self.context.loaded.name)
+        context = self.context
+        asked = (getattr(context, "router_path", None), os.environ.get("PAR_DEMO_ROUTER"), context.loaded.name)
         if asked == self._asked:
             return
         self._asked = asked
