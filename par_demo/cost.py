@@ -258,10 +258,7 @@ def after_full_rate(predictor, fitted: PrefillCost, image, rounds: int = 3,
                     progress: Callable[[str], None] | None = None) -> float:
     """Seconds a pruned prefill takes more right after the full model's prefill than right after its own (a quarter
     of the visual tokens through half the layers, the median of paired rounds): what `after_full_s` adds."""
-    kept, layers = fitted.n_visual // 4, max(1, fitted.n_layers // 2)
-    if kept < 1 and layers >= fitted.n_layers:
-        return 0.0
-    split = split_plan(fitted.n_visual, fitted.n_layers, kept, layers)
+    split = split_plan(fitted.n_visual, fitted.n_layers, fitted.n_visual // 4, max(1, fitted.n_layers // 2))
     if progress:
         progress("timing a pruned prefill right after the full one")
     run = plan_runner(predictor.engine, predictor.encode(image, CALIBRATION_QUESTION))
@@ -282,7 +279,8 @@ def cache_drift(predictor, cost: PrefillCost, rounds: int = 3) -> float:
     run = plan_runner(predictor.engine, predictor.encode(calibration_image(), CALIBRATION_QUESTION))
     run(PruningPlan())
     measured = statistics.median(run(PruningPlan())[0] for _ in range(rounds))
-    return measured / cost.full()
+    predicted = cost.full()
+    return measured / predicted if predicted > 0 else math.inf
 
 
 def load_or_calibrate(predictor, recalibrate: bool = False, progress: Callable[[str], None] | None = None,

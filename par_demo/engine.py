@@ -368,6 +368,7 @@ class Engine:
         synchronize(device)
         start = time.perf_counter()
         query = self.prepare(inputs, overview_only)
+        synchronize(device)  # on a GPU the tower's kernels finish here, not inside the planner's time
         planning = time.perf_counter()
         plan = planner(query) if planner is not None else PruningPlan()
         synchronize(device)

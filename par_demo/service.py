@@ -194,7 +194,7 @@ class DemoService:
         from par_demo.predict import Predictor
 
         if kwargs.get("budget_unit") == "time" and zerogpu_enabled():
-            # no GPU is attached outside requests there: nothing to time at start-up
+            # no GPU is attached outside requests there: nothing to time when the app starts
             raise UserError("time budgets need the model's device at start-up to measure it; ZeroGPU attaches "
                             "one only during requests: use --budget-unit flops there")
 
@@ -370,8 +370,9 @@ class DemoService:
         the cost model) and every timing the page shows is warm."""
         started = time.perf_counter()
         if self.budget_unit == "time":
-            # the split grid first (a cached fit is read), then each method's own work as each method first runs;
-            # queued on the model thread before any visitor's request, which waits for it
+            # the split grid first (a cached fit is read and checked), then each method's own work as each method
+            # first runs; `app.py` starts the warm-up before the page is served, so this is queued on the model
+            # thread ahead of any visitor's request
             self.model_thread.call(self.predictor.time_budget, methods=False)
         examples = load_examples()
         image = load_image(examples[0][0]) if examples else Image.new("RGB", (64, 64), (200, 200, 200))
