@@ -368,11 +368,13 @@ class Engine:
         synchronize(device)
         start = time.perf_counter()
         query = self.prepare(inputs, overview_only)
-        synchronize(device)  # on a GPU the tower's kernels finish here, not inside the planner's time
-        planning = time.perf_counter()
-        plan = planner(query) if planner is not None else PruningPlan()
-        synchronize(device)
-        plan_s = time.perf_counter() - planning
+        plan, plan_s = PruningPlan(), 0.0
+        if planner is not None:  # timed apart; the full model's path gets no extra synchronisation
+            synchronize(device)  # on a GPU the tower's kernels finish here, not inside the planner's time
+            planning = time.perf_counter()
+            plan = planner(query)
+            synchronize(device)
+            plan_s = time.perf_counter() - planning
         pre = self.prefill(query, plan, reserve=max_new_tokens)
         token = int(pre.logits.argmax())
         synchronize(device)

@@ -115,7 +115,7 @@ class Predictor:
     def time_budget(self, recalibrate: bool = False, methods: bool = True):
         """The measured prefill cost model of this model as loaded (calibrated, or read from the cache, once).
         `methods=False`: a new calibration leaves each method's own work to be timed when the method is first
-        used (the app's start-up: its warm-up, after the page is served, uses every method)."""
+        used (the app's warm-up, which then runs every method)."""
         if self._time_budget is None or recalibrate:
             from par_demo.cost import TimeBudget
 

@@ -143,7 +143,7 @@ class Par(Method):
         if asked == self._asked:
             return
         self._asked = asked
-        folders = router_folders(self.context)
+        folders = router_folders(context)
         if folders == self._loaded_from:
             return
         self._loaded_from, self.router, self._problem = folders, None, None
