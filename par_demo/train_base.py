@@ -38,6 +38,7 @@ from par_demo.shapes import (
     sample_example, sample_question,
 )
 from par_demo.tokenizer import IMAGE_MEAN, IMAGE_STD, build_processor
+from par_demo.widen import widen_into
 
 
 @dataclass
@@ -637,12 +638,27 @@ def warm_start(model, folder: Path) -> dict | None:
         raise UserError(f"--init-from {folder}: not a model saved with these model flags ({first})") from None
 
 
+def grow_from(model, folder: Path) -> None:
+    """Start `model` from the narrower model saved in `folder`, widened without changing its function."""
+    try:
+        source = LlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--grow-from {folder}: not a saved model ({first})") from None
+    widen_into(source, model)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="assets/models/shapes-llava", help="where the trained model is saved")
     parser.add_argument("--init-from", default=None,
                         help="continue from a model train-base saved, or from its --work folder (then its read "
                              "probe and optimizer moments go on too); same model flags: stage A is skipped and "
                              "stage B runs --b-steps more steps on a fresh learning-rate schedule")
+    parser.add_argument("--grow-from", default=None,
+                        help="start from a saved model whose decoder is narrower (the model flags give the wider "
+                             "one: --text-width, --text-heads, --text-mlp): its weights are widened without changing "
+                             "what it computes (par_demo/widen.py), stage A is skipped and stage B trains the whole "
+                             "width for --b-steps steps")
     parser.add_argument("--work", default=None, help="checkpoints and log for resuming (default: runs/train-base-seed<S>)")
     for f in list(fields(ModelConfig)) + list(fields(TrainConfig)):
         if isinstance(f.default, bool):
@@ -679,7 +695,13 @@ def run(args) -> int:
     pool = make_pool(tc.pool_size, tc.seed, grid)
     log(f"rendered {tc.pool_size} training scenes")
     carried = None
-    if args.init_from:
+    if args.init_from and args.grow_from:
+        raise UserError("--init-from and --grow-from both give the starting weights: use one")
+    if args.grow_from:
+        grow_from(model, Path(args.grow_from))
+        log(f"widened {args.grow_from} to this decoder: stage A skipped, stage B trains the whole width")
+        heads = None
+    elif args.init_from:
         carried = warm_start(model, Path(args.init_from))
         log(f"initialised from {args.init_from}: stage A skipped, stage B continues its projector and LM")
         heads = None
