@@ -134,6 +134,7 @@ class Par(Method):
         self._viewed: tuple | None = None  # (tiled query, its encoded tokens as a query, overview routing FLOPs)
         self._order: tuple | None = None  # (layer logits, routable layers lowest-scored first): `skip_order`
         self._splits: tuple | None = None  # (scored rows, their (row, tokens, skip)): `scored_splits`
+        self._time_rows: dict[tuple, dict] = {}  # `time_row`'s answers for the query shapes and limits asked
 
     # ---------------------------------------------------------------------------------------- router
     def _load(self) -> None:
@@ -316,7 +317,21 @@ class Par(Method):
 
         Chosen before the router runs, so that it runs once, at the row's budget: which layers are skipped comes
         later from its logits, and here only changes the time when layers before K are skipped (estimated with the
-        last routable layers skipped first)."""
+        last routable layers skipped first).
+
+        The answer depends on the query's shape and the limit only, and walking the rows costs 0.2 ms on the embedded
+        model, inside the timed prefill: it is kept per shape and limit (and per cost model and overhead, which the
+        cheapest split's predicted time stands for)."""
+        n_visual = query.n_visual
+        key = (n_visual, query.n_text, limit, start_layer, id(self.scored),
+               self.setting_cost(query, Setting(0, frozenset(), start_layer), "time"))
+        if key not in self._time_rows:
+            if len(self._time_rows) >= 256:
+                self._time_rows.clear()
+            self._time_rows[key] = self._most_accurate_fitting(query, limit, start_layer)
+        return self._time_rows[key]
+
+    def _most_accurate_fitting(self, query, limit: float, start_layer: int) -> dict:
         n_visual = query.n_visual
         for row, tokens, skip in self.scored_splits():  # most accurate first: the first that fits is the one
             if self.setting_cost(query, Setting(min(tokens, n_visual), skip, start_layer), "time") <= limit:
