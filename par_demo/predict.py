@@ -175,21 +175,23 @@ class Predictor:
         inputs = encoded if encoded is not None else self.encode(image, question)
         if budget_unit == "time":  # measured (or read from the cache) now, never inside the timed prefill below
             self.time_budget().overhead(chosen)
-        costs = {}
+        planned = {}
 
         def planner(query):
-            plan, setting = chosen.plan(query, budget, tokens, layers, start_layer, budget_unit)
-            costs["flops"] = chosen.setting_flops(query, setting)
-            costs["full"] = self.flops.full(query)
-            costs["layout"] = query.layout
-            if budget_unit == "time":
-                costs["time"] = chosen.setting_cost(query, setting, "time") / chosen.full_cost(query, "time")
+            plan, planned["setting"] = chosen.plan(query, budget, tokens, layers, start_layer, budget_unit)
+            planned["query"] = query
             return plan
 
         eos = self.loaded.processor.tokenizer.eos_token_id if stop_at_eos else None
         generation = self.engine.generate(inputs, planner, max_new_tokens=max_new_tokens, eos_token_id=eos,
                                           overview_only=chosen.routes_views)
-        return Answered(generation, costs["flops"], costs["full"], costs["layout"], costs.get("time"))
+        # What the setting costs, for the record: worked out after the timed run, not inside the planner's time
+        query, setting = planned["query"], planned["setting"]
+        time_ratio = None
+        if budget_unit == "time":
+            time_ratio = chosen.setting_cost(query, setting, "time") / chosen.full_cost(query, "time")
+        return Answered(generation, chosen.setting_flops(query, setting), self.flops.full(query), query.layout,
+                        time_ratio)
 
     def decode(self, tokens: list[int]) -> str:
         return self.loaded.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
