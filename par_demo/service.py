@@ -163,7 +163,7 @@ class DemoService:
 
     def __init__(self, predictor: Predictor, model_name: str, n_layers: int, max_visual_tokens: int,
                  cache_items: int = DEFAULT_CACHE_ITEMS, max_new_tokens: int = 16, description: str = "",
-                 card: ModelCard | None = None, rounds: int = timing.DEFAULT_ROUNDS, budget_unit: str = "flops",
+                 card: ModelCard | None = None, rounds: int | None = None, budget_unit: str = "flops",
                  model_thread: ModelThread | None = None):
         self.predictor = predictor
         # What the page's budget is a fraction of: the full prefill's FLOPs, or its time on this machine (the
@@ -175,7 +175,9 @@ class DemoService:
         self.max_visual_tokens = int(max_visual_tokens)  # per image; a dynamic-resolution model gives fewer
         self.max_new_tokens = max_new_tokens
         self.card = card
-        self.rounds = rounds
+        # Timing rounds per request: given, or chosen by the warm-up from the model's speed (`timing.rounds_for`)
+        self.rounds = rounds or timing.DEFAULT_ROUNDS
+        self.rounds_given = rounds is not None
         self.full_cache = LRUCache(cache_items)
         self.view_cache = LRUCache(cache_items)
         # One model, many users: model calls run one at a time (the app's queue also serialises them), all on one
@@ -367,7 +369,8 @@ class DemoService:
     def warm_up(self) -> float:
         """With time budgets the cost model's split grid, then the full model and every available method once on an
         example, so that no visitor's request pays for a first run (kernel set-up, a method's one-time calibration,
-        the cost model) and every timing the page shows is warm."""
+        the cost model) and every timing the page shows is warm. The full model's second run sets the timing rounds
+        of a request (unless they were given): as many as fit about half a second."""
         started = time.perf_counter()
         if self.budget_unit == "time":
             # the split grid first (a cached fit is read and checked), then each method's own work as each method
@@ -378,6 +381,9 @@ class DemoService:
         image = load_image(examples[0][0]) if examples else Image.new("RGB", (64, 64), (200, 200, 200))
         question = examples[0][1] if examples else "What is in the image?"
         self._run(image, question, method="full", budget=1.0)
+        warm = self._run(image, question, method="full", budget=1.0)  # the first run pays for kernel set-up
+        if not self.rounds_given:
+            self.rounds = timing.rounds_for(warm.total_s)
         self._examples()  # the examples' fingerprints, read on every request's image notice
         for _, name in METHOD_CHOICES:
             if not self._available.get(name):

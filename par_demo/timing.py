@@ -17,10 +17,23 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-DEFAULT_ROUNDS = 5  # embedded model: ~5 x 2 x 30 ms, well under a second per query on 2 CPU cores
+DEFAULT_ROUNDS = 5  # embedded model: ~5 x 2 x 40 ms, well under a second per query on 2 CPU cores
+# The page times the full model and one setting in turns on every request: as many rounds as fit about half a second
+# of runs, so that a slower model or machine still answers within a second, and never fewer than MIN_ROUNDS (the
+# median of fewer is one noisy run)
+MIN_ROUNDS = 3
+ROUNDS_WINDOW_S = 0.5
 FULL = {"method": "full", "budget": 1.0}  # the reference setting every speed-up is measured against
 
 Sample = tuple[float, float]  # (prefill seconds, total seconds) of one run
+
+
+def rounds_for(full_s: float) -> int:
+    """Timing rounds for a page request on a model whose full run takes `full_s` seconds (a round: the full run and a
+    pruned one, which takes at most as long), from MIN_ROUNDS to DEFAULT_ROUNDS."""
+    if not full_s > 0:
+        return DEFAULT_ROUNDS
+    return max(MIN_ROUNDS, min(DEFAULT_ROUNDS, int(ROUNDS_WINDOW_S / (2 * full_s))))
 
 
 @dataclass(frozen=True)

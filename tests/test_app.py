@@ -120,11 +120,21 @@ def test_stats_carry_rounds_spread_and_the_speedup_of_medians(service):
     assert set(stats["timing"]["prefill_s"]) == {"median", "low", "high"} and stats["timing"]["rounds"] == ROUNDS
 
 
-def test_warm_up_runs_the_full_model_and_every_available_method_once(service):
+def test_warm_up_runs_the_full_model_twice_and_every_available_method_once(service):
     service.predictor.calls.clear()
     service.warm_up()
     available = [name for _, name in METHOD_CHOICES if not service.available_methods().get(name)]
-    assert service.predictor.calls == ["full", *available]
+    assert service.predictor.calls == ["full", "full", *available]
+    assert service.rounds == ROUNDS  # rounds given when the service was built are kept
+
+
+def test_warm_up_chooses_the_rounds_from_the_full_models_speed(service, monkeypatch):
+    # not given: as many as fit half a second of runs (`timing.rounds_for`), from the full model's second, warm run
+    service.rounds_given = False
+    seen = []
+    monkeypatch.setattr(s.timing, "rounds_for", lambda full_s: seen.append(full_s) or 4)
+    service.warm_up()
+    assert service.rounds == 4 and len(seen) == 1 and seen[0] > 0
 
 
 def test_every_model_call_runs_on_the_one_model_thread_whichever_thread_asks(service):

@@ -100,3 +100,11 @@ def test_the_page_marks_noise_and_says_why_in_one_line(predictor, scene):
     text = panels.timing_markdown(dataclasses.replace(pruned, timing=noisy))
     assert "⚠ 4.00× (3.00–5.00): noise" in text and text.endswith(panels.NOISE_NOTE)
     assert "faster" not in text.split("·")[0]  # the prefill figure is not presented as a result
+
+
+def test_page_rounds_fit_half_a_second_of_runs_and_never_fall_below_three():
+    from par_demo.timing import DEFAULT_ROUNDS, MIN_ROUNDS, rounds_for
+
+    assert rounds_for(0.040) == DEFAULT_ROUNDS  # the 128-wide default: 5 rounds of full + pruned in 0.4 s
+    assert rounds_for(0.080) == MIN_ROUNDS  # twice as slow: 3 rounds
+    assert rounds_for(2.0) == MIN_ROUNDS and rounds_for(0.0) == DEFAULT_ROUNDS
