@@ -190,3 +190,13 @@ def test_a_prior_share_keeps_that_share_of_flows_around_the_prior_after_warm_up(
     plain, shared = TrainConfig(warmup=10), TrainConfig(warmup=10, prior_share=0.3)
     assert [router_share(s, plain) for s in (0, 5, 10, 500)] == [0.0, 0.5, 1.0, 1.0]
     assert [router_share(s, shared) for s in (0, 5, 10, 500)] == pytest.approx([0.0, 0.5, 0.7, 0.7])
+
+
+def test_processes_waiting_while_the_main_one_measures_the_table_do_not_time_out():
+    # the Pareto table runs on the main process alone; a 256-wide model's took over the process group's default
+    # 30 minutes, and the waiting process's barrier timed out and killed the run before the table was saved
+    from datetime import timedelta
+
+    from par_demo.training.loop import TrainConfig, make_accelerator
+
+    assert make_accelerator(TrainConfig(), "cpu").init_handler.timeout >= timedelta(hours=12)

@@ -23,6 +23,7 @@ import sys
 from contextlib import nullcontext
 import time
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -150,10 +151,18 @@ def mixed_precision(precision: str, device: str | None) -> str:
     return "no" if precision == "fp32" or not on_gpu else precision
 
 
+# The other processes wait at a barrier while the main one measures the Pareto table alone, which on a 2-core CPU took
+# over half an hour for a 256-wide model: longer than the process group's default 30-minute timeout, which then
+# killed the run before the table was saved. A wait at a barrier costs nothing, so it may last a day.
+BARRIER_TIMEOUT = timedelta(hours=24)
+
+
 def make_accelerator(train: TrainConfig, device: str | None):
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
-    return Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision(train.precision, device))
+    return Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision(train.precision, device),
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=BARRIER_TIMEOUT)])
 
 
 def sum_gradients(router, accelerator) -> None:
