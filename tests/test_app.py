@@ -130,7 +130,8 @@ def test_warm_up_runs_the_full_model_twice_and_every_available_method_once(servi
 
 def test_warm_up_chooses_the_rounds_from_the_full_models_speed(service, monkeypatch):
     # not given: as many as fit half a second of runs (`timing.rounds_for`), from the full model's second, warm run
-    service.rounds_given = False
+    monkeypatch.setattr(service, "rounds_given", False)  # the fixture is shared: both are restored afterwards
+    monkeypatch.setattr(service, "rounds", service.rounds)
     seen = []
     monkeypatch.setattr(s.timing, "rounds_for", lambda full_s: seen.append(full_s) or 4)
     service.warm_up()
