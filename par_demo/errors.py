@@ -5,6 +5,12 @@ class UserError(ValueError):
     """A clear, one-line message for the person at the keyboard; shown without a traceback."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's error message (or its type's name), to quote in a one-line `UserError`."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class BudgetOutOfReach(UserError):
     """A budget below the cheapest setting a method has on this model: `eval` reports it and goes on. `reach` is
     the smallest budget that method can meet (a fraction of the full prefill's FLOPs, or of its time here)."""

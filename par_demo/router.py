@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from par_demo.errors import UserError
+from par_demo.errors import UserError, first_line
 
 WEIGHTS_FILE = "router.safetensors"
 CONFIG_FILE = "router.json"
@@ -278,8 +278,7 @@ def load_router(folder, loaded=None, device=None) -> tuple[MetaRouter, dict]:
     try:
         router.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     except (RuntimeError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise UserError(f"cannot load router weights from {folder}: {first}") from None
+        raise UserError(f"cannot load router weights from {folder}: {first_line(exc)}") from None
     if device is not None:
         router = router.to(device)
     return router.eval(), meta

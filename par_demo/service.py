@@ -176,7 +176,7 @@ class DemoService:
         self.max_new_tokens = max_new_tokens
         self.card = card
         # Timing rounds per request: given, or chosen by the warm-up from the model's speed (`timing.rounds_for`)
-        self.rounds = rounds or timing.DEFAULT_ROUNDS
+        self.rounds = timing.DEFAULT_ROUNDS if rounds is None else rounds
         self.rounds_given = rounds is not None
         self.full_cache = LRUCache(cache_items)
         self.view_cache = LRUCache(cache_items)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers.models.llama.modeling_llama import rotate_half
 
-from par_demo.errors import UserError
+from par_demo.errors import UserError, first_line
 from par_demo.model_card import write_embedded_card
 from par_demo.shapes import (
     COLORS, IMAGE_SIZE, MAX_OBJECTS, QUADRANTS, QUESTION_TYPES, SHAPES, draw_object, is_correct, quadrant, render_scene,
@@ -634,8 +634,8 @@ def warm_start(model, folder: Path) -> dict | None:
         model.load_state_dict(source.state_dict())
         return None
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"--init-from {folder}: not a model saved with these model flags ({first})") from None
+        raise UserError(f"--init-from {folder}: not a model saved with these model flags "
+                        f"({first_line(exc)})") from None
 
 
 def grow_from(model, folder: Path) -> None:
@@ -643,8 +643,7 @@ def grow_from(model, folder: Path) -> None:
     try:
         source = LlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"--grow-from {folder}: not a saved model ({first})") from None
+        raise UserError(f"--grow-from {folder}: not a saved model ({first_line(exc)})") from None
     widen_into(source, model)
 
 

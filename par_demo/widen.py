@@ -25,8 +25,10 @@ from transformers import LlavaForConditionalGeneration
 
 from par_demo.errors import UserError
 
-# Parameters that write into the residual stream from units the growth adds (heads, neurons, projector units)
-WRITERS = ("self_attn.o_proj.weight", "mlp.down_proj.weight", "multi_modal_projector.linear_2.weight")
+# Parameters that write into the residual stream: their new rows (new residual dimensions) and new columns (new
+# heads, neurons, projector units) start at 0
+WRITERS = ("self_attn.o_proj.weight", "mlp.down_proj.weight", "multi_modal_projector.linear_2.weight",
+           "multi_modal_projector.linear_2.bias", "embed_tokens.weight")
 NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "language_model.norm.weight")
 
 
@@ -68,7 +70,5 @@ def widen_into(source: LlavaForConditionalGeneration, target: LlavaForConditiona
             continue
         block = tuple(slice(0, n) for n in src.shape)
         if name.endswith(WRITERS):
-            param.zero_()  # new rows (residual dimensions) and new columns (new heads, neurons, units) stay 0
-        elif name.endswith("embed_tokens.weight") or name.endswith("multi_modal_projector.linear_2.bias"):
-            param.zero_()  # writes the residual stream directly: its new dimensions start at 0
+            param.zero_()
         param[block] = src
