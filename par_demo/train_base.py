@@ -81,6 +81,11 @@ class TrainConfig:
     # bf16 autocast on CPU (the weights and the optimizer stay fp32): on an AMX CPU a stage-B step of a 256-wide
     # LM takes about half the time; off by default, the shipped checkpoint was trained in fp32
     bf16: bool = False
+    # LayerDrop (Fan et al., 2019): each stage-B step leaves out k of the decoder layers a pruning method may skip
+    # (not the first, the last or the look layer), k drawn uniformly from 0 to this share of them. A 12-layer model
+    # trained without it has none of the spare depth a 32-layer LVLM has: skipping two thirds of its layers, as a
+    # time budget of 0.25 must, loses a third of its answers. 0: every step runs every layer.
+    layer_drop: float = 0.0
 
 
 def grid_of(patch_size: int) -> int:
@@ -375,7 +380,22 @@ def look_logits(attn, captured: dict, rows: torch.Tensor, queries: torch.Tensor,
     return torch.einsum("nd,npd->np", q, k[rows]) * attn.scaling
 
 
-def packed_loss(model, read_head, feats, ids, targets, rows, queries, looks, reads, pos, mask, image_start: int):
+def skippable_layers(n_layers: int) -> list[int]:
+    """The decoder layers LayerDrop may leave out: those PAR's router may skip, less the look layer (its losses
+    need it; the router learns to keep it)."""
+    return [i for i in range(1, n_layers - 1) if i != LOOK_LAYER]
+
+
+def dropped_layers(n_layers: int, share: float, rng: np.random.Generator) -> list[int]:
+    """One step's LayerDrop: k of the skippable layers, k uniform in 0 .. share of them, so that the model sees
+    every depth from full to its shallowest."""
+    skippable = skippable_layers(n_layers)
+    k = int(rng.integers(0, round(share * len(skippable)) + 1))
+    return sorted(int(i) for i in rng.choice(skippable, size=k, replace=False))
+
+
+def packed_loss(model, read_head, feats, ids, targets, rows, queries, looks, reads, pos, mask, image_start: int,
+                dropped: list[int] = ()):
     """Answer-token cross-entropy of the stock LLaVA computation (image features supplied precomputed), plus
     a cross-entropy teaching one head of layer LOOK_LAYER where the answer is in the image, plus a linear
     read-out of the looked-at object's colour, shape and quadrant from that head's output.
@@ -383,7 +403,7 @@ def packed_loss(model, read_head, feats, ids, targets, rows, queries, looks, rea
     Measured without the read-out: the head attended to the right patches (91% of its weight on colour
     questions) but its value projection carried almost no colour (a linear probe on it: 30%, against 86% on
     the residual it reads), and colour answers stayed at chance. The read-out gives the value path its own
-    short gradient, so what the head finds is what it returns."""
+    short gradient, so what the head finds is what it returns. `dropped`: decoder layers this step leaves out."""
     lm = model.model.language_model
     embeds = lm.embed_tokens(ids)
     image = model.model.multi_modal_projector(feats)
@@ -394,12 +414,15 @@ def packed_loss(model, read_head, feats, ids, targets, rows, queries, looks, rea
     captured = {}
     hook = attn.register_forward_pre_hook(lambda m, a, kw: captured.update(kw), with_kwargs=True)
     hook_out = attn.o_proj.register_forward_pre_hook(lambda m, a: captured.update(heads_out=a[0]))
+    every_layer = lm.layers
+    lm.layers = torch.nn.ModuleList([layer for i, layer in enumerate(every_layer) if i not in dropped])
     try:
         out = lm(
             inputs_embeds=embeds, position_ids=pos.unsqueeze(0).expand(b, -1),
             attention_mask=mask.view(1, 1, *mask.shape).expand(b, 1, -1, -1),
         )
     finally:
+        lm.layers = every_layer
         hook.remove()
         hook_out.remove()
     hidden = out.last_hidden_state
@@ -577,6 +600,7 @@ def train_stage_b(model, processor, pool: Pool, heads, tc: TrainConfig, work: Pa
     packer = QuestionPacker(processor, tc.b_questions, grid_of(model.config.vision_config.patch_size))
     pos, mask = packer.layout()
     head_dim = model.model.language_model.layers[LOOK_LAYER].self_attn.head_dim
+    n_layers = model.config.text_config.num_hidden_layers
     read_head = torch.nn.Linear(head_dim, sum(READ_SIZES))  # a training-only probe, not part of the saved model
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
     params += list(read_head.parameters())
@@ -599,9 +623,12 @@ def train_stage_b(model, processor, pool: Pool, heads, tc: TrainConfig, work: Pa
         rng = np.random.default_rng([tc.seed, 3, step])
         idx = rng.choice(len(pool.images), size=tc.b_batch, replace=False)
         ids, targets, rows, queries, looks, reads = packer.batch(pool, idx, rng)
+        # its own stream: the batches stay those of a run without LayerDrop
+        dropped = dropped_layers(n_layers, tc.layer_drop, np.random.default_rng([tc.seed, 4, step]))
         with autocast(tc):
             answer_loss, look_loss, read_loss = packed_loss(
-                model, read_head, feats[idx], ids, targets, rows, queries, looks, reads, pos, mask, packer.image_start
+                model, read_head, feats[idx], ids, targets, rows, queries, looks, reads, pos, mask, packer.image_start,
+                dropped,
             )
         loss = answer_loss + tc.look_weight * look_loss + tc.read_weight * read_loss
         optimizer_step(opt, loss, params, lr_at(step, tc.b_steps, tc.b_lr, tc.warmup))
@@ -672,6 +699,8 @@ def run(args) -> int:
     grid = grid_of(mc.patch_size)
     if mc.text_layers <= LOOK_LAYER:
         raise UserError(f"--text-layers must be at least {LOOK_LAYER + 1} (the look loss uses layer {LOOK_LAYER})")
+    if not 0.0 <= tc.layer_drop <= 1.0:
+        raise UserError(f"--layer-drop must be between 0 and 1 (got {tc.layer_drop})")
     if tc.b_questions % len(QUESTION_TYPES):
         raise UserError(f"--b-questions must be a multiple of {len(QUESTION_TYPES)}")
     torch.set_num_threads(tc.threads)

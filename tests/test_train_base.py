@@ -162,3 +162,43 @@ def test_train_base_continues_from_a_saved_model_or_its_work_folder_and_refuses_
     assert main(["train-base", "--out", str(tmp_path / "third"), "--work", str(tmp_path / "w3"),
                  "--init-from", str(tmp_path / "first"), *wider]) == 2
     assert "not a model saved with these model flags" in capsys.readouterr().err
+
+
+def test_layer_drop_leaves_out_only_layers_a_router_may_skip_and_spans_every_depth():
+    assert tb.dropped_layers(12, 0.0, np.random.default_rng(0)) == []
+    skippable = tb.skippable_layers(12)
+    assert 0 not in skippable and 11 not in skippable and tb.LOOK_LAYER not in skippable and len(skippable) == 9
+    draws = [tb.dropped_layers(12, 0.8, np.random.default_rng([0, s])) for s in range(300)]
+    assert all(set(d) <= set(skippable) and len(set(d)) == len(d) for d in draws)
+    assert {len(d) for d in draws} == set(range(8))  # 0 .. round(0.8 * 9) layers, each depth seen
+
+
+def test_a_dropped_layer_gets_no_gradient_and_the_model_keeps_every_layer():
+    torch.manual_seed(0)
+    processor = tb.build_processor(IMAGE_SIZE, 16)
+    model = tb.build_model(tb.ModelConfig(vision_width=32, vision_layers=1, text_layers=5, text_mlp=128), processor)
+    pool = tb.make_pool(2, seed=5)
+    packer = tb.QuestionPacker(processor, 6)
+    pos, mask = packer.layout()
+    batch = packer.batch(pool, np.arange(2), np.random.default_rng(0))
+    read_head = torch.nn.Linear(model.model.language_model.layers[0].self_attn.head_dim, sum(tb.READ_SIZES))
+    with torch.no_grad():
+        feats = tb.vision_features(model, tb.to_pixels(pool.images))
+    losses = {}
+    for dropped in ([], [3]):
+        model.zero_grad()
+        answer, look, read = tb.packed_loss(model, read_head, feats, *batch, pos, mask, packer.image_start, dropped)
+        (answer + look + read).backward()
+        losses[tuple(dropped)] = answer.item()
+        layers = model.model.language_model.layers
+        assert len(layers) == 5  # put back after the step
+        assert (layers[3].mlp.down_proj.weight.grad is None) == (dropped == [3])
+        assert layers[1].mlp.down_proj.weight.grad is not None
+    assert losses[()] != losses[(3,)]
+
+
+def test_train_base_refuses_a_layer_drop_share_outside_0_to_1(tmp_path, capsys):
+    from par_demo.cli import main
+
+    assert main(["train-base", "--out", str(tmp_path / "m"), "--layer-drop", "1.5"]) == 2
+    assert "--layer-drop must be between 0 and 1" in capsys.readouterr().err
