@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 
 from par_demo.errors import UserError, first_line
 from par_demo.model_card import write_embedded_card
+from par_demo.router import RouterConfig
 from par_demo.shapes import (
     COLORS, IMAGE_SIZE, MAX_OBJECTS, QUADRANTS, QUESTION_TYPES, SHAPES, draw_object, is_correct, quadrant, render_scene,
     sample_example, sample_question,
@@ -381,9 +383,10 @@ def look_logits(attn, captured: dict, rows: torch.Tensor, queries: torch.Tensor,
 
 
 def skippable_layers(n_layers: int) -> list[int]:
-    """The decoder layers LayerDrop may leave out: those PAR's router may skip, less the look layer (its losses
-    need it; the router learns to keep it)."""
-    return [i for i in range(1, n_layers - 1) if i != LOOK_LAYER]
+    """The decoder layers LayerDrop may leave out: those PAR's router may skip (by its default protection), less
+    the look layer (its losses need it; the router learns to keep it)."""
+    routable = RouterConfig(lm_width=0, n_layers=n_layers).routable()
+    return [i for i in routable if i != LOOK_LAYER]
 
 
 def dropped_layers(n_layers: int, share: float, rng: np.random.Generator) -> list[int]:
@@ -395,7 +398,7 @@ def dropped_layers(n_layers: int, share: float, rng: np.random.Generator) -> lis
 
 
 def packed_loss(model, read_head, feats, ids, targets, rows, queries, looks, reads, pos, mask, image_start: int,
-                dropped: list[int] = ()):
+                dropped: Sequence[int] = ()):
     """Answer-token cross-entropy of the stock LLaVA computation (image features supplied precomputed), plus
     a cross-entropy teaching one head of layer LOOK_LAYER where the answer is in the image, plus a linear
     read-out of the looked-at object's colour, shape and quadrant from that head's output.
