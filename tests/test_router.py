@@ -59,6 +59,34 @@ def test_router_shapes_and_budget_conditioning(config, target):
     assert target.visual.shape == (144, 128) and target.text.shape[1] == 128
 
 
+def test_router_inference_reuses_its_query_free_parts_until_a_weight_changes(config, target):
+    torch.manual_seed(1)
+    router, fresh = MetaRouter(config), MetaRouter(config)
+    budgets = torch.tensor([0.3])
+
+    def scores(model):
+        with torch.inference_mode():
+            return model(target.visual, target.text, budgets, target.layout)
+
+    first = scores(router)
+    assert len(router._parts_cache) == 1
+    again = scores(router)  # same layout and budget: the kept parts, the same answer
+    assert len(router._parts_cache) == 1 and all(torch.equal(a, b) for a, b in zip(first, again))
+    fresh.load_state_dict(router.state_dict())
+    with torch.no_grad():
+        router.position.weight.add_(0.5)  # an optimizer step would do this in place
+        router.budget[0].bias.add_(0.5)
+        fresh.position.weight.add_(0.5)
+        fresh.budget[0].bias.add_(0.5)
+    changed, expected = scores(router), scores(fresh)
+    assert not torch.allclose(changed[0], first[0])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(changed, expected))
+    with torch.enable_grad():  # training: made afresh, with gradients, nothing kept
+        tokens, _ = router(target.visual, target.text, budgets, target.layout)
+    tokens.sum().backward()
+    assert router.position.weight.grad is not None and router.budget[0].weight.grad is not None
+
+
 def test_router_overhead_is_under_one_percent_for_llava_7b():
     from par_demo.families.llava import PRESETS, Llava, build_config
     from par_demo.flops import FlopsModel, Shape

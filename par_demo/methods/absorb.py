@@ -11,8 +11,9 @@ receives), and a kept token that stands for s tokens gets + log s on its attenti
 (ToMe, Bolya et al., ICLR 2023): s identical keys attract exactly what one key with + log s does. Features and
 positions are left as they are; only the attention mass moves.
 
-Cost (counted in the budget): normalising the n visual tokens, 3 n D, and the cosines of the n - k dropped ones with
-the k kept ones, 2 (n - k) k D. The additions of the bias are element-wise work like the softmax, not counted.
+Cost (counted in the budget): normalising the k kept tokens, 3 k D, and the products of the n - k dropped ones with
+them, 2 (n - k) k D (a dropped token's own norm changes none of its cosines' order, so it is not taken). The additions
+of the bias are element-wise work like the softmax, not counted.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ def absorbed_sizes(features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         return sizes
     dropped = torch.ones(n, dtype=torch.bool, device=features.device)
     dropped[keep] = False
-    x = F.normalize(features.float(), dim=-1)
-    nearest = (x[dropped] @ x[keep].T).argmax(dim=1)  # (n - k,): the kept token each dropped one joins
+    # a dropped token's own norm scales its whole row of cosines: only the kept tokens need normalising
+    kept = F.normalize(features[keep].float(), dim=-1)
+    nearest = (features[dropped].float() @ kept.T).argmax(dim=1)  # (n - k,): the kept token each dropped one joins
     return sizes + torch.bincount(nearest, minlength=keep.numel()).to(sizes.dtype)
 
 
@@ -40,4 +42,4 @@ def absorb_flops(n: int, k: int, width: int) -> float:
     """What `absorbed_sizes` adds to the prefill when k of n visual tokens of `width` features are kept."""
     if not 0 < k < n:
         return 0.0
-    return 3.0 * n * width + 2.0 * (n - k) * k * width
+    return 3.0 * k * width + 2.0 * (n - k) * k * width

@@ -372,10 +372,14 @@ class Par(Method):
             def fits(tokens, skip):
                 return self.setting_cost(query, Setting(tokens, skip, k), unit) <= limit
 
-            for layers in range(self.n_layers, target, -1):
+            more = None  # the most layers above the target that fit with every token; a layer more never costs less
+            for layers in range(target + 1, self.n_layers + 1):  # so the first that does not fit ends the search
                 skip = self.skip_for(layer_logits, layers, k)
-                if fits(n_v, skip):
-                    return Setting(n_v, skip, k)
+                if not fits(n_v, skip):
+                    break
+                more = Setting(n_v, skip, k)
+            if more is not None:
+                return more
             for layers in range(target, floor_layers - 1, -1):
                 skip = self.skip_for(layer_logits, layers, k)
                 if not self.route_tokens:
