@@ -16,7 +16,7 @@ TEST_SEED = 31_337  # used by this test only, never for training or the tables i
 
 
 # Each model with how far ahead of FastV at FLOPs 0.25 its router must be on these 60 samples. Measured on the 1,200:
-# the 144-token model 97.7 % against 49.6 %, the 576-token one 97.5 % against 83.3 % (and on these 60, too few to tell
+# the 144-token model 97.7 % against 49.6 %, the 576-token one 98.5 % against 84.25 % (and on these 60, too few to tell
 # them apart reliably, so there PAR must only not fall behind).
 MODELS = {"576-tokens": (DEFAULT_MODEL, 0.0), "144-tokens": (SMALL_MODEL, 0.15)}
 
@@ -38,7 +38,7 @@ def accuracy(model, tmp_path_factory):
 
 
 def test_shipped_router_keeps_the_answers_at_half_the_flops(accuracy):
-    # measured on 1,200: 99.1 % against the full model's 99.2 % (144 tokens), 98.25 % against 99.1 % (576)
+    # measured on 1,200: 99.1 % against the full model's 99.2 % (144 tokens), 99.0 % against 99.2 % (576)
     assert accuracy[("par", 0.5)] >= 0.9 * accuracy[("full", 1.0)], accuracy
 
 
