@@ -100,14 +100,6 @@ def position_features(layout) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-def same_places(a, b) -> bool:
-    """Two layouts put every visual token at the same place (same grid, cells and tiles)."""
-    if a is b:
-        return True
-    return (a.grid == b.grid and a.tiles == b.tiles and torch.equal(a.rows, b.rows) and torch.equal(a.cols, b.cols)
-            and (a.tile is None) == (b.tile is None) and (a.tile is None or torch.equal(a.tile, b.tile)))
-
-
 def budget_features(budgets: torch.Tensor) -> torch.Tensor:
     """(B,) budgets in (0, 1] -> (B, 8) smooth features, so nearby budgets get nearby embeddings."""
     b = budgets.float().unsqueeze(1)
@@ -167,10 +159,9 @@ class MetaRouter(nn.Module):
         if torch.is_grad_enabled():
             return self._query_free_parts(layout, budgets, device)
         weights = (self.position.weight, self.position.bias, self.kind, self.layer_tokens, *self.budget.parameters())
-        key = (tuple((w.data_ptr(), w._version) for w in weights), str(device), layout.grid, layout.n_visual,
-               tuple(budgets.tolist()))
+        key = (tuple((w.data_ptr(), w._version) for w in weights), str(device), tuple(budgets.tolist()))
         for cached_key, cached_layout, parts in self._parts_cache:
-            if cached_key == key and same_places(cached_layout, layout):
+            if cached_key == key and cached_layout.same_places(layout):
                 return parts
         parts = self._query_free_parts(layout, budgets, device)
         self._parts_cache = [(key, layout, parts), *self._parts_cache[:7]]

@@ -95,6 +95,14 @@ class Layout:
         return Layout(self.rows[index], self.cols[index], self.grid,
                       None if self.tile is None else self.tile[index], self.tiles)
 
+    def same_places(self, other: "Layout") -> bool:
+        """Every visual token at the same place as in `other` (same grid, cells and tiles)."""
+        if self is other:
+            return True
+        return (self.grid == other.grid and self.tiles == other.tiles and torch.equal(self.rows, other.rows)
+                and torch.equal(self.cols, other.cols) and (self.tile is None) == (other.tile is None)
+                and (self.tile is None or torch.equal(self.tile, other.tile)))
+
     def patch_indices(self, kept: torch.Tensor | list[int]) -> list[int]:
         """Row-major cell indices (row * cols + col) of the given visual tokens: what the patch view draws."""
         kept = torch.as_tensor(kept, dtype=torch.long, device=self.rows.device)
