@@ -285,7 +285,8 @@ class Engine:
         self.validate_plan(plan, query)
         h = query.inputs_embeds
         positions = query.positions  # (1, L) or (3, 1, L)
-        rope = self.rope(h, positions)
+        # tokens dropped before the first layer: the whole sequence's rotary tables would never be read
+        rope = None if plan.start_layer == 0 and plan.prunes_tokens else self.rope(h, positions)
         cache = KVCache(self.n_layers)
         cache.reserve(reserve)
         kept_visual = torch.arange(query.n_visual, device=h.device)

@@ -62,8 +62,11 @@ def router_inputs(query) -> tuple[torch.Tensor, torch.Tensor]:
     (and `query.layout`, each visual token's place in the image)."""
     is_text = torch.ones(query.length, dtype=torch.bool, device=query.input_ids.device)
     is_text[query.image_positions] = False
+    text = query.inputs_embeds[0, is_text]  # a copy already (boolean indexing)
+    if torch.is_inference_mode_enabled():
+        return query.image_features, text
     # clone(): the engine makes inference-mode tensors, which autograd may not save (training needs this).
-    return query.image_features.clone(), query.inputs_embeds[0, is_text].clone()
+    return query.image_features.clone(), text.clone()
 
 
 def standardise(x: torch.Tensor) -> torch.Tensor:
@@ -180,8 +183,8 @@ class Par(Method):
         """Router logits for one query at one budget: tokens (n_v,), layers (N,). Cached for the last query."""
         if self._routed is not None and self._routed[0] is query and self._routed[1] == budget:
             return self._routed[2], self._routed[3]
-        visual, text = router_inputs(query)
         with torch.inference_mode():
+            visual, text = router_inputs(query)
             budgets = torch.tensor([float(budget)], device=visual.device)
             tokens, layers = self.router(visual, text, budgets, query.layout)
         self._routed = (query, budget, tokens[0].float(), layers[0].float())
