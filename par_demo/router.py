@@ -11,6 +11,13 @@ Everything is projected from the LM width D down to a small router width W, mixe
 (unmasked) attention blocks, so visual tokens see the question and each other, and read out as one keep logit
 per visual token and one run logit per layer.
 
+With `pool` p > 1, each p x p square of neighbouring cells of a view enters the blocks as one token (the mean of its
+visual tokens): the blocks' attention then costs about 1/p**4 of what it did and the rest 1/p**2. Each visual token is
+read out from its own embedding plus what the blocks added to its square, so tokens of one square still get their own
+logits. Why: on the embedded model (576 visual tokens, router width 16) the router's pass was 1.2 ms of a 10 ms
+prefill at time budget 0.25, its attention over 600 tokens half of it, and every millisecond of it comes out of
+every time budget.
+
 The router is deliberately tiny: its FLOPs count against every budget (`MetaRouter.flops`).
 A checkpoint is `router.safetensors` (weights) + `router.json` (config, the model fingerprint, the Pareto table).
 """
@@ -52,6 +59,8 @@ class RouterConfig:
     # Dropped tokens absorbed by their look-alikes with proportional attention (methods/absorb.py), in the flows
     # and the Pareto table as at inference. Routers saved before it existed load with False.
     absorb: bool = False
+    # p: the blocks see one token per p x p square of neighbouring visual tokens (module docstring); 1 = one each
+    pool: int = 1
     model: dict = field(default_factory=dict)  # fingerprint of the model this router belongs to
 
     def protected(self) -> list[int]:
@@ -100,6 +109,19 @@ def position_features(layout) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
+def router_cells(layout, pool: int) -> tuple[torch.Tensor, int]:
+    """(n_v,) the router token of each visual token and how many there are: the p x p squares of neighbouring cells
+    of each view (a tile or the global view), numbered in (view, row, column) order; p = 1: one per token."""
+    n_v = layout.n_visual
+    if pool == 1:
+        return torch.arange(n_v, device=layout.rows.device), n_v
+    view, row, col, (rows, cols) = layout.views()
+    down, across = -(-rows // pool), -(-cols // pool)  # squares per view, a partial one at the edges
+    square = (view * down + row // pool) * across + col // pool
+    squares, cell = torch.unique(square, return_inverse=True)
+    return cell, squares.numel()
+
+
 def budget_features(budgets: torch.Tensor) -> torch.Tensor:
     """(B,) budgets in (0, 1] -> (B, 8) smooth features, so nearby budgets get nearby embeddings."""
     b = budgets.float().unsqueeze(1)
@@ -125,6 +147,7 @@ class MetaRouter(nn.Module):
         nn.init.normal_(self.position.weight, std=0.02)
         nn.init.zeros_(self.position.bias)
         self._parts_cache: list[tuple] = []  # `query_free_parts` without gradients: (key, layout, parts), newest first
+        self._cells: tuple | None = None  # (layout, its number of router tokens) of the last `flops` call
 
     def forward(self, visual: torch.Tensor, text: torch.Tensor, budgets: torch.Tensor, layout):
         """visual (n_v, D), text (n_t, D), budgets (B,), layout (each visual token's row and column)
@@ -135,21 +158,27 @@ class MetaRouter(nn.Module):
         cfg = self.config
         n_v, n_t, n_l = visual.shape[0], text.shape[0], cfg.n_layers
         dtype = self.down.weight.dtype
-        visual_add, layer_rows, budget_rows = self.query_free_parts(layout, budgets, visual.device)
+        visual_add, layer_rows, budget_rows, cell, sizes = self.query_free_parts(layout, budgets, visual.device)
         embedded = self.down(self.input_norm(torch.cat([visual, text], dim=0).to(dtype)))  # (n_v + n_t, W)
-        x = torch.cat([embedded[:n_v] + visual_add, embedded[n_v:] + self.kind[1], layer_rows], dim=0)  # (n, W)
+        tokens = embedded[:n_v] + visual_add  # (n_v, W)
+        squares = tokens if cfg.pool == 1 else tokens.new_zeros(sizes.shape[0], tokens.shape[1]).index_add(
+            0, cell, tokens) / sizes  # (n_c, W): each square's mean token
+        n_c = squares.shape[0]
+        x = torch.cat([squares, embedded[n_v:] + self.kind[1], layer_rows], dim=0)  # (n, W)
         x = x.unsqueeze(0) + budget_rows  # (B, n, W)
         for block in self.blocks:
             x = block(x)
-        x = self.norm(x)
-        token_logits = self.token_head(x[:, :n_v]).squeeze(-1)  # (B, n_v)
-        layer_logits = self.layer_head(x[:, n_v + n_t:]).squeeze(-1)  # (B, N)
+        # pooled: each visual token is its own embedding plus what the blocks added to its square
+        visual_out = x[:, :n_v] if cfg.pool == 1 else x[:, cell] + (tokens - squares[cell])  # (B, n_v, W)
+        token_logits = self.token_head(self.norm(visual_out)).squeeze(-1)  # (B, n_v)
+        layer_logits = self.layer_head(self.norm(x[:, n_c + n_t:])).squeeze(-1)  # (B, N)
         assert layer_logits.shape[1] == n_l
         return token_logits, layer_logits
 
     def query_free_parts(self, layout, budgets: torch.Tensor, device) -> tuple[torch.Tensor, ...]:
         """What the forward adds that depends on no query's features: the visual tokens' type and place (n_v, W),
-        the layer tokens (N, W) and the budget embedding (B, 1, W).
+        the layer tokens (N, W), the budget embedding (B, 1, W), each visual token's square (n_v,) and the squares'
+        token counts (n_c, 1) (`router_cells`).
 
         Without gradients (inference, validation) they are kept for the last few layouts and budgets asked, and
         made again when a weight they come from changed (its in-place version moves with every optimizer step and
@@ -172,16 +201,25 @@ class MetaRouter(nn.Module):
         visual_add = self.position(position_features(layout).to(device, dtype)) + self.kind[0]  # (n_v, W)
         layer_rows = self.layer_tokens + self.kind[2]  # (N, W)
         budget_rows = self.budget(budget_features(budgets.to(device))).to(dtype).unsqueeze(1)  # (B, 1, W)
-        return visual_add, layer_rows, budget_rows
+        cell, n_cells = router_cells(layout, self.config.pool)
+        cell = cell.to(device)
+        sizes = torch.bincount(cell, minlength=n_cells).to(dtype).unsqueeze(1)  # (n_c, 1)
+        return visual_add, layer_rows, budget_rows, cell, sizes
 
     # ------------------------------------------------------------------------------------------ FLOPs
-    def flops(self, n_visual: int, n_text: int) -> float:
-        return router_flops(self.config, n_visual, n_text)
+    def flops(self, layout, n_text: int) -> float:
+        """One forward's FLOPs for the visual tokens of `layout` (their squares are counted once per layout object:
+        a budget search asks many times)."""
+        if self._cells is None or self._cells[0] is not layout:
+            self._cells = (layout, router_cells(layout, self.config.pool)[1])
+        return router_flops(self.config, layout.n_visual, n_text, self._cells[1])
 
 
-def router_flops(config: RouterConfig, n_visual: int, n_text: int) -> float:
-    """Matrix-product FLOPs of one router forward at one budget (2 per multiply-add, like `FlopsModel`)."""
-    w, n = config.width, n_visual + n_text + config.n_layers
+def router_flops(config: RouterConfig, n_visual: int, n_text: int, n_cells: int | None = None) -> float:
+    """Matrix-product FLOPs of one router forward at one budget (2 per multiply-add, like `FlopsModel`). `n_cells`:
+    the router tokens the visual ones make (`router_cells`; n_visual when every token is its own)."""
+    n_cells = n_visual if n_cells is None else n_cells
+    w, n = config.width, n_cells + n_text + config.n_layers
     down = 2 * (n_visual + n_text) * config.lm_width * w + 2 * n_visual * 4 * POSITION_FREQUENCIES * w
     per_block = 2 * n * w * 3 * w + 2 * n * w * w + 2 * 2 * n * n * w + 2 * 2 * n * w * config.mlp_ratio * w
     heads = 2 * (n_visual + config.n_layers) * w
@@ -189,11 +227,11 @@ def router_flops(config: RouterConfig, n_visual: int, n_text: int) -> float:
 
 
 def auto_width(lm_width: int, n_layers: int, n_visual: int, n_text: int, full_flops: float,
-               share: float = 0.01, depth: int = 2, mlp_ratio: int = 2) -> int:
+               share: float = 0.01, depth: int = 2, mlp_ratio: int = 2, n_cells: int | None = None) -> int:
     """The widest router (of 128, 96, 64, 48, 32, 16) whose FLOPs stay within `share` of the full prefill."""
     for width in (128, 96, 64, 48, 32, 16):
         cfg = RouterConfig(lm_width, n_layers, width=width, depth=depth, mlp_ratio=mlp_ratio)
-        if router_flops(cfg, n_visual, n_text) <= share * full_flops:
+        if router_flops(cfg, n_visual, n_text, n_cells) <= share * full_flops:
             return width
     return 16
 

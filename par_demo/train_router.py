@@ -49,6 +49,9 @@ def add_arguments(parser) -> None:
                              "relevance, or CDPruner's selection (its greedy DPP's pick order)")
     parser.add_argument("--width", type=int, default=None, help="router width (default: widest within 1%% FLOPs)")
     parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--pool", type=int, default=1,
+                        help="the router's blocks see one token per POOL x POOL square of neighbouring visual tokens "
+                             "(each token keeps its own logit); 2 makes its attention ~16x cheaper")
     parser.add_argument("--protected-first", type=int, default=None, help="default: max(1, N/16)")
     parser.add_argument("--protected-last", type=int, default=1)
     # K=0: the router reads the projected image and the question itself, so unlike FastV it needs no LM layer
@@ -85,6 +88,8 @@ def check_args(args, train: TrainConfig) -> None:
         raise UserError("--questions-per-image must be >= 1")
     if args.start_layer < 0:
         raise UserError("--start-layer must be >= 0")
+    if args.pool < 1:
+        raise UserError("--pool must be >= 1")
     if args.width is not None and (args.width < 4 or args.width % 4):
         raise UserError("--width must be a multiple of 4, at least 4")
     if not 0 < args.pareto_low <= args.pareto_high <= 1 or args.pareto_step <= 0:

@@ -91,7 +91,7 @@ def analytic_and_counted_with_router(preset: str, size, plan, rows):
     kept = None if plan.keep_visual is None and plan.keep_visual_count is None else (
         plan.keep_visual.numel() if plan.keep_visual is not None else plan.keep_visual_count)
     analytic = FlopsModel.from_config(loaded.config).prefill(
-        query, kept, plan.skip_layers, plan.start_layer, router=router.flops(query.n_visual, query.n_text),
+        query, kept, plan.skip_layers, plan.start_layer, router=router.flops(query.layout, query.n_text),
         attention_rows=rows)
     return analytic, counter.get_total_flops()
 

@@ -8,7 +8,7 @@ import torch
 
 from par_demo.errors import UserError
 from par_demo.router import (
-    MetaRouter, RouterConfig, auto_width, fingerprint, load_router, router_flops, save_router,
+    MetaRouter, RouterConfig, auto_width, fingerprint, load_router, router_cells, router_flops, save_router,
 )
 
 QUESTION = "What shape is the red object?"
@@ -85,6 +85,48 @@ def test_router_inference_reuses_its_query_free_parts_until_a_weight_changes(con
         tokens, _ = router(target.visual, target.text, budgets, target.layout)
     tokens.sum().backward()
     assert router.position.weight.grad is not None and router.budget[0].weight.grad is not None
+
+
+def test_router_cells_are_squares_of_neighbours_within_each_view():
+    from par_demo.families.base import Layout
+
+    cell, n = router_cells(Layout.row_major(5, 3), 2)  # 5 x 3 grid: squares of 2 x 2, partial ones at the edges
+    assert n == 6 and cell.tolist() == [0, 0, 1, 0, 0, 1, 2, 2, 3, 2, 2, 3, 4, 4, 5]
+    tiled = Layout.tiled(1, 2, (3, 3))  # two tiles and the global view, 3 x 3 tokens each
+    cell, n = router_cells(tiled, 2)
+    assert n == 3 * 4
+    for a in range(tiled.n_visual):  # no square mixes views
+        for b in range(tiled.n_visual):
+            if cell[a] == cell[b]:
+                assert tiled.tile[a] == tiled.tile[b]
+    cell, n = router_cells(tiled, 1)
+    assert n == tiled.n_visual and torch.equal(cell, torch.arange(tiled.n_visual))
+
+
+def test_a_pooled_router_scores_every_token_for_fewer_flops_and_trains_end_to_end(tiny, config, target, tmp_path):
+    from dataclasses import replace
+
+    torch.manual_seed(2)
+    pooled = MetaRouter(replace(config, pool=2))
+    budgets = torch.tensor([0.2, 0.8])
+    tokens, layers = pooled(target.visual, target.text, budgets, target.layout)
+    assert tokens.shape == (2, 144) and layers.shape == (2, 8)
+    cell, n_cells = router_cells(target.layout, 2)
+    assert n_cells == 36  # the 12 x 12 grid in 2 x 2 squares
+    same_square = cell[:, None] == cell[None, :]
+    assert not torch.allclose(tokens[0][same_square.nonzero()[:, 0]], tokens[0][same_square.nonzero()[:, 1]])
+    assert pooled.flops(target.layout, target.n_text) < router_flops(config, 144, target.n_text) / 2
+    assert pooled.flops(target.layout, target.n_text) == router_flops(pooled.config, 144, target.n_text, 36)
+    (tokens.sum() + layers.sum()).backward()
+    assert all(p.grad is not None for p in pooled.parameters())
+    with torch.inference_mode():  # inference (its kept parts) answers as training's forward does
+        again = pooled(target.visual, target.text, budgets, target.layout)
+    assert torch.allclose(again[0], tokens.detach(), atol=1e-6)
+    save_router(pooled.eval(), tmp_path)
+    loaded, meta = load_router(tmp_path, tiny)
+    assert meta["config"].pool == 2
+    with torch.inference_mode():
+        assert torch.equal(loaded(target.visual, target.text, budgets, target.layout)[0], again[0])
 
 
 def test_router_overhead_is_under_one_percent_for_llava_7b():
@@ -164,7 +206,7 @@ def test_par_plans_fit_their_budgets_router_included(par_predictor, scene, budge
     kept = None if len(p.kept_visual_tokens) == 144 else len(p.kept_visual_tokens)
     skip = [i for i in range(8) if i not in p.kept_layers]
     without = par_predictor.flops.prefill(query, kept, skip, p.start_layer)
-    assert p.flops == pytest.approx(without + par.router.flops(144, query.n_text))
+    assert p.flops == pytest.approx(without + par.router.flops(query.layout, query.n_text))
 
 
 @pytest.mark.parametrize("budget", [0.9, 0.5, 0.25])
@@ -427,5 +469,5 @@ def test_a_dpp_router_keeps_a_diverse_set_of_its_best_tokens_and_pays_for_choosi
     expected = greedy_dpp(query.image_features, torch.sigmoid(standardise(tokens)), kept).sort().values
     assert p.kept_visual_tokens == expected.tolist()  # the 12 x 12 grid is row-major: cell = token index
     assert par.extra_flops(query, Setting(kept, frozenset(), 0)) == \
-        par.router.flops(144, query.n_text) + dpp_flops(144, kept, 128)
+        par.router.flops(query.layout, query.n_text) + dpp_flops(144, kept, 128)
 

@@ -197,7 +197,7 @@ class Par(Method):
 
     def extra_flops(self, query, setting):
         overview = self._viewed[2] if self._viewed is not None and self._viewed[1] is query else 0.0
-        return overview + self.router.flops(query.n_visual, query.n_text) + selection_flops(
+        return overview + self.router.flops(query.layout, query.n_text) + selection_flops(
             self.config, query.n_visual, setting.tokens, query.image_features.shape[1])
 
     def setting_flops(self, query, setting):
@@ -264,10 +264,10 @@ class Par(Method):
         their tokens, and give the plan in the whole query's token indices."""
         self._budget, self._viewed = float(budget), None
         fixed = tokens is not None or layers is not None
-        n_overview = int(query.encoded.sum())  # the tokens the router scored the tiles from (none when fixed)
+        overview = query.layout.subset(query.encoded.nonzero().squeeze(1))  # what the router scored the tiles from
         views = list(range(len(query.layout.tiles))) if fixed else self.choose_views(query, budget, unit)
         query.encode_views(views)
-        overview_flops = 0.0 if fixed else self.router.flops(n_overview, query.n_text)
+        overview_flops = 0.0 if fixed else self.router.flops(overview, query.n_text)
         if not query.partial:  # every view encoded: plan the whole query, the overview's router pass charged
             self._viewed = (query, query, overview_flops)
             return self.plan(query, budget, tokens, layers, start_layer, unit)

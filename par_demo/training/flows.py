@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from par_demo.engine import PruningPlan, attention_mask, key_bias, rms_norm
 from par_demo.methods.absorb import absorb_flops, absorbed_sizes
 from par_demo.methods.par import select_tokens, selection_flops, standardise
-from par_demo.router import RouterConfig, router_flops
+from par_demo.router import RouterConfig, router_cells, router_flops
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Budgeter:
     def max_tokens(self, target, skip, budget: float) -> int:
         """The most visual tokens that fit `budget` with `skip` skipped; -1 when even none fit."""
         n_v, width = target.visual.shape
-        extra = router_flops(self.config, n_v, target.n_text)
+        extra = router_flops(self.config, n_v, target.n_text, router_cells(target.layout, self.config.pool)[1])
         limit = budget * self.flops.full(target.shape)
 
         def cost(tokens):

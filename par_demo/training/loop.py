@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from par_demo.errors import UserError
-from par_demo.router import MetaRouter, RouterConfig, auto_width, fingerprint, load_router, read_meta, save_router
+from par_demo.router import (MetaRouter, RouterConfig, auto_width, fingerprint, load_router, read_meta, router_cells,
+                             save_router)
 from par_demo.training.flows import Budgeter, kept_fraction_loss, log_pi, sample_flows, score_flows
 from par_demo.training.pareto import validate
 from par_demo.training.targets import TargetCache
@@ -132,15 +133,17 @@ def build_router_config(predictor, args, sample) -> RouterConfig:
     loaded = predictor.loaded
     n_layers = predictor.engine.n_layers
     n_visual = sample.visual.shape[0]
+    pool = getattr(args, "pool", 1)
     width = args.width or auto_width(loaded.config.text_config.hidden_size, n_layers, n_visual, sample.n_text,
-                                     predictor.flops.full(sample.shape), share=0.01)
+                                     predictor.flops.full(sample.shape), share=0.01,
+                                     n_cells=router_cells(sample.layout, pool)[1])
     heads = max(1, width // 16)
     protected_first = args.protected_first if args.protected_first is not None else max(1, round(n_layers / 16))
     return RouterConfig(lm_width=loaded.config.text_config.hidden_size, n_layers=n_layers, width=width,
                         depth=args.depth, heads=heads, protected_first=protected_first,
                         protected_last=args.protected_last, start_layer=args.start_layer,
                         token_selection=args.token_selection, absorb=getattr(args, "absorb", None) is not False,
-                        model=fingerprint(loaded))
+                        pool=pool, model=fingerprint(loaded))
 
 
 def mixed_precision(precision: str, device: str | None) -> str:
