@@ -88,6 +88,10 @@ class TrainConfig:
     # trained without it has none of the spare depth a 32-layer LVLM has: skipping two thirds of its layers, as a
     # time budget of 0.25 must, loses a third of its answers. 0: every step runs every layer.
     layer_drop: float = 0.0
+    # The share of stage-B steps (with --layer-drop) that run the shallowest depth, every skippable layer left out:
+    # the first, look and last layers, the network PAR runs at the smallest time budgets. Drawn uniformly, that depth
+    # is one step in ten; the rest of the steps draw k as above.
+    layer_drop_shallow: float = 0.0
 
 
 def grid_of(patch_size: int) -> int:
@@ -389,10 +393,12 @@ def skippable_layers(n_layers: int) -> list[int]:
     return [i for i in routable if i != LOOK_LAYER]
 
 
-def dropped_layers(n_layers: int, share: float, rng: np.random.Generator) -> list[int]:
+def dropped_layers(n_layers: int, share: float, rng: np.random.Generator, shallow: float = 0.0) -> list[int]:
     """One step's LayerDrop: k of the skippable layers, k uniform in 0 .. share of them, so that the model sees
-    every depth from full to its shallowest."""
+    every depth from full to its shallowest; with probability `shallow` (and a share > 0), all of them."""
     skippable = skippable_layers(n_layers)
+    if share > 0 and shallow > 0 and rng.random() < shallow:
+        return skippable
     k = int(rng.integers(0, round(share * len(skippable)) + 1))
     return sorted(int(i) for i in rng.choice(skippable, size=k, replace=False))
 
@@ -627,7 +633,8 @@ def train_stage_b(model, processor, pool: Pool, heads, tc: TrainConfig, work: Pa
         idx = rng.choice(len(pool.images), size=tc.b_batch, replace=False)
         ids, targets, rows, queries, looks, reads = packer.batch(pool, idx, rng)
         # its own stream: the batches stay those of a run without LayerDrop
-        dropped = dropped_layers(n_layers, tc.layer_drop, np.random.default_rng([tc.seed, 4, step]))
+        rng = np.random.default_rng([tc.seed, 4, step])
+        dropped = dropped_layers(n_layers, tc.layer_drop, rng, tc.layer_drop_shallow)
         with autocast(tc):
             answer_loss, look_loss, read_loss = packed_loss(
                 model, read_head, feats[idx], ids, targets, rows, queries, looks, reads, pos, mask, packer.image_start,
@@ -702,8 +709,9 @@ def run(args) -> int:
     grid = grid_of(mc.patch_size)
     if mc.text_layers <= LOOK_LAYER:
         raise UserError(f"--text-layers must be at least {LOOK_LAYER + 1} (the look loss uses layer {LOOK_LAYER})")
-    if not 0.0 <= tc.layer_drop <= 1.0:
-        raise UserError(f"--layer-drop must be between 0 and 1 (got {tc.layer_drop})")
+    if not 0.0 <= tc.layer_drop <= 1.0 or not 0.0 <= tc.layer_drop_shallow <= 1.0:
+        raise UserError(f"--layer-drop and --layer-drop-shallow must be between 0 and 1 (got {tc.layer_drop}, "
+                        f"{tc.layer_drop_shallow})")
     if tc.b_questions % len(QUESTION_TYPES):
         raise UserError(f"--b-questions must be a multiple of {len(QUESTION_TYPES)}")
     torch.set_num_threads(tc.threads)

@@ -173,6 +173,15 @@ def test_layer_drop_leaves_out_only_layers_a_router_may_skip_and_spans_every_dep
     assert {len(d) for d in draws} == set(range(8))  # 0 .. round(0.8 * 9) layers, each depth seen
 
 
+def test_shallow_layer_drop_runs_the_shallowest_depth_about_as_often_as_asked():
+    skippable = tb.skippable_layers(12)
+    draws = [tb.dropped_layers(12, 1.0, np.random.default_rng([1, s]), shallow=0.5) for s in range(400)]
+    shallowest = sum(d == skippable for d in draws) / len(draws)
+    assert 0.5 < shallowest < 0.62  # half the steps, plus the uniform draw's tenth of the other half
+    assert {len(d) for d in draws} == set(range(10))  # every other depth is still seen
+    assert tb.dropped_layers(12, 0.0, np.random.default_rng(0), shallow=1.0) == []  # no LayerDrop, nothing dropped
+
+
 def test_a_dropped_layer_gets_no_gradient_and_the_model_keeps_every_layer():
     torch.manual_seed(0)
     processor = tb.build_processor(IMAGE_SIZE, 16)
@@ -201,4 +210,7 @@ def test_train_base_refuses_a_layer_drop_share_outside_0_to_1(tmp_path, capsys):
     from par_demo.cli import main
 
     assert main(["train-base", "--out", str(tmp_path / "m"), "--layer-drop", "1.5"]) == 2
-    assert "--layer-drop must be between 0 and 1" in capsys.readouterr().err
+    assert "--layer-drop and --layer-drop-shallow must be between 0 and 1" in capsys.readouterr().err
+    assert main(["train-base", "--out", str(tmp_path / "m"), "--layer-drop-shallow", "-0.1"]) == 2
+    assert "(got 0.0, -0.1)" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
