@@ -227,10 +227,17 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         raise SystemExit(f"error: {exc}") from None
     print(f"model {service.model_name} loaded in {time.perf_counter() - started:.1f} s", flush=True)
-    if not zerogpu_enabled():  # on ZeroGPU no GPU is attached outside requests, so no warm-up there
-        service.start_warm_up()  # in the background: the page comes up meanwhile
     demo = build_demo(DemoApp(service))
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options())
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True,
+                **launch_options())
+    if not zerogpu_enabled():  # on ZeroGPU no GPU is attached outside requests, so no warm-up there
+        # Only once the page is served: building and starting it keeps a core busy for seconds, and the warm-up
+        # times the cost model that time budgets go by. Timed next to the start-up, the check of a cached fit read
+        # the default model's full prefill 1.4-4.1x slower than the fit (three of four starts) and measured the
+        # fit again in those conditions; started here, neither of two starts did. A visitor's request meanwhile
+        # waits its turn on the model thread.
+        service.start_warm_up()
+    demo.block_thread()
 
 
 if __name__ == "__main__":
