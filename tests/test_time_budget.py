@@ -231,8 +231,8 @@ def test_the_readmes_accuracy_against_time_table_is_what_the_shipped_measurement
 
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run([sys.executable, "scripts/plot_accuracy_time.py",
-                           "--eval", "docs/benchmarks/cpu-eval-time-budget-embedded-576.jsonl",
-                           "--bench", "docs/benchmarks/cpu-time-budget-embedded-576.json",
+                           "--eval", "docs/benchmarks/cpu-eval-time-budget-embedded-576-epyc.jsonl",
+                           "--bench", "docs/benchmarks/cpu-time-budget-embedded-576-epyc.json",
                            "--html", str(tmp_path / "figure.html")], cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     table = done.stdout.strip()
