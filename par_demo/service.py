@@ -374,8 +374,9 @@ class DemoService:
         started = time.perf_counter()
         if self.budget_unit == "time":
             # the split grid first (a cached fit is read and checked), then each method's own work as each method
-            # first runs; `app.py` starts the warm-up before the page is served, so this is queued on the model
-            # thread ahead of any visitor's request
+            # first runs; `app.py` starts the warm-up as soon as the page is served (not while it is being built,
+            # which would slow these timings), so this is queued on the model thread ahead of nearly every
+            # visitor's request (one that comes first measures the cost model itself, through the same call)
             self.model_thread.call(self.predictor.time_budget, methods=False)
         examples = load_examples()
         image = load_image(examples[0][0]) if examples else Image.new("RGB", (64, 64), (200, 200, 200))
