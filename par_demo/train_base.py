@@ -633,8 +633,8 @@ def train_stage_b(model, processor, pool: Pool, heads, tc: TrainConfig, work: Pa
         idx = rng.choice(len(pool.images), size=tc.b_batch, replace=False)
         ids, targets, rows, queries, looks, reads = packer.batch(pool, idx, rng)
         # its own stream: the batches stay those of a run without LayerDrop
-        rng = np.random.default_rng([tc.seed, 4, step])
-        dropped = dropped_layers(n_layers, tc.layer_drop, rng, tc.layer_drop_shallow)
+        layer_rng = np.random.default_rng([tc.seed, 4, step])
+        dropped = dropped_layers(n_layers, tc.layer_drop, layer_rng, tc.layer_drop_shallow)
         with autocast(tc):
             answer_loss, look_loss, read_loss = packed_loss(
                 model, read_head, feats[idx], ids, targets, rows, queries, looks, reads, pos, mask, packer.image_start,
