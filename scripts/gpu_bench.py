@@ -1,13 +1,15 @@
-"""The GPU issue's device work as one prepared run: exactness, speed-only routers, then `bench` rows, most needed
-first, each step under its own time limit, every result appended to $OUT as soon as it exists.
+"""The GPU issue's device work as one prepared run: exactness, speed-only routers, `bench` rows, router-training
+throughput, the cost model and time budgets, most needed first, each step under its own time limit, every result
+appended to $OUT as soon as it exists.
 
     python scripts/device_wheels.py                               # here: the wheels the GPU machine lacks -> .whl/
     # device run, carry [".whl"], timeout_s 600:
     python3 scripts/gpu_bench.py --wheels .whl --minutes 9
     # a dry run of the same steps on this CPU with tiny presets (what it proves: flags, paths, JSON):
     python scripts/gpu_bench.py --device cpu --llava llava-tiny --qwen qwen2.5-vl-tiny --new-tokens 4 --minutes 5
+    # (~2 minutes on 2 cores; the paper-versions step stops there with a clear error: the tiny LLaVA has 144 tokens)
 
-Writes $OUT/bench.jsonl (one line per step: its command, seconds, exit status and `bench --json` result) and
+Writes $OUT/bench.jsonl (one line per step: its command, seconds, exit status and its JSON result) and
 $OUT/log.txt. Steps left when `--minutes` runs out are listed as skipped, so a second call can take them up
 (`--from N`; a machine starts bare, so the data steps always run, and a router step runs again unless its router
 is there). A bench step whose router is missing runs without `par`. Budgets, methods and versions are the issue's;
@@ -47,6 +49,7 @@ def steps(args) -> list[tuple[str, list[str], int]]:
                     240))
     bench = lambda preset, *extra: py + ["bench", "--model", f"random:{preset}", *dev, "--json", *extra]  # noqa: E731
     core = ["--methods", "full,stock,fastv,par", "--budgets", "0.5,0.25"]
+    time_budgets = ["--budget-unit", "time", "--methods", "full,stock,layerdrop,fastv,par", "--budgets", "0.5,0.25"]
     every = ["--methods", "full,stock,fastv,random,layerdrop,visionzip,divprune,par", "--budgets",
              "1.0,0.75,0.5,0.35,0.25"]
     out += [
@@ -55,9 +58,21 @@ def steps(args) -> list[tuple[str, list[str], int]]:
          300),
         (f"4bit {args.llava} {tokens} tokens", bench(args.llava, *core, "--quant", "4bit", "--new-tokens", tokens,
                                                      "--repeats", "3"), 300),
+        # router training: batched flows against one flow at a time, on the frozen model in bf16
+        (f"train throughput {args.llava}", [sys.executable, "scripts/bench_train_router.py", "--model",
+                                             f"random:{args.llava}", *dev, "--data", data, "--queries", "8",
+                                             "--steps", "2", "--rounds", "2", "--json",
+                                             f"{args.work}/router-throughput.json"], 300),
         (f"4bit {args.qwen} 896x896", bench(args.qwen, *core, "--quant", "4bit", "--image", big, "--new-tokens", "32",
                                             "--repeats", "3"), 300),
         (f"8bit {args.llava}", bench(args.llava, *core, "--quant", "8bit", "--new-tokens", "32", "--repeats", "3"), 300),
+        # time budgets: the cost model measured on the GPU (its fit and its error on splits it was not fitted on),
+        # then the budgets as shares of the GPU's full prefill time
+        (f"calibrate {args.llava}", py + ["calibrate", "--model", f"random:{args.llava}", *dev, "--json"], 240),
+        (f"time {args.llava}", bench(args.llava, *time_budgets, "--new-tokens", "32", "--repeats", "3"), 300),
+        (f"calibrate {args.qwen}", py + ["calibrate", "--model", f"random:{args.qwen}", *dev, "--json"], 240),
+        (f"time {args.qwen} 896x896", bench(args.qwen, *time_budgets, "--image", big, "--new-tokens", "32",
+                                             "--repeats", "3"), 300),
         (f"bf16 {args.llava} every method, versions", bench(args.llava, *every, "--versions", "176:28,144:24,128:24",
                                                             "--new-tokens", "32", "--repeats", "3"), 600),
         (f"bf16 {args.qwen} every method", bench(args.qwen, *every, "--image", big, "--new-tokens", "32",
@@ -85,7 +100,7 @@ def prepare(name: str, command: list[str], args) -> tuple[list[str] | None, dict
         elif preset in name.split():
             if (folder / "router.safetensors").is_file():
                 env["PAR_DEMO_ROUTER"] = str(folder)
-            else:  # without its router, PAR cannot run: the other rows still can
+            elif "--methods" in command:  # without its router, PAR cannot run: the other rows still can
                 i = command.index("--methods") + 1
                 command = command[:i] + [",".join(m for m in command[i].split(",") if m != "par")] + command[i + 1:]
     return command, env
@@ -102,7 +117,7 @@ def install_wheels(folder: str, log) -> None:
     sys.path.insert(0, site)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--llava", default="llava-1.5-7b")
@@ -112,7 +127,11 @@ def main() -> None:
     parser.add_argument("--from", dest="first", type=int, default=0, help="skip the steps before this one")
     parser.add_argument("--wheels", default=None, help="a folder of wheels to install first (device_wheels.py)")
     parser.add_argument("--work", default="/tmp/gpu-bench")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     out = Path(os.environ.get("OUT") or ROOT / "runs" / "gpu-bench")
     out.mkdir(parents=True, exist_ok=True)
     Path(args.work).mkdir(parents=True, exist_ok=True)
@@ -145,7 +164,7 @@ def main() -> None:
                       f"{stderr[-4000:]}\n")
             log.flush()
             result = None
-            if "--json" in command and status == 0:
+            if "--json" in command and status == 0:  # bench, calibrate and the router script print one JSON
                 try:
                     result = json.loads(stdout)
                 except ValueError:
@@ -155,7 +174,7 @@ def main() -> None:
             results.flush()
             print(f"[{index}] {name}: {status} in {seconds} s", flush=True)
             if result:
-                for row in result["rows"]:
+                for row in result.get("rows", []):
                     print(f"    {row['method']:<10} {row['budget']!s:<5} flops {row['flops_ratio']:.2f} "
                           f"prefill {row['prefill_s'] * 1e3:8.1f} ms  total {row['total_s'] * 1e3:8.1f} ms  "
                           f"x prefill {row['speedup_prefill']:.2f}  x total {row['speedup_total']:.2f}  "
