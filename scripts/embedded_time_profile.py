@@ -2,7 +2,7 @@
 
     python scripts/embedded_time_profile.py --configs 128x16,384x16,512x16,128x8,256x8 --json out.json
 
-Each config WIDTHxPATCH is the embedded model's architecture (`par_demo.train_base.build_model`: CLIP tower 2 x 64,
+Each config WIDTHxPATCH is the embedded model's architecture (`par_demo.base_training.model.build_model`: CLIP tower 2 x 64,
 12 Llama layers) with the decoder WIDTH wide (heads of 32, MLP 4x) and the 192-px image cut in PATCH-px patches
 (16: 12 x 12 = 144 visual tokens, as shipped; 8: LLaVA-1.5's 24 x 24 = 576), random weights (time does not
 depend on them). The cost model of `par_demo.cost` is fitted on each (the same grid of timed splits as
@@ -31,7 +31,8 @@ from par_demo.api import load  # noqa: E402
 from par_demo.cost import CALIBRATION_QUESTION, calibration_image, cost_key, fit, grid, measure_splits  # noqa: E402
 from par_demo.shapes import IMAGE_SIZE  # noqa: E402
 from par_demo.tokenizer import build_processor  # noqa: E402
-from par_demo.train_base import ModelConfig, build_model, grid_of  # noqa: E402
+from par_demo.base_training.config import ModelConfig, grid_of  # noqa: E402
+from par_demo.base_training.model import build_model  # noqa: E402
 
 
 def build(width: int, patch: int, folder: Path) -> int:

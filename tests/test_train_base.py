@@ -1,5 +1,5 @@
-"""train-base: its supervision targets are right, its packed batches equal separate sequences, and the command
-trains, saves a loadable LLaVA and resumes."""
+"""train-base (`par_demo/base_training/`): its supervision targets are right, its packed batches equal separate
+sequences, and the command trains, saves a loadable LLaVA and resumes."""
 
 from __future__ import annotations
 
@@ -7,15 +7,21 @@ import numpy as np
 import pytest
 import torch
 
-from par_demo import train_base as tb
+from par_demo.base_training.config import ModelConfig
+from par_demo.base_training.held_out import held_out
+from par_demo.base_training.model import build_model, to_pixels, vision_features
+from par_demo.base_training.packing import READ_SIZES, QuestionPacker, read_target
+from par_demo.base_training.scenes import COLOR_NAMES, IGNORE, make_pool, patch_labels
+from par_demo.base_training.stage_b import LOOK_LAYER, dropped_layers, packed_loss, skippable_layers
 from par_demo.shapes import IMAGE_SIZE
+from par_demo.tokenizer import build_processor
 
 
 def obj(shape, color, x, y, s=30):
     return {"shape": shape, "color": color, "box": (x, y, x + s, y + s), "center": (x + s / 2, y + s / 2)}
 
 
-I = tb.IGNORE
+I = IGNORE
 SCENE = [obj("circle", "red", 10, 10), obj("square", "blue", 120, 130), obj("triangle", "red", 130, 10)]
 
 
@@ -30,13 +36,13 @@ SCENE = [obj("circle", "red", 10, 10), obj("square", "blue", 120, 130), obj("tri
     ("count_shape", "How many squares are there?", [I, I, I, 1]),
 ])
 def test_read_targets_name_the_object_the_question_is_about(qtype, question, expected):
-    assert tb.read_target(qtype, question, SCENE) == expected
+    assert read_target(qtype, question, SCENE) == expected
 
 
 def test_look_targets_cover_the_asked_object_and_sum_to_one():
-    processor = tb.build_processor(IMAGE_SIZE, 16)
-    packer = tb.QuestionPacker(processor, 6)
-    labels = tb.patch_labels(SCENE)
+    processor = build_processor(IMAGE_SIZE, 16)
+    packer = QuestionPacker(processor, 6)
+    labels = patch_labels(SCENE)
     look = packer.look_target("color", "What color is the square?", labels)
     assert look.sum() == pytest.approx(1.0)
     image = look[packer.image_start:packer.image_start + 144]
@@ -47,19 +53,19 @@ def test_look_targets_cover_the_asked_object_and_sum_to_one():
 
 def test_packed_questions_equal_separate_sequences():
     torch.manual_seed(0)
-    processor = tb.build_processor(IMAGE_SIZE, 16)
-    model = tb.build_model(tb.ModelConfig(vision_width=32, vision_layers=1, text_layers=3), processor).eval()
-    pool = tb.make_pool(2, seed=5)
-    packer = tb.QuestionPacker(processor, 6)
+    processor = build_processor(IMAGE_SIZE, 16)
+    model = build_model(ModelConfig(vision_width=32, vision_layers=1, text_layers=3), processor).eval()
+    pool = make_pool(2, seed=5)
+    packer = QuestionPacker(processor, 6)
     pos, mask = packer.layout()
     ids, targets, rows, queries, looks, reads = packer.batch(pool, np.arange(2), np.random.default_rng(0))
     # each question's first answer position is supervised; a "where" question's second one too
     n_where = sum(1 for r in range(2) for j in range(6) if ids[r, len(packer.prefix) + j * packer.block_len]
                   == processor.tokenizer.convert_tokens_to_ids("where"))
     assert len(queries) == len(rows) == len(looks) == len(reads) == 12 + n_where
-    assert (targets[rows, queries] != tb.IGNORE).all()  # every supervised position predicts an answer token
+    assert (targets[rows, queries] != IGNORE).all()  # every supervised position predicts an answer token
     with torch.no_grad():
-        feats = tb.vision_features(model, tb.to_pixels(pool.images))
+        feats = vision_features(model, to_pixels(pool.images))
         lm = model.model.language_model
         embeds = lm.embed_tokens(ids)
         s = packer.image_start
@@ -102,8 +108,8 @@ def test_train_base_refuses_a_model_too_shallow_for_its_losses(tmp_path, capsys)
 
 
 def test_patch_labels_follow_the_grid_of_the_patch_size():
-    fine = tb.patch_labels(SCENE, grid=24)  # patch 8: LLaVA-1.5's 24 x 24 grid
-    coarse = tb.patch_labels(SCENE)
+    fine = patch_labels(SCENE, grid=24)  # patch 8: LLaVA-1.5's 24 x 24 grid
+    coarse = patch_labels(SCENE)
     assert fine.shape == (576, 4) and coarse.shape == (144, 4)
     assert (fine[:, 2] == 1).sum() == (coarse[:, 2] == 1).sum() == len(SCENE)  # one centre patch per object
     for o in SCENE:  # each object's centre patch carries its colour at both grids
@@ -111,7 +117,7 @@ def test_patch_labels_follow_the_grid_of_the_patch_size():
         assert fine[int(cy // 8) * 24 + int(cx // 8), 2] == 1
         assert fine[int(cy // 8) * 24 + int(cx // 8), 0] == coarse[int(cy // 16) * 12 + int(cx // 16), 0] > 0
     # a fine patch wholly inside an object is that object's, as its coarse patch is
-    assert fine[(10 // 8 + 1) * 24 + 10 // 8 + 1, 0] == tb.COLOR_NAMES.index("red") + 1
+    assert fine[(10 // 8 + 1) * 24 + 10 // 8 + 1, 0] == COLOR_NAMES.index("red") + 1
 
 
 def test_train_base_trains_a_576_token_model_in_bf16(tmp_path):
@@ -132,7 +138,7 @@ def test_train_base_trains_a_576_token_model_in_bf16(tmp_path):
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many objects are there?"}]}],
         add_generation_prompt=True)
-    inputs = processor(images=tb.held_out(1, seed=0)[0]["image"], text=prompt, return_tensors="pt")
+    inputs = processor(images=held_out(1, seed=0)[0]["image"], text=prompt, return_tensors="pt")
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 576
 
 
@@ -165,38 +171,38 @@ def test_train_base_continues_from_a_saved_model_or_its_work_folder_and_refuses_
 
 
 def test_layer_drop_leaves_out_only_layers_a_router_may_skip_and_spans_every_depth():
-    assert tb.dropped_layers(12, 0.0, np.random.default_rng(0)) == []
-    skippable = tb.skippable_layers(12)
-    assert 0 not in skippable and 11 not in skippable and tb.LOOK_LAYER not in skippable and len(skippable) == 9
-    draws = [tb.dropped_layers(12, 0.8, np.random.default_rng([0, s])) for s in range(300)]
+    assert dropped_layers(12, 0.0, np.random.default_rng(0)) == []
+    skippable = skippable_layers(12)
+    assert 0 not in skippable and 11 not in skippable and LOOK_LAYER not in skippable and len(skippable) == 9
+    draws = [dropped_layers(12, 0.8, np.random.default_rng([0, s])) for s in range(300)]
     assert all(set(d) <= set(skippable) and len(set(d)) == len(d) for d in draws)
     assert {len(d) for d in draws} == set(range(8))  # 0 .. round(0.8 * 9) layers, each depth seen
 
 
 def test_shallow_layer_drop_runs_the_shallowest_depth_about_as_often_as_asked():
-    skippable = tb.skippable_layers(12)
-    draws = [tb.dropped_layers(12, 1.0, np.random.default_rng([1, s]), shallow=0.5) for s in range(400)]
+    skippable = skippable_layers(12)
+    draws = [dropped_layers(12, 1.0, np.random.default_rng([1, s]), shallow=0.5) for s in range(400)]
     shallowest = sum(d == skippable for d in draws) / len(draws)
     assert 0.5 < shallowest < 0.62  # half the steps, plus the uniform draw's tenth of the other half
     assert {len(d) for d in draws} == set(range(10))  # every other depth is still seen
-    assert tb.dropped_layers(12, 0.0, np.random.default_rng(0), shallow=1.0) == []  # no LayerDrop, nothing dropped
+    assert dropped_layers(12, 0.0, np.random.default_rng(0), shallow=1.0) == []  # no LayerDrop, nothing dropped
 
 
 def test_a_dropped_layer_gets_no_gradient_and_the_model_keeps_every_layer():
     torch.manual_seed(0)
-    processor = tb.build_processor(IMAGE_SIZE, 16)
-    model = tb.build_model(tb.ModelConfig(vision_width=32, vision_layers=1, text_layers=5, text_mlp=128), processor)
-    pool = tb.make_pool(2, seed=5)
-    packer = tb.QuestionPacker(processor, 6)
+    processor = build_processor(IMAGE_SIZE, 16)
+    model = build_model(ModelConfig(vision_width=32, vision_layers=1, text_layers=5, text_mlp=128), processor)
+    pool = make_pool(2, seed=5)
+    packer = QuestionPacker(processor, 6)
     pos, mask = packer.layout()
     batch = packer.batch(pool, np.arange(2), np.random.default_rng(0))
-    read_head = torch.nn.Linear(model.model.language_model.layers[0].self_attn.head_dim, sum(tb.READ_SIZES))
+    read_head = torch.nn.Linear(model.model.language_model.layers[0].self_attn.head_dim, sum(READ_SIZES))
     with torch.no_grad():
-        feats = tb.vision_features(model, tb.to_pixels(pool.images))
+        feats = vision_features(model, to_pixels(pool.images))
     losses = {}
     for dropped in ([], [3]):
         model.zero_grad()
-        answer, look, read = tb.packed_loss(model, read_head, feats, *batch, pos, mask, packer.image_start, dropped)
+        answer, look, read = packed_loss(model, read_head, feats, *batch, pos, mask, packer.image_start, dropped)
         (answer + look + read).backward()
         losses[tuple(dropped)] = answer.item()
         layers = model.model.language_model.layers

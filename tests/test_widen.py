@@ -16,7 +16,8 @@ from par_demo.widen import widen_into
 def tiny_llava(width=32, heads=2, mlp=64, layers=3, seed=0) -> LlavaForConditionalGeneration:
     from par_demo.shapes import IMAGE_SIZE
     from par_demo.tokenizer import build_processor
-    from par_demo.train_base import ModelConfig, build_model
+    from par_demo.base_training.config import ModelConfig
+    from par_demo.base_training.model import build_model
 
     torch.manual_seed(seed)
     processor = build_processor(IMAGE_SIZE, 16)
