@@ -1,7 +1,8 @@
 """`python -m par_demo train-router`: train a PAR meta-router for a model, self-supervised.
 
     python -m par_demo train-router --model llava-hf/llava-1.5-7b-hf --images photos/ --out assets/routers/...
-    python -m par_demo train-router --data train/data.jsonl --out assets/models/shapes-llava/router --steps 600
+    python -m par_demo train-router --model assets/models/shapes-llava --data train/data.jsonl \
+        --out assets/models/shapes-llava/router --steps 600
 
 From a folder of photos (JPEG/PNG/WebP, recursive) the questions come from the built-in bank; from a JSONL, each
 line's image and question (answers are never read). The frozen model's own answers are the targets. Several
