@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from par_demo import timing
-from par_demo.errors import BudgetOutOfReach
+from par_demo.errors import UserError
 from par_demo.methods import METHODS, REGISTRY
 
 if TYPE_CHECKING:
@@ -60,8 +60,8 @@ def compare_methods(run: Run, measure: Measure, question: str, budget: float, na
                     unavailable: dict[str, Any], start_layer: int = 2, unit: str = "flops") -> Iterator[AllMethods]:
     """Yields the state after the full model answers, after each method answers, and once more after all were
     timed together (`measure`, whose first round is the answering pass: the full model and the methods ran one
-    after another, warm, in this order). A method that is unavailable (`unavailable[name]` says why) or cannot
-    reach the budget is listed in `skipped` with the reason; the others go on."""
+    after another, warm, in this order). A method that is unavailable (`unavailable[name]` says why), cannot
+    reach the budget or refuses the setting is listed in `skipped` with the reason; the others go on."""
     full = run(**timing.FULL)
     state = AllMethods(question, budget, full, skipped={n: unavailable[n] for n in names if unavailable.get(n)})
     state.pending = [n for n in names if n not in state.skipped]
@@ -71,7 +71,7 @@ def compare_methods(run: Run, measure: Measure, question: str, budget: float, na
         settings[name] = {"method": name, "budget": budget, "start_layer": start_layer, "budget_unit": unit}
         try:
             state.results[name] = run(**settings[name])
-        except BudgetOutOfReach as exc:  # one method cannot go this low: say so, go on
+        except UserError as exc:  # one method cannot go this low, or refuses this setting: say so, go on
             state.skipped[name] = str(exc)
         state.pending.remove(name)
         yield state

@@ -210,5 +210,8 @@ def test_compare_answers_with_every_method_of_the_field_and_times_them_together(
     chosen = pruner.compare(scene, "what color is it?", methods=["random", "fastv", "random"], budget=0.5, rounds=1)
     assert list(chosen.results) == ["random", "fastv"]
     assert list(pruner.compare(scene, "what color is it?", methods="fastv", rounds=1).results) == ["fastv"]
+    # start layer 0, which FastV cannot use: it starts at 1, and no method's refusal would stop the others
+    early = pruner.compare(scene, "what color is it?", methods=["fastv", "random", "visionzip"], start_layer=0, rounds=1)
+    assert list(early.results) == ["fastv", "random", "visionzip"] and early.results["fastv"].start_layer == 1
     with pytest.raises(par_demo.UserError, match=r"the full model \(which always runs\)"):
         pruner.compare(scene, "what color is it?", methods=["full", "fastv"])

@@ -186,3 +186,11 @@ def test_token_methods_bisect_to_the_setting_a_full_scan_finds(random_models, sc
                 limit = budget * full * (1 + 1e-9)
                 scan = next((i for i, c in enumerate(costs) if c <= limit), None)
                 assert method.first_fitting(lambda i: costs[i], len(costs), limit) == scan, (method.name, budget)
+
+
+def test_fastv_asked_to_start_at_layer_0_starts_at_layer_1_where_its_attention_row_is(predictor, scene):
+    # one start layer goes to every method (the page's slider, `compare`): random can drop at 0, FastV ranks at K-1
+    fastv = predictor.predict(scene, QUESTION, "fastv", 0.5, start_layer=0, max_new_tokens=1)
+    random = predictor.predict(scene, QUESTION, "random", 0.5, start_layer=0, max_new_tokens=1)
+    assert fastv.start_layer == 1 and random.start_layer == 0
+    assert predictor.predict(scene, QUESTION, "fastv", 1.0, tokens=9, start_layer=0, max_new_tokens=1).start_layer == 1

@@ -177,7 +177,9 @@ class Method:
         if layers is not None and not self.uses_layers:
             raise UserError(f"{self.name} does not skip layers; "
                             "--layers applies to: layerdrop, par, par-layers, par-prior, par-drop")
-        start_layer = check_count(start_layer, 0, self.n_layers, "pruning start layer")
+        # a method that reads layer K-1 (FastV) starts at its earliest layer when asked for an earlier one (the page's
+        # slider and `compare` give one start layer to every method; random tokens can drop at 0, FastV cannot)
+        start_layer = max(check_count(start_layer, 0, self.n_layers, "pruning start layer"), self.min_start_layer)
         if tokens is not None or layers is not None:
             setting = self.fixed(query, tokens, layers, start_layer)
         else:
