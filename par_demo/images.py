@@ -18,11 +18,15 @@ from par_demo.errors import UserError
 MAX_PIXELS = 64_000_000  # ~8000 x 8000; more is refused before decoding
 MAX_FILE_BYTES = 50 * 1024 * 1024
 MIN_SIDE = 1
+# Longest side over shortest: Qwen2.5-VL's processor refuses 200 and more, CLIP's resizes the short side to 336 px
+# (a 1 x 3000 strip would become 336 x 1,008,000); no photo is that thin.
+MAX_ASPECT = 100
 
 
 def load_image(source) -> Image.Image:
     """A path, bytes or PIL image -> an RGB PIL image, or UserError with one clear line."""
     if isinstance(source, Image.Image):
+        check_shape(*source.size, "the image")
         return to_rgb(source)
     if isinstance(source, (bytes, bytearray)):
         data = bytes(source)
@@ -53,8 +57,7 @@ def decode(data: bytes, name: str = "the image") -> Image.Image:
         width, height = image.size
         if width * height > MAX_PIXELS:
             raise UserError(f"{name} is too large ({width}x{height} pixels; the limit is {MAX_PIXELS:,} pixels)")
-        if min(width, height) < MIN_SIDE:
-            raise UserError(f"{name} has no pixels")
+        check_shape(width, height, name)
         image.seek(0)  # animated GIF/WebP: the first frame
         image.load()
     except UserError:
@@ -66,6 +69,14 @@ def decode(data: bytes, name: str = "the image") -> Image.Image:
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise UserError(f"{name} is damaged or truncated ({exc.__class__.__name__})") from None
     return to_rgb(image)
+
+
+def check_shape(width: int, height: int, name: str) -> None:
+    if min(width, height) < MIN_SIDE:
+        raise UserError(f"{name} has no pixels")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise UserError(f"{name} is {width}x{height} pixels: its long side is more than {MAX_ASPECT} times its "
+                        "short side; crop it to a less extreme shape")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

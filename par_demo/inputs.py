@@ -39,6 +39,7 @@ EXTRA_CHOICES: list[tuple[str, str]] = [
 
 MAX_SIDE = 2048  # larger images are downscaled: the model sees a few hundred pixels per side anyway
 MIN_SIDE = 16  # smaller images are upscaled: image processors cannot tell channels from 1x1 pixels
+assert MAX_SIDE / images.MAX_ASPECT >= MIN_SIDE  # a shrunk image never falls below MIN_SIDE again
 
 
 def load_image(source: Any) -> Image.Image:
@@ -52,12 +53,14 @@ def load_image(source: Any) -> Image.Image:
         raise UserError("Please upload an image (or pick one of the examples).")
     if isinstance(source, np.ndarray):
         source = _array_to_image(source)
-    image = images.load_image(source)
-    if max(image.size) > MAX_SIDE:  # the model sees a few hundred pixels per side; resizing early is cheaper
-        image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.BICUBIC)
+    image = images.load_image(source)  # sides at most `images.MAX_ASPECT` apart
     if min(image.size) < MIN_SIDE:  # image processors cannot tell channels from pixels in a 1x1 array
         scale = math.ceil(MIN_SIDE / min(image.size))
         image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    # enlarged first, then shrunk: the long side ends within MAX_SIDE, and the short one (MAX_SIDE / MAX_ASPECT
+    # at the least) stays above MIN_SIDE
+    if max(image.size) > MAX_SIDE:  # the model sees a few hundred pixels per side; resizing early is cheaper
+        image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.BICUBIC)
     return image
 
 

@@ -65,7 +65,10 @@ def image_corpus() -> list[tuple[str, str, bytes, bool]]:
         ("mode", "EXIF-rotated jpeg", _exif_rotated(), True),
         ("mode", "animated GIF", _animated("GIF"), True),
         ("mode", "animated WebP", _animated("WEBP"), True),
-        ("mode", "very wide 4000x16", _png(Image.new("RGB", (4000, 16), (1, 2, 3))), True),
+        ("shape", "wide 4000x40, 100:1 (shrunk to 2048 px)", _png(Image.new("RGB", (4000, 40), (1, 2, 3))), True),
+        ("shape", "thin 1x90 (enlarged to 16 px, then within 2048)", _png(Image.new("RGB", (1, 90), (1, 2, 3))), True),
+        ("shape", "strip 4000x16, 250:1", _png(Image.new("RGB", (4000, 16), (1, 2, 3))), False),
+        ("shape", "strip 1x3000", _png(Image.new("RGB", (1, 3000), (1, 2, 3))), False),
     ]
 
 
