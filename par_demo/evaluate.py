@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from tqdm import tqdm
 
 from par_demo.bench import parse_list
-from par_demo.errors import BudgetOutOfReach, UserError
+from par_demo.errors import UserError
 from par_demo.images import load_image
 from par_demo.methods import method_class
 from par_demo.methods.base import check_budget
@@ -57,7 +57,7 @@ def evaluate(predictor: Predictor, samples: list[dict], pairs: list[tuple[str, f
     count = defaultdict(lambda: defaultdict(int))
     ratios = defaultdict(float)
     time_ratios = defaultdict(float)
-    notes: dict[tuple[str, float], str] = {}  # settings refused (out of reach): reported, not fatal
+    notes: dict[tuple[str, float], str] = {}  # settings a method refuses (out of reach, counts it does not take)
     bar = tqdm(total=len(samples) * len(pairs), desc="eval", disable=not progress, file=sys.stderr)
     for sample in samples:
         image = load_image(sample["image"])
@@ -65,10 +65,12 @@ def evaluate(predictor: Predictor, samples: list[dict], pairs: list[tuple[str, f
             bar.update()
             if pair in notes:
                 continue
+            # the full model is the reference: fixed counts are for the methods
+            counts = (None, None) if pair[0] == "full" else (tokens, layers)
             try:
-                p = predictor.predict(image, sample["question"], pair[0], pair[1], tokens, layers,
+                p = predictor.predict(image, sample["question"], pair[0], pair[1], *counts,
                                       max_new_tokens=max_new_tokens, budget_unit=budget_unit)
-            except BudgetOutOfReach as exc:
+            except UserError as exc:  # this method cannot run this setting (e.g. layer drop and --tokens): say so
                 notes[pair] = str(exc)
                 continue
             kind = sample.get("type", "all")

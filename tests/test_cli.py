@@ -130,3 +130,15 @@ def test_eval_table_shows_how_many_samples_each_type_accuracy_rests_on():
                   n_by_type={"color": 20, "where": 10})
     line = format_table([row]).splitlines()[2]
     assert "95.0% (20)" in line and "50.0% (10)" in line
+
+
+def test_eval_with_a_fixed_token_count_runs_the_full_reference_and_notes_the_methods_that_take_no_tokens(
+        tmp_path, capsys):
+    assert main(["make-shapes", str(tmp_path / "d"), "--n", "3", "--seed", "4"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", "random:llava-tiny", "--data", str(tmp_path / "d" / "data.jsonl"), "--tokens", "9",
+                 "--max-new-tokens", "1", "--json"]) == 0  # the default methods: full, fastv, random, layerdrop
+    rows = {r["method"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert rows["full"]["n"] == 3 and rows["full"]["flops_ratio"] == 1.0  # the reference runs unpruned
+    assert rows["fastv"]["n"] == 3 and rows["random"]["flops_ratio"] < 1.0
+    assert "layerdrop does not prune tokens" in rows["layerdrop"]["note"]
