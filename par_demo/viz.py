@@ -107,7 +107,7 @@ def patch_figure(
     mask = kept_mask(grid, kept)
     no_token = kept_mask(grid, empty)
     n_kept, n_total = int(mask.sum()), rows * cols - int(no_token.sum())
-    has_scores = scores is not None and len(scores) == n_total
+    has_scores = scores is not None and len(scores) == rows * cols  # one per cell; empty cells' are None
     score_grid = np.asarray(scores, dtype=float).reshape(rows, cols) if has_scores else np.full((rows, cols), np.nan)
 
     heat_mode = show_scores and has_scores

@@ -153,6 +153,10 @@ def test_the_patch_view_puts_each_tile_at_its_place_and_the_global_view_beside(m
     assert f"kept 20/{p.n_visual_tokens} " in figure.layout.title.text
     dimmed = np.asarray(viz.dim_dropped(view, p.grid, p.kept_visual_tokens, p.empty_cells)).astype(int)
     assert (dimmed[int(0.5 * cell_h), int(12.5 * cell_w)] == 255).all()
+    # the score view: a heatmap of every cell that holds a token, none over the empty ones
+    heat = viz.patch_figure(view, p.grid, p.kept_visual_tokens, scores, show_scores=True, empty=p.empty_cells)
+    z = np.asarray(next(trace for trace in heat.data if trace.type == "heatmap").z, dtype=float)
+    assert z.shape == (rows, cols) and np.isnan(z[:, 12]).all() and not np.isnan(z[0, 0])
 
 
 @pytest.mark.parametrize("preset, family", [("smolvlm-tiny", "smolvlm"), ("internvl3-tiny", "internvl")])
