@@ -68,6 +68,10 @@ class PrefillCost:
     # Each method's own work (router pass, similarity search, the budget search), which runs inside the timed
     # prefill: seconds beyond the bare split the method chose (`method_overhead`)
     overheads: dict[str, float] = field(default_factory=dict)
+    # What each overhead was measured with, where a method has more than its code (`Method.timing_identity`: PAR's
+    # router); an overhead whose method now has another one is measured again. None stored: measured before these
+    # were kept, taken as it is
+    overhead_ids: dict[str, str] = field(default_factory=dict)
 
     def layer_s(self, rows: int) -> float:
         return self.per_layer_s + self.per_row_s * rows + self.per_row2_s * rows * rows
@@ -101,6 +105,7 @@ class PrefillCost:
         fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         fields["points"] = tuple(tuple(p) for p in fields.get("points", ()))
         fields["overheads"] = dict(fields.get("overheads", {}))
+        fields["overhead_ids"] = dict(fields.get("overhead_ids", {}))
         try:
             return cls(**fields)
         except TypeError:
@@ -213,9 +218,10 @@ def calibrate(predictor, image=None, rounds: int = 3, progress: Callable[[str], 
         return fitted
     if progress:
         progress("timing each method's own work")
-    overheads = {name: method_overhead(predictor, fitted, name, image)
-                 for name, reason in predictor.available_methods().items() if reason is None}
-    return dataclasses.replace(fitted, overheads=overheads)
+    available = [name for name, reason in predictor.available_methods().items() if reason is None]
+    overheads = {name: method_overhead(predictor, fitted, name, image) for name in available}
+    ids = {name: predictor.method(name).timing_identity for name in available}
+    return dataclasses.replace(fitted, overheads=overheads, overhead_ids={k: v for k, v in ids.items() if v})
 
 
 def vision_rate(predictor, fitted: PrefillCost, rounds: int = 3,
@@ -401,6 +407,7 @@ class TimeBudget:
         self.predictor = predictor
         self.cost, self.cached = load_or_calibrate(predictor, recalibrate, progress, methods)
         self.overheads = dict(self.cost.overheads)
+        self.overhead_ids = dict(self.cost.overhead_ids)
 
     def full(self, query) -> float:
         """The full model's predicted prefill on this query's whole image (a query cut down to some views keeps the
@@ -414,8 +421,13 @@ class TimeBudget:
                                                          query.n_visual, query.n_text, absorbed=method.absorbs)
 
     def overhead(self, method) -> float:
-        if method.name not in self.overheads:  # measured once, and kept with the fit for the next process
-            self.overheads[method.name] = method_overhead(self.predictor, self.cost, method.name)
-            self.cost = dataclasses.replace(self.cost, overheads=dict(self.overheads))
+        name, identity = method.name, method.timing_identity
+        measured_with = self.overhead_ids.get(name)
+        if name not in self.overheads or (measured_with is not None and measured_with != identity):
+            # measured once (again for a router of PAR's retrained since), kept with the fit for the next process
+            self.overheads[name] = method_overhead(self.predictor, self.cost, name)
+            self.overhead_ids[name] = identity
+            self.cost = dataclasses.replace(self.cost, overheads=dict(self.overheads),
+                                            overhead_ids={k: v for k, v in self.overhead_ids.items() if v})
             write_json(cache_path(CACHE_KIND, self.cost.key), self.cost.to_dict())
-        return self.overheads[method.name]
+        return self.overheads[name]

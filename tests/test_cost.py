@@ -85,6 +85,37 @@ def test_a_method_timed_after_the_fit_is_kept_in_the_cache(monkeypatch, tmp_path
     assert cost.TimeBudget(predictor).overheads["fastv"] == seconds  # read back, not measured again
 
 
+def test_pars_cached_planning_time_is_measured_again_for_another_router(monkeypatch, tmp_path, random_models):
+    """PAR's planning time depends on its router (width, pooling, token selection): kept in the cost model's cache
+    with a digest of the router's files, it is measured again when they change, and read back while they do not."""
+    from par_demo.router import MetaRouter, RouterConfig, fingerprint, save_router
+
+    monkeypatch.setenv("PAR_DEMO_CACHE", str(tmp_path / "cache"))
+    predictor = Predictor(random_models("llava-tiny"))
+    measured = []
+    monkeypatch.setattr(cost, "method_overhead", lambda predictor, fitted, name, *a, **k: measured.append(name) or 1e-3)
+
+    def use_router(width: int):
+        torch.manual_seed(width)
+        config = RouterConfig(lm_width=64, n_layers=6, width=width, heads=1, start_layer=0,
+                              model=fingerprint(predictor.loaded))
+        predictor.router_path = save_router(MetaRouter(config), tmp_path / f"router-{width}")
+        predictor.methods.clear()
+        return predictor.method("par")
+
+    par = use_router(16)
+    assert par.available() is None and par.timing_identity
+    cost.TimeBudget(predictor).overhead(par)
+    assert measured.count("par") == 1  # the fit's own measurement of the available methods
+    assert cost.TimeBudget(predictor).overhead(par) == 1e-3 and measured.count("par") == 1  # read back
+    retrained = use_router(32)
+    assert retrained.available() is None and retrained.timing_identity != par.timing_identity
+    cost.TimeBudget(predictor).overhead(retrained)
+    assert measured.count("par") == 2 and measured.count("fastv") == 1  # PAR alone, measured again
+    cost.TimeBudget(predictor).overhead(retrained)
+    assert measured.count("par") == 2
+
+
 def test_a_methods_overhead_is_its_own_work_whatever_the_fits_error(monkeypatch, random_models):
     """A method's overhead is timed against the same split run bare, so a fit that is off at that split does not
     make the method look slower: here `random` is given 20 ms of planning, and a fit that is 30 ms too low."""

@@ -75,6 +75,9 @@ class Method:
     # Chooses which views of a tiled image the vision tower runs on: its queries arrive with the overview encoded
     # only (`Engine.prepare(..., overview_only=True)`) and it encodes what it keeps (`Query.encode_views`)
     routes_views = False
+    # What the method's measured planning time depends on beyond its code (PAR: its router's files); the cost model
+    # measures that time again when it changes
+    timing_identity = ""
 
     def __init__(self, context: MethodContext):
         self.context = context

@@ -35,6 +35,7 @@ command that trains one; the other methods keep working.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import replace
@@ -48,7 +49,7 @@ from par_demo.families.views import encoded_views, overview_views, restrict
 from par_demo.methods.absorb import absorb_flops
 from par_demo.methods.base import Method, Setting, check_budget, check_count, top_indices
 from par_demo.methods.cdpruner import dpp_flops, greedy_dpp
-from par_demo.router import CONFIG_FILE, RouterConfig, load_router, sanitize
+from par_demo.router import CONFIG_FILE, WEIGHTS_FILE, RouterConfig, load_router, sanitize
 
 ROUTERS_DIR = Path(__file__).resolve().parent.parent.parent / "assets" / "routers"
 
@@ -99,6 +100,13 @@ def router_folders(context) -> list[Path]:
     return folders
 
 
+def files_digest(*paths: Path) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def undominated(rows: list[dict]) -> list[dict]:
     """The scored splits no other split beats on every count: as few or fewer layers and tokens, and agreeing with
     the full model as often or more (lower KL breaking ties). A split's time grows with its layers and its tokens on
@@ -129,6 +137,7 @@ class Par(Method):
         self.pareto: list[dict] = []
         self.scored: list[dict] = []  # every (budget, layers) split the Pareto measurement scored (`time_row`)
         self.folder: Path | None = None
+        self.timing_identity = ""  # a digest of the router's files: its planning time was measured with them
         self._problem: str | None = None
         self._loaded_from = None  # the folder list the router was looked up with (an explicit path may change)
         self._asked = None  # (explicit router path, $PAR_DEMO_ROUTER, model name) the folders were found for
@@ -150,7 +159,7 @@ class Par(Method):
         folders = router_folders(context)
         if folders == self._loaded_from:
             return
-        self._loaded_from, self.router, self._problem = folders, None, None
+        self._loaded_from, self.router, self._problem, self.timing_identity = folders, None, None, ""
         found = next((f for f in folders if (f / CONFIG_FILE).is_file()), None)
         if found is None:
             self._problem = (f"no router for this model; train one with: python -m par_demo train-router "
@@ -163,6 +172,7 @@ class Par(Method):
             self._problem = str(exc)
             return
         self.folder, self.pareto = found, sorted(meta.get("pareto", []), key=lambda row: row["budget"])
+        self.timing_identity = files_digest(found / CONFIG_FILE, found / WEIGHTS_FILE)
         # routers measured before every split was kept have their best split per budget only
         self.scored = undominated(meta.get("training", {}).get("pareto_all") or self.pareto)
 
