@@ -47,11 +47,12 @@ def intro(unit: str) -> str:
 CSS = panels.CSS + """
 .answer textarea {font-size: 1.15em; font-weight: 600}
 #image-notice {color: #9a5b00}
-/* The sweep table: never break a word in the middle; on a narrow screen the table scrolls sideways instead. */
-#sweep-table table {display: block; overflow-x: auto}
-#sweep-table th, #sweep-table td {word-break: normal; overflow-wrap: normal; hyphens: none}
-#sweep-table th, #sweep-table td:not(:last-child) {white-space: nowrap}
+/* The sweep and stats tables: never break a word in the middle; on a narrow screen a table scrolls sideways. */
+#sweep-table table, #stats table {display: block; overflow-x: auto}
+#sweep-table th, #sweep-table td, #stats th, #stats td {word-break: normal; overflow-wrap: normal; hyphens: none}
+#sweep-table th, #sweep-table td:not(:last-child), #stats th {white-space: nowrap}
 #sweep-table td:last-child {min-width: 7em}
+#stats td {min-width: 6em}
 """
 # On a phone the grid is below the first screens; bring it into view when it starts filling in.
 SCROLL_TO_GRID = "() => document.getElementById('compare-all')?.scrollIntoView({behavior: 'smooth'})"

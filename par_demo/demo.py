@@ -87,8 +87,20 @@ def as_user_message(exc: BaseException) -> gr.Error:
                     print_exception=False)  # logged just above, once
 
 
-def friendly_errors(fn: Callable) -> Callable:
-    """Decorator for event handlers (plain functions and generators): every exception becomes a `gr.Error`."""
+def friendly_errors(fn: Callable, refused: tuple | None = None) -> Callable:
+    """Decorator for event handlers (plain functions and generators): every exception becomes a `gr.Error`.
+
+    With `refused` (the outputs to give instead, usually `gr.skip()`s), an input the app refuses (`UserError`) is a
+    warning pop-up that leaves the page as it was, instead of an "Error" badge over every output with the last
+    result still under them. The API endpoints keep the error: a script must see it."""
+
+    def refusal(exc: Exception) -> tuple:
+        if refused is None or not isinstance(exc, UserError):
+            raise as_user_message(exc) from None
+        log.warning("input refused: %s", exc)
+        gr.Warning(str(exc))
+        return refused
+
     if inspect.isgeneratorfunction(fn):
 
         @functools.wraps(fn)
@@ -96,7 +108,7 @@ def friendly_errors(fn: Callable) -> Callable:
             try:
                 yield from fn(*args, **kwargs)
             except Exception as exc:
-                raise as_user_message(exc) from None
+                yield refusal(exc)
 
         return generator_wrapper
 
@@ -105,7 +117,7 @@ def friendly_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
-            raise as_user_message(exc) from None
+            return refusal(exc)
 
     return wrapper
 
@@ -203,11 +215,18 @@ def patch_view_figure(view: Image.Image, pruned: Prediction, show_scores: bool) 
     title = None
     if show_scores and pruned.token_scores is None:
         n_kept = len(pruned.kept_visual_tokens)
-        title = (f"Visual tokens: kept {n_kept}/{pruned.n_visual_tokens}"
-                 + viz.subtitle(f"{METHOD_LABELS.get(pruned.method, pruned.method)} has no per-patch scores"))
+        label = METHOD_LABELS.get(pruned.method, pruned.method)
+        why = (f"{label} kept every token here: it scored none" if n_kept == pruned.n_visual_tokens
+               else f"{label} has no per-patch scores")
+        title = f"Visual tokens: kept {n_kept}/{pruned.n_visual_tokens}" + viz.subtitle(why)
     # The grid is the prediction's own: each model family lays out its patches its own way.
     return viz.patch_figure(view, tuple(pruned.grid), pruned.kept_visual_tokens, pruned.token_scores,
                             show_scores=show_scores, score_name=score_name, title=title, empty=pruned.empty_cells)
+
+
+def skip(n: int) -> tuple:
+    """Outputs left as they are."""
+    return tuple(gr.skip() for _ in range(n))
 
 
 def _show_notices(*notices: str | None) -> None:
@@ -266,8 +285,8 @@ class DemoApp:
             patch_view: str, progress: gr.Progress = gr.Progress()) -> tuple:
         """Outputs: full answer, full timing, pruned answer, pruned timing, image notice, stats table, patch figure,
         layer figure, latency figure, stats JSON, view state."""
-        return friendly_errors(self._run)(image, question, method, budget, tokens, layers, start_layer, patch_view,
-                                          progress)
+        return friendly_errors(self._run, refused=skip(self.N_RUN_OUTPUTS))(
+            image, question, method, budget, tokens, layers, start_layer, patch_view, progress)
 
     def _run(self, image, question, method, budget, tokens, layers, start_layer, patch_view, progress) -> tuple:
         result = self.service.compare(image, question, method, budget, tokens, layers, start_layer,
@@ -298,7 +317,7 @@ class DemoApp:
         """Like `run`, for the slider: before an image and a question are there it quietly does nothing
         (moving the slider first is not a mistake worth an error pop-up)."""
         if image is None or not (isinstance(question, str) and question.strip()):
-            return tuple(gr.skip() for _ in range(self.N_RUN_OUTPUTS))
+            return skip(self.N_RUN_OUTPUTS)
         return self.run(image, question, method, budget, tokens, layers, start_layer, patch_view, progress)
 
     def redraw_patches(self, state: dict | None, patch_view: str) -> Any:
@@ -323,7 +342,8 @@ class DemoApp:
     def compare_all(self, image: Any, question: Any, budget: Any, start_layer: Any, extras: Any = (),
                     progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
         """Streams outputs: the grid (HTML), its summary line, the download button (shown once all are timed)."""
-        yield from friendly_errors(self._compare_all)(image, question, budget, start_layer, extras, progress)
+        yield from friendly_errors(self._compare_all, refused=skip(3))(image, question, budget, start_layer, extras,
+                                                                       progress)
 
     def _compare_all(self, image, question, budget, start_layer, extras, progress) -> Iterator[tuple]:
         for state in self.service.compare_all(image, question, budget, start_layer, extras=extras):
@@ -366,7 +386,9 @@ class DemoApp:
               progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
         """Streams outputs: latency figure, agreement figure, sweep table (markdown), after every budget."""
         # `yield from` keeps this a generator function, which is how Gradio knows to stream it.
-        yield from friendly_errors(self._sweep)(image, question, method, start_layer, progress)
+        # refused: the status line ("Sweeping …") is cleared, the last sweep's figures stay
+        yield from friendly_errors(self._sweep, refused=(gr.skip(), gr.skip(), ""))(image, question, method,
+                                                                                     start_layer, progress)
 
     def _sweep(self, image, question, method, start_layer, progress) -> Iterator[tuple]:
         label = METHOD_LABELS.get(check_method(method), str(method))
@@ -380,4 +402,4 @@ class DemoApp:
             progress(len(points) / len(budgets), desc=f"budget {point['budget']:.1f}")
             done = [p for p in points if "skipped" not in p]
             yield (viz.sweep_latency_figure(done, label), viz.sweep_agreement_figure(done, label),
-                   panels.sweep_table(points, started, len(budgets)))
+                   panels.sweep_table(points, started, len(budgets), label))

@@ -17,5 +17,6 @@ class BudgetOutOfReach(UserError):
 
     def __init__(self, method: str, budget: float, reach: str, unit: str = "flops"):
         what = "FLOPs" if unit == "flops" else "time on this machine (measured cost model)"
+        self.reach = reach
         super().__init__(f"budget {budget:g} is below what {method} can reach on this model "
                          f"(its cheapest setting costs {reach} of the full prefill {what})")

@@ -95,12 +95,13 @@ def stats_markdown(pruned: Prediction) -> str:
     )
 
 
-def sweep_table(points: Sequence[dict], started: float, n_budgets: int) -> str:
-    """A markdown table of the sweep so far; budgets a method cannot reach are listed with the reason."""
+def sweep_table(points: Sequence[dict], started: float, n_budgets: int, method: str) -> str:
+    """A markdown table of `method`'s sweep so far; budgets it cannot reach are listed with the smallest it can."""
     rows = []
     for p in points:
         if "skipped" in p:
-            rows.append(f"| {p['budget']:.1f} | – | – | – | – | not reachable: {_escape(p['skipped'])} |")
+            reach = f"its cheapest setting costs {p['reach']}" if p.get("reach") else _escape(p["skipped"])
+            rows.append(f"| {p['budget']:.1f} | – | – | – | – | not reachable: {reach} |")
             continue
         t: Timing = p["timing"]
         rows.append(f"| {p['budget']:.1f} | {p['flops_ratio']:.0%} | {spread_seconds(t.prefill_s)} "
@@ -109,7 +110,9 @@ def sweep_table(points: Sequence[dict], started: float, n_budgets: int) -> str:
     full_prefill = [p["full_timing"].prefill_s.median for p in points if "full_timing" in p]
     full_line = (f" · full model prefill {spread_seconds(Spread.of(full_prefill))} along the sweep"
                  if full_prefill else "")
-    head = (f"Full answer: **{_escape(display_answer(full_answer))}**{full_line} · {len(points)}/{n_budgets} budgets "
+    out_of_reach = sum("skipped" in p for p in points)
+    done = f"{len(points)}/{n_budgets} budgets" + (f" ({out_of_reach} out of reach)" if out_of_reach else "")
+    head = (f"**{method}** · full answer: **{_escape(display_answer(full_answer))}**{full_line} · {done} "
             f"in {time.perf_counter() - started:.1f} s · each budget timed in turns with the full model\n\n"
             "| budget | FLOPs | prefill | speed‑up | agreement | answer |\n|---|---|---|---|---|---|\n")
     noisy = any("timing" in p and p["timing"].noise for p in points)

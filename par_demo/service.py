@@ -347,7 +347,7 @@ class DemoService:
             try:
                 pruned = self._run(pil_image, text, **setting)
             except BudgetOutOfReach as exc:  # a budget below the method's cheapest setting: note it, go on
-                yield {"budget": float(budget), "skipped": str(exc), "full_answer": full.answer}
+                yield {"budget": float(budget), "skipped": str(exc), "reach": exc.reach, "full_answer": full.answer}
                 continue
             timed_full, timed = self._measure(pil_image, text, [full, pruned], [dict(timing.FULL), setting], rounds)
             yield sweep_point(timed_full, timed)

@@ -260,7 +260,7 @@ def sweep_latency_figure(points: Sequence[dict], method_label: str, height: int 
     fig.update_yaxes(title_text="seconds", rangemode="tozero", gridcolor="#eee")
     # No legend (it would cover the axes on a phone): the subtitle says which line is which.
     fig.update_layout(showlegend=False)
-    title = "Latency vs FLOPs" + subtitle("dotted prefill, solid total; grey: full model")
+    title = f"{method_label}: latency vs FLOPs" + subtitle("dotted prefill, solid total; grey: full model")
     return _base_layout(fig, title, height)
 
 
@@ -278,5 +278,6 @@ def sweep_agreement_figure(points: Sequence[dict], method_label: str, height: in
                      gridcolor="#eee")
     fig.update_yaxes(title_text="word-overlap F1", range=[-0.05, 1.05], gridcolor="#eee")
     fig.update_layout(showlegend=False)
-    title = "Same answer as the full model?" + subtitle(f"{len(points)} budgets · word overlap, 1 = same")
+    title = f"{method_label}: same answer as the full model?" + subtitle(
+        f"{len(points)} budgets run · word overlap, 1 = same")
     return _base_layout(fig, title, height)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import gradio as gr
 import plotly.graph_objects as go
@@ -283,11 +284,19 @@ def test_run_handler_outputs(app):
     assert any(isinstance(t, go.Heatmap) and t.showscale is not False for t in scores_view.data)
 
 
-def test_run_handler_turns_errors_into_gr_error(app):
-    with pytest.raises(gr.Error, match="question"):
-        app.run(EXAMPLE, "  ", "fastv", 0.5, 0, 0, 2, d.PATCH_VIEWS[0], **NO_PROGRESS)
-    with pytest.raises(gr.Error, match="not available"):
-        app.run(EXAMPLE, QUESTION, "par", 0.5, 0, 0, 2, d.PATCH_VIEWS[0], **NO_PROGRESS)
+def test_a_refused_input_is_a_warning_that_leaves_the_page_as_it_was(app, monkeypatch):
+    # an error badge over every output, the last result still under them, is what Gradio shows for a gr.Error
+    warned = []
+    monkeypatch.setattr(d.gr, "Warning", warned.append)
+    outputs = app.run(EXAMPLE, "  ", "fastv", 0.5, 0, 0, 2, d.PATCH_VIEWS[0], **NO_PROGRESS)
+    assert outputs == d.skip(d.DemoApp.N_RUN_OUTPUTS) and "question" in warned[-1]
+    assert app.run(EXAMPLE, QUESTION, "par", 0.5, 0, 0, 2, d.PATCH_VIEWS[0], **NO_PROGRESS) == \
+        d.skip(d.DemoApp.N_RUN_OUTPUTS) and "not available" in warned[-1]
+    assert list(app.compare_all(EXAMPLE, "", 0.5, 2, **NO_PROGRESS)) == [d.skip(3)] and "question" in warned[-1]
+    swept = list(app.sweep(None, QUESTION, "fastv", 2, **NO_PROGRESS))
+    assert swept[-1] == (gr.skip(), gr.skip(), "") and "image" in warned[-1]  # the "Sweeping …" line cleared
+    with pytest.raises(gr.Error, match="question"):  # the API's endpoint: a script must see the error
+        app.api_compare(EXAMPLE, "  ", "fastv", 0.5)
 
 
 def test_slider_before_any_input_does_nothing(app):
@@ -316,10 +325,21 @@ def test_sweep_handler_streams(app):
     assert len(updates) == 1 + len(SHORT_SWEEP)  # empty figures first, then one update per budget
     latency, agreement, table = updates[-1]
     assert isinstance(latency, go.Figure) and isinstance(agreement, go.Figure)
-    assert "Latency vs FLOPs" in latency.layout.title.text and "3 budgets" in agreement.layout.title.text
+    assert "random tokens: latency vs FLOPs" in latency.layout.title.text
+    assert "random tokens: same answer" in agreement.layout.title.text and "3 budgets run" in agreement.layout.title.text
     assert table.count("\n| ") == 1 + len(SHORT_SWEEP)  # header + one row per budget
+    assert table.startswith("**random tokens**") and f"{len(SHORT_SWEEP)}/{len(SHORT_SWEEP)} budgets in" in table
     names = [trace.name for trace in latency.data]
     assert "full model prefill" in names and "full model total" in names  # measured along the sweep
+
+
+def test_a_sweep_budget_out_of_reach_says_what_the_method_can_reach_and_is_counted_apart():
+    from par_demo.errors import BudgetOutOfReach
+    refused = BudgetOutOfReach("fastv", 0.1, "0.27", unit="time")
+    point = {"budget": 0.1, "skipped": str(refused), "reach": refused.reach, "full_answer": "red"}
+    table = panels.sweep_table([point], time.perf_counter(), 10, "FastV")
+    assert table.startswith("**FastV**") and "1/10 budgets (1 out of reach)" in table
+    assert "| not reachable: its cheapest setting costs 0.27 |" in table  # whole, not cut at 120 characters
 
 
 def test_sweep_plots_agreement_against_the_measured_prefill_time(service):
