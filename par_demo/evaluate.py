@@ -22,7 +22,7 @@ from par_demo.images import load_image
 from par_demo.methods import method_class
 from par_demo.methods.base import check_budget
 from par_demo.arguments import add_budget_unit_argument, add_model_arguments, predictor_from_args
-from par_demo.predict import Predictor
+from par_demo.predict import Predictor, check_max_new_tokens
 from par_demo.shapes import is_correct, load_jsonl
 
 
@@ -113,6 +113,7 @@ def run(args) -> int:
     methods = parse_list(args.methods, "methods")
     budgets = [check_budget(b) for b in parse_list(args.budgets, "budgets", float)]
     pairs = settings(methods, budgets)
+    check_max_new_tokens(args.max_new_tokens)  # what every row would refuse: one error, not a note on each
     samples = load_jsonl(args.data)
     if args.limit is not None:
         if args.limit < 1:

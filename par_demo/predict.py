@@ -162,8 +162,7 @@ class Predictor:
         `encoded`: `encode(image, question)` done already (timing rounds reuse it; it is outside the timed part)."""
         budget = check_budget(budget)
         check_unit(budget_unit)
-        if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= 1024:
-            raise UserError(f"max new tokens must be an integer in [1, 1024], got {max_new_tokens!r}")
+        check_max_new_tokens(max_new_tokens)
         chosen = self.method(method)
         reason = chosen.available()
         if reason:
@@ -284,6 +283,12 @@ class Predictor:
             samples = time_interleaved(run, settings, rounds, warm_up)
         timings = summarize(samples, [p.flops_ratio for p in predictions])
         return [p.with_timing(t) for p, t in zip(predictions, timings)]
+
+
+def check_max_new_tokens(max_new_tokens) -> int:
+    if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= 1024:
+        raise UserError(f"max new tokens must be an integer in [1, 1024], got {max_new_tokens!r}")
+    return max_new_tokens
 
 
 def cell_order(layout: Layout, scores: torch.Tensor) -> list[float]:

@@ -186,12 +186,14 @@ def make_dataset(out_dir, n: int, seed: int, per_type=None) -> Path:
     rng = np.random.default_rng(seed)
     schedule = _type_schedule(n, per_type, rng)
     path = out / "data.jsonl"
-    with open(path, "w") as f:
+    partial = out / "data.jsonl.tmp"  # an interrupted run leaves no shorter data.jsonl that reads as whole
+    with open(partial, "w") as f:
         for i, qtype in enumerate(schedule):
             image, _, question, answer = sample_example(qtype, rng)
             rel = f"images/{i:06d}.png"
             image.save(out / rel)
             f.write(json.dumps({"image": rel, "question": question, "answer": answer, "type": qtype}) + "\n")
+    partial.replace(path)
     return path
 
 

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from par_demo.errors import UserError
+from par_demo.router import CONFIG_FILE
 from par_demo.training.loop import STATE_FILE, TrainConfig, make_accelerator, train_router
 from par_demo.training.questions import read_queries
 
@@ -91,10 +92,15 @@ def check_args(args, train: TrainConfig) -> None:
         raise UserError("--start-layer must be >= 0")
     if args.pool < 1:
         raise UserError("--pool must be >= 1")
-    if args.width is not None and (args.width < 4 or args.width % 4):
-        raise UserError("--width must be a multiple of 4, at least 4")
-    if not 0 < args.pareto_low <= args.pareto_high <= 1 or args.pareto_step <= 0:
-        raise UserError("the Pareto grid needs 0 < --pareto-low <= --pareto-high <= 1 and --pareto-step > 0")
+    # heads = width // 16 (at least 1), each head's size a whole number: 16, 32, 48, 64, 96, 128, ...
+    if args.width is not None and (args.width < 4 or args.width % 4 or args.width % max(1, args.width // 16)):
+        raise UserError("--width must be a multiple of 4, at least 4, that its heads (width // 16) divide: "
+                        "e.g. 16, 32, 48, 64, 96 or 128")
+    if args.limit is not None and args.limit < 1:
+        raise UserError("--limit must be at least 1")
+    if not 0.01 <= args.pareto_low <= args.pareto_high <= 1 or args.pareto_step < 0.01:
+        # its budgets are kept to two decimals
+        raise UserError("the Pareto grid needs 0.01 <= --pareto-low <= --pareto-high <= 1 and --pareto-step >= 0.01")
 
 
 def run(args) -> int:
@@ -107,8 +113,13 @@ def run(args) -> int:
     if args.limit:
         queries = queries[:args.limit]
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; a router is saved as a folder")
     if not args.resume and (out / STATE_FILE).is_file():
         raise UserError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    if not args.resume and (out / CONFIG_FILE).is_file():
+        print(f"{out} holds a router: this run trains a new one and replaces it (--resume continues it instead)",
+              file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(train, args.device)
     # Under `accelerate launch` each process loads the frozen model onto its own device.

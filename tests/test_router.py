@@ -5,6 +5,7 @@ from argparse import Namespace
 
 import pytest
 import torch
+from PIL import Image
 
 from par_demo.errors import UserError
 from par_demo.router import (
@@ -381,10 +382,13 @@ def test_train_router_refuses_bad_data(tmp_path):
     with pytest.raises(UserError, match="no images"):
         read_queries(images=tmp_path)
     (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "x.WEBP").write_bytes(b"")  # recursive, any case of the suffix
+    (tmp_path / "sub" / "broken.png").write_text("not an image")
+    with pytest.raises(UserError, match="none of the 1 images can be read"):
+        read_queries(images=tmp_path)
+    Image.new("RGB", (32, 24)).save(tmp_path / "sub" / "x.WEBP", format="WEBP")  # recursive, any case of the suffix
     (tmp_path / "notes.txt").write_text("not an image")
-    queries = read_queries(images=tmp_path, questions_per_image=3)
-    assert len(queries) == 3 and all(q.question is None for q in queries)
+    queries = read_queries(images=tmp_path, questions_per_image=3)  # the broken file is left out, said on stderr
+    assert len(queries) == 3 and all(q.question is None and q.image.endswith("x.WEBP") for q in queries)
 
 
 def test_par_budget_out_of_reach_is_one_clear_message(par_predictor, scene):

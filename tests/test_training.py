@@ -158,10 +158,21 @@ def test_train_router_from_photos_only_stops_in_time_and_resumes(tmp_path, scene
     assert summary["stopped_early"] and summary["steps"] == 1 and summary["flows"] > 0 and summary["pareto"]
     meta = json.loads((out / "router.json").read_text())
     assert meta["training"]["steps"] == 1 and meta["pareto"]
-    assert main(common + ["--steps", "2", "--resume"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    # resumed with another learning rate and width: the rate is this run's, the saved router keeps its shape
+    resumed = [a if a != "16" else "32" for a in common] + ["--steps", "2", "--resume", "--lr", "5e-4"]
+    assert main(resumed) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
     assert summary["steps"] == 2 and not summary["stopped_early"]
+    assert "the saved router keeps its shape: width 16 (not 32)" in captured.err
+    assert torch.load(out / "train_state.pt")["optimizer"]["param_groups"][0]["lr"] == 5e-4
     assert main(["train-router", "--images", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+    # a new run into a folder that holds a finished router (no training state): said, and the router replaced
+    (out / "train_state.pt").unlink()
+    assert main(common + ["--steps", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "holds a router: this run trains a new one and replaces it" in captured.err
+    assert json.loads(captured.out)["steps"] == 1  # not the old run's count carried on
 
 
 def test_two_processes_train_with_summed_gradients_and_end_with_the_same_router(tmp_path, scene):
@@ -200,3 +211,23 @@ def test_processes_waiting_while_the_main_one_measures_the_table_do_not_time_out
     from par_demo.training.loop import TrainConfig, make_accelerator
 
     assert make_accelerator(TrainConfig(), "cpu").init_handler.timeout >= timedelta(hours=12)
+
+
+def test_a_held_out_photo_has_none_of_its_questions_in_training():
+    from par_demo.training.loop import split_held_out
+    from par_demo.training.questions import QuerySpec
+
+    queries = [QuerySpec(f"{image}.png", None, slot) for image in range(8) for slot in range(2)]  # 16 queries
+    held, trained = split_held_out(queries, val=3)  # 3 would split the second photo's two questions
+    assert [q.image for q in held] == ["0.png", "0.png", "1.png", "1.png"]
+    assert not {q.image for q in held} & {q.image for q in trained} and len(held) + len(trained) == 16
+    lines = [QuerySpec(f"{i}.png", "q?") for i in range(10)]  # a question file: one image a line, as before
+    assert [len(part) for part in split_held_out(lines, val=96)] == [2, 8]
+
+
+def test_train_router_refuses_a_width_its_heads_do_not_divide(tmp_path, capsys):
+    from par_demo.cli import main
+
+    assert main(["train-router", "--data", str(tmp_path / "q.jsonl"), "--out", str(tmp_path / "r"),
+                 "--width", "52"]) == 2
+    assert "--width must be a multiple of 4, at least 4, that its heads" in capsys.readouterr().err

@@ -76,8 +76,9 @@ class ParDemo(lmms):
         device = str(device or default_device())
         # lmms-eval shares this Accelerator: on CPU it must know, or several processes would not form a group.
         self.accelerator = Accelerator(cpu=device.startswith("cpu"))
-        if self.accelerator.num_processes > 1 and device == "cuda":
-            device = f"cuda:{self.accelerator.local_process_index}"  # data parallel: one GPU per process
+        if self.accelerator.num_processes > 1 and device.startswith("cuda"):
+            # data parallel: one GPU per process (a `cuda:N` given to every process would put them all on N)
+            device = f"cuda:{self.accelerator.local_process_index}"
         self._device = torch.device(device)
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes

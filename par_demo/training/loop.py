@@ -135,7 +135,7 @@ def build_router_config(predictor, args, sample) -> RouterConfig:
     n_visual = sample.visual.shape[0]
     pool = getattr(args, "pool", 1)
     width = args.width or auto_width(loaded.config.text_config.hidden_size, n_layers, n_visual, sample.n_text,
-                                     predictor.flops.full(sample.shape), share=0.01,
+                                     predictor.flops.full(sample.shape), depth=args.depth, share=0.01,
                                      n_cells=router_cells(sample.layout, pool)[1])
     heads = max(1, width // 16)
     protected_first = args.protected_first if args.protected_first is not None else max(1, round(n_layers / 16))
@@ -201,6 +201,15 @@ def router_share(step: int, train: TrainConfig) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ training
+def split_held_out(queries: list, val: int) -> tuple[list, list]:
+    """(held-out queries for the Pareto table, training queries): up to `val`, at most a fifth, at least one when
+    there are two; a held-out photo's other questions are held out too, so none of its pixels trains the router."""
+    n_val = min(val, max(len(queries) // 5, 1)) if len(queries) > 1 else 0
+    while 0 < n_val < len(queries) - 1 and queries[n_val].image == queries[n_val - 1].image:
+        n_val += 1
+    return queries[:n_val], queries[n_val:] or queries
+
+
 def train_router(predictor, queries, out: Path, train: TrainConfig, args, progress: bool = True,
                  resume: bool = False, accelerator=None) -> dict:
     """Train (or continue) a router for `predictor`'s model; writes checkpoints to `out`; returns a summary."""
@@ -210,17 +219,18 @@ def train_router(predictor, queries, out: Path, train: TrainConfig, args, progre
         raise UserError(f"--batch {train.batch} is the queries of one step over all processes: give at least one "
                         f"per process ({world})")
     torch.manual_seed(train.seed)
-    n_val = min(train.val, max(len(queries) // 5, 1)) if len(queries) > 1 else 0
-    val_queries, train_queries = queries[:n_val], queries[n_val:] or queries
-    cache = TargetCache(predictor, train_queries, train, args.start_layer)
-
+    val_queries, train_queries = split_held_out(queries, train.val)
     saved, stale_table = {}, False  # the saved run's training figures; its Pareto table no longer describes it
     if resume and (out / "router.json").is_file():
         router, meta = load_router(out, predictor.loaded)
         config, saved = meta["config"], read_meta(out).get("training", {})
         if getattr(args, "absorb", None) is not None and bool(args.absorb) != config.absorb:
             config.absorb, stale_table = bool(args.absorb), True
+        if accelerator.is_main_process:
+            note_kept_shape(config, args)
+        cache = TargetCache(predictor, train_queries, train, config.start_layer)  # its prior is read at its K - 1
     else:
+        cache = TargetCache(predictor, train_queries, train, args.start_layer)
         config = build_router_config(predictor, args, cache[0])
         router = MetaRouter(config)
     router = router.float().to(accelerator.device).train()  # full precision, whatever the model's dtype
@@ -229,8 +239,10 @@ def train_router(predictor, queries, out: Path, train: TrainConfig, args, progre
     step, flows_done, history = 0, 0, []
     state_path = out / STATE_FILE
     if resume and state_path.is_file():
-        state = torch.load(state_path, weights_only=True)
+        state = torch.load(state_path, weights_only=True, map_location="cpu")  # saved on a GPU, resumed anywhere
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # the moments go on; the rates are this run's flags
+            group["lr"], group["weight_decay"] = train.lr, train.weight_decay
         step, flows_done = int(state["step"]), int(state.get("flows", 0))
         history = saved.get("history", [])
     elif saved:  # a shipped router keeps no optimizer state: its step count, flows and history go on
@@ -274,7 +286,7 @@ def train_router(predictor, queries, out: Path, train: TrainConfig, args, progre
         out_of_time = all_agree(bool(train.max_minutes) and elapsed > 60 * train.max_minutes, accelerator)
         if accelerator.is_main_process and (step % train.save_every == 0 or step == train.steps or out_of_time):
             save_checkpoint(router, optimizer, step, flows_done + flows_here * world, out, train, history,
-                            keep_table=not stale_table)
+                            keep_table=resume and not stale_table)
         if out_of_time:
             stopped_early = step < train.steps
             break
@@ -292,13 +304,24 @@ def train_router(predictor, queries, out: Path, train: TrainConfig, args, progre
     if accelerator.is_main_process:
         router.eval()
         grid = [round(b, 2) for b in np.arange(args.pareto_low, args.pareto_high + 1e-9, args.pareto_step)]
-        val_cache = TargetCache(predictor, val_queries, train, args.start_layer)
+        val_cache = TargetCache(predictor, val_queries, train, config.start_layer)
         targets = [val_cache[i] for i in range(len(val_queries))]
         summary.update(validate(router, targets, predictor.engine, budgeter, grid, progress,
                                 max(train.flow_batch, 1)))
         save_router(router, out, summary.get("pareto"), {"training": summary, "train_config": asdict(train)})
     accelerator.wait_for_everyone()
     return summary
+
+
+def note_kept_shape(config: RouterConfig, args) -> None:
+    """Resuming keeps the saved router's shape: say which of the shape flags given (or defaulted) it overrides."""
+    given = {"width": args.width, "depth": args.depth, "pool": getattr(args, "pool", 1),
+             "protected_first": args.protected_first, "protected_last": args.protected_last,
+             "start_layer": args.start_layer, "token_selection": args.token_selection}
+    differ = [f"{name.replace('_', ' ')} {getattr(config, name)} (not {value})" for name, value in given.items()
+              if value is not None and value != getattr(config, name)]
+    if differ:
+        print("resuming: the saved router keeps its shape: " + ", ".join(differ), file=sys.stderr)
 
 
 def save_checkpoint(router, optimizer, step: int, flows: int, out: Path, train: TrainConfig, history,

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import random
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from par_demo.errors import UserError
+from par_demo.images import check_file
 from par_demo.shapes import load_jsonl
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -138,10 +140,30 @@ def read_queries(data=None, images=None, questions_per_image: int = 2, seed: int
             raise UserError(f"--images must be a folder of images; not found: {folder}")
         paths = find_images(folder)
         random.Random(seed).shuffle(paths)
-        return [QuerySpec(str(p), None, slot) for p in paths for slot in range(questions_per_image)]
+        return readable([QuerySpec(str(p), None, slot) for p in paths for slot in range(questions_per_image)])
     path = Path(data)
     if path.is_dir():  # the command used to take a folder through --data
         raise UserError(f"{path} is a folder: pass it as --images to train from photos without questions")
     if not path.is_file():
         raise UserError(f"--data must be a JSONL file with image + question per line; not found: {path}")
-    return [QuerySpec(row["image"], row["question"]) for row in load_jsonl(path, require=("image", "question"))]
+    return readable([QuerySpec(row["image"], row["question"])
+                     for row in load_jsonl(path, require=("image", "question"))])
+
+
+def readable(queries: list[QuerySpec]) -> list[QuerySpec]:
+    """The queries whose image file can be read (checked from its header), so that one broken file among thousands
+    of photos cannot stop a run hours in when it is drawn; the others are left out, said in one line."""
+    refused = {}
+    for image in dict.fromkeys(q.image for q in queries):
+        try:
+            check_file(image, f"'{Path(image).name}'")
+        except UserError as exc:
+            refused[image] = str(exc)
+    if not refused:
+        return queries
+    kept = [q for q in queries if q.image not in refused]
+    if not kept:
+        raise UserError(f"none of the {len(refused)} images can be read; the first: {next(iter(refused.values()))}")
+    print(f"left out {len(refused)} of {len(refused) + len(dict.fromkeys(q.image for q in kept))} images that cannot "
+          f"be read; the first: {next(iter(refused.values()))}", file=sys.stderr)
+    return kept
