@@ -293,7 +293,9 @@ class DemoApp:
                                       progress=lambda fraction, text: progress(fraction, desc=text))
         full, pruned = result.full, result.pruned
         _show_notices(result.question_notice, *full.notices, *pruned.notices)
-        pruned_label = f"{METHOD_LABELS.get(pruned.method, pruned.method)} at budget {pruned.budget:.2f}"
+        by_hand = [what for value, what in ((tokens, "visual tokens"), (layers, "layers")) if value]  # 0: budget's
+        pruned_label = METHOD_LABELS.get(pruned.method, pruned.method) + (
+            f", {' and '.join(by_hand)} set by hand (budget not used)" if by_hand else f" at budget {pruned.budget:.2f}")
         state = {"view": result.model_view, "pruned": pruned}
         return (
             panels.display_answer(full.answer),

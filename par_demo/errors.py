@@ -16,7 +16,7 @@ class BudgetOutOfReach(UserError):
     the smallest budget that method can meet (a fraction of the full prefill's FLOPs, or of its time here)."""
 
     def __init__(self, method: str, budget: float, reach: str, unit: str = "flops"):
-        what = "FLOPs" if unit == "flops" else "time on this machine (measured cost model)"
+        what = "FLOPs" if unit == "flops" else "time on this machine, as its measured cost model predicts it"
         self.reach = reach
         super().__init__(f"budget {budget:g} is below what {method} can reach on this model "
                          f"(its cheapest setting costs {reach} of the full prefill {what})")

@@ -271,7 +271,7 @@ def test_run_handler_outputs(app):
     outputs = app.run(EXAMPLE, QUESTION, "fastv", 0.6, 0, 0, 2, d.PATCH_VIEWS[0], **NO_PROGRESS)
     assert len(outputs) == d.DemoApp.N_RUN_OUTPUTS
     full, full_timing, pruned, pruned_timing, notice, stats, patches, layers, latency, stats_json, state = outputs
-    assert isinstance(full, str) and full
+    assert isinstance(full, str) and full and pruned["label"] == "Pruned answer — FastV at budget 0.60"
     assert "prefill" in full_timing and f"medians of {ROUNDS} rounds" in full_timing
     assert "×" in pruned_timing and "FLOPs allow" in pruned_timing and "–" in pruned_timing  # spread shown
     assert notice == ""  # no model card saying the model is synthetic-only
@@ -279,6 +279,8 @@ def test_run_handler_outputs(app):
     assert all(isinstance(fig, go.Figure) for fig in (patches, layers, latency))
     assert "kept" in patches.layout.title.text
     assert set(stats_json) == PREDICT_JSON_KEYS
+    by_hand = app.run(EXAMPLE, QUESTION, "fastv", 0.6, 9, 0, 2, d.PATCH_VIEWS[0], **NO_PROGRESS)[2]
+    assert by_hand["label"] == "Pruned answer — FastV, visual tokens set by hand (budget not used)"
     scores_view = app.redraw_patches(state, d.PATCH_VIEWS[1])
     assert "attention score" in scores_view.layout.title.text  # FastV has per-patch scores
     assert any(isinstance(t, go.Heatmap) and t.showscale is not False for t in scores_view.data)

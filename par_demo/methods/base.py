@@ -174,12 +174,11 @@ class Method:
     def plan(self, query: Query, budget: float = 1.0, tokens: int | None = None, layers: int | None = None,
              start_layer: int = 2, unit: str = "flops") -> tuple[PruningPlan, Setting]:
         if tokens is not None and not self.uses_tokens:
-            raise UserError(f"{self.name} does not prune tokens; "
-                            "--tokens applies to: fastv, random, visionzip, divprune, cdpruner, cdpruner-absorb, "
-                            "downsample, par, par-tokens, par-prior, par-drop")
+            raise UserError(f"{self.name} does not prune tokens; a number of visual tokens to keep applies to: "
+                            + ", ".join(methods_that("uses_tokens")))
         if layers is not None and not self.uses_layers:
-            raise UserError(f"{self.name} does not skip layers; "
-                            "--layers applies to: layerdrop, par, par-layers, par-prior, par-drop")
+            raise UserError(f"{self.name} does not skip layers; a number of layers to run applies to: "
+                            + ", ".join(methods_that("uses_layers")))
         # a method that reads layer K-1 (FastV) starts at its earliest layer when asked for an earlier one (the page's
         # slider and `compare` give one start layer to every method; random tokens can drop at 0, FastV cannot)
         start_layer = max(check_count(start_layer, 0, self.n_layers, "pruning start layer"), self.min_start_layer)
@@ -191,6 +190,13 @@ class Method:
         if self.absorbs and plan.keep_visual is not None and 0 < plan.keep_visual.numel() < query.n_visual:
             plan = replace(plan, kept_sizes=absorbed_sizes(query.image_features, plan.keep_visual))
         return plan, setting
+
+
+def methods_that(flag: str) -> list[str]:
+    """The registered methods with this class flag set (`uses_tokens`, `uses_layers`)."""
+    from par_demo.methods import REGISTRY  # the registry imports every method, this module among them
+
+    return [name for name, cls in REGISTRY.items() if getattr(cls, flag)]
 
 
 def check_count(value, low: int, high: int, what: str) -> int:
