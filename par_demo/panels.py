@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from par_demo.predict import Prediction
     from par_demo.service import AllMethods
 
+UNSTEADY_NOTE = ("⚠ unsteady: its timing rounds differ by more than 3×, so the machine's load changed while it was "
+                 "timed and the median says little. Run again for a steadier figure.")
 NOISE_NOTE = ("⚠ noise: this speed-up is above what the saved FLOPs allow by more than its measured spread, so the "
               "machine was busy while it was timed; it is not a result. Run again for a fair figure.")
 THUMBNAIL_SIDE = 160  # px: the all-methods grid's patch views stay small enough for two columns on a phone
@@ -42,8 +44,17 @@ def speedup_text(timing: Timing, stage: str = "prefill") -> str:
     figures = f"{spread.median:.2f}× ({spread.low:.2f}–{spread.high:.2f})"
     if stage == "prefill" and timing.noise:
         return f"⚠ {figures}: noise"
+    if stage == "prefill" and timing.unsteady:
+        return f"⚠ {figures}: unsteady"
     # Tiny models on a busy CPU can come out slower; say so rather than print "0.9× faster".
     return f"{figures} faster" if spread.median >= 1 else f"{figures}, slower this time"
+
+
+def timing_notes(timings) -> list[str]:
+    """The notes a table of timings needs once: noise above the FLOPs bound, rounds that disagree."""
+    timings = list(timings)
+    return [note for note, flagged in ((NOISE_NOTE, any(t.noise for t in timings)),
+                                       (UNSTEADY_NOTE, any(t.unsteady for t in timings))) if flagged]
 
 
 def display_answer(answer: str) -> str:
@@ -64,7 +75,7 @@ def timing_markdown(prediction: Prediction, cached: bool = False) -> str:
     line = (f"prefill **{spread_seconds(t.prefill_s)}**, **{speedup_text(t)}** (FLOPs allow "
             f"{t.speedup_bound:.2f}×) · total **{spread_seconds(t.total_s)}**, {speedup_text(t, 'total')} · "
             f"{prediction.new_tokens} new tokens")
-    return line + (f"  \n{NOISE_NOTE}" if t.noise else "")
+    return line + (f"  \n{NOISE_NOTE}" if t.noise else f"  \n{UNSTEADY_NOTE}" if t.unsteady else "")
 
 
 # Shown next to the kept tokens when a method absorbed the dropped ones (PAR, cdpruner-absorb): what that means.
@@ -115,8 +126,8 @@ def sweep_table(points: Sequence[dict], started: float, n_budgets: int, method: 
     head = (f"**{method}** · full answer: **{_escape(display_answer(full_answer))}**{full_line} · {done} "
             f"in {time.perf_counter() - started:.1f} s · each budget timed in turns with the full model\n\n"
             "| budget | FLOPs | prefill | speed‑up | agreement | answer |\n|---|---|---|---|---|---|\n")
-    noisy = any("timing" in p and p["timing"].noise for p in points)
-    return head + "\n".join(rows) + (f"\n\n{NOISE_NOTE}" if noisy else "")
+    return head + "\n".join(rows) + "".join(f"\n\n{note}" for note in timing_notes(p["timing"] for p in points
+                                                                                   if "timing" in p))
 
 
 def _escape(text: str) -> str:
@@ -230,8 +241,9 @@ def _cell_time(p: Prediction, timed: bool) -> str:
     if t.prefill_speedup is None:
         return line
     speedup = html.escape(speedup_text(t))
-    if t.noise:
-        return f'{line}<br><span class="pg-noise" title="{html.escape(NOISE_NOTE)}">{speedup}</span>'
+    if t.noise or t.unsteady:
+        note = NOISE_NOTE if t.noise else UNSTEADY_NOTE
+        return f'{line}<br><span class="pg-noise" title="{html.escape(note)}">{speedup}</span>'
     return f"{line}<br>{speedup} (FLOPs allow {t.speedup_bound:.2f}×)"
 
 
@@ -254,6 +266,5 @@ def all_methods_summary(state: AllMethods) -> str:
         text += f"  \nNot run this time: {names}. Tick them under *Advanced → {EXTRAS_LABEL}* to add them."
     for notice in state.notices:  # e.g. a photo shown to a model that knows only shape scenes: said next to answers
         text += f"  \n⚠ {notice}"
-    if state.timed and any(p.timing and p.timing.noise for p in state.results.values()):
-        text += f"  \n{NOISE_NOTE}"
-    return text
+    timings = [p.timing for p in state.results.values() if p.timing] if state.timed else []
+    return text + "".join(f"  \n{note}" for note in timing_notes(timings))

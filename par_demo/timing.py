@@ -23,6 +23,7 @@ DEFAULT_ROUNDS = 5  # embedded model: ~5 x 2 x 40 ms, well under a second per qu
 # median of fewer is one noisy run)
 MIN_ROUNDS = 3
 ROUNDS_WINDOW_S = 0.5
+UNSTEADY = 3.0  # see `Timing.unsteady`
 FULL = {"method": "full", "budget": 1.0}  # the reference setting every speed-up is measured against
 
 Sample = tuple[float, float]  # (prefill seconds, total seconds) of one run
@@ -64,6 +65,13 @@ class Timing:
     # The measured prefill speed-up lies above the FLOPs bound by more than its own spread (even its slowest round
     # beats the bound): that is machine noise, not a result, and is shown as such.
     noise: bool = False
+
+    @property
+    def unsteady(self) -> bool:
+        """The rounds' prefill speed-ups differ by more than UNSTEADY times: the machine's load changed while they
+        ran (a quiet 2-core CPU keeps them within about 1.2x), so the median says little."""
+        s = self.prefill_speedup
+        return s is not None and s.low > 0 and s.high / s.low > UNSTEADY
 
 
 def time_interleaved(run: Callable[[dict], Sample], settings: Sequence[dict], rounds: int,

@@ -102,6 +102,19 @@ def test_the_page_marks_noise_and_says_why_in_one_line(predictor, scene):
     assert "faster" not in text.split("·")[0]  # the prefill figure is not presented as a result
 
 
+def test_rounds_that_disagree_more_than_three_times_are_marked_unsteady(predictor, scene):
+    import dataclasses
+
+    pruned = predictor.predict(scene, "What color is the circle?", "random", 0.5, max_new_tokens=2)
+    busy = Timing(5, Spread(0.2, 0.02, 2.0), Spread(0.3, 0.03, 3.0), Spread(0.37, 0.07, 11.1),
+                  Spread(0.4, 0.1, 9.0), 2.0)  # a machine whose load came and went: 0.07x to 11x
+    steady = dataclasses.replace(busy, prefill_speedup=Spread(1.9, 1.7, 2.1))
+    assert busy.unsteady and not busy.noise and not steady.unsteady
+    text = panels.timing_markdown(dataclasses.replace(pruned, timing=busy))
+    assert "⚠ 0.37× (0.07–11.10): unsteady" in text and text.endswith(panels.UNSTEADY_NOTE)
+    assert panels.UNSTEADY_NOTE not in panels.timing_markdown(dataclasses.replace(pruned, timing=steady))
+
+
 def test_page_rounds_fit_half_a_second_of_runs_and_never_fall_below_three():
     from par_demo.timing import DEFAULT_ROUNDS, MIN_ROUNDS, rounds_for
 
