@@ -265,6 +265,26 @@ class DemoService:
         return (f"Your own image: {self.card.name} was trained on synthetic shape scenes only, so on other pictures "
                 "its answers are guesses. The examples show what it knows.")
 
+    def vocabulary_notice(self, question: str) -> str | None:
+        """What to say about the question itself: a model that knows only the words of its shape questions (the
+        embedded one's tokenizer has 50 words) is asked with others, which it reads as one unknown token."""
+        if self.card is None or not self.card.synthetic_only:
+            return None
+        tokenizer = self.predictor.loaded.processor.tokenizer
+        unknown = [word for word in dict.fromkeys(re.findall(r"\w+", question))
+                   if tokenizer.unk_token_id in tokenizer(word, add_special_tokens=False)["input_ids"]]
+        if not unknown:
+            return None
+        shown = ", ".join(f"“{word}”" for word in unknown[:3]) + (" …" if len(unknown) > 3 else "")
+        return (f"Your question: {self.card.name} knows only the words of its six kinds of shape question, not "
+                f"{shown}; its answer is a guess. The examples show what it can answer.")
+
+    def question_notices(self, question: Any) -> tuple[str, str | None]:
+        """The cleaned question and what to say about it (shortened, words the model does not know), if anything."""
+        text, clipped = check_question(question)
+        said = " ".join(n for n in (clipped, self.vocabulary_notice(text)) if n)
+        return text, said or None
+
     def _examples(self) -> set[str]:
         if self._example_prints is None:
             self._example_prints = {image_fingerprint(load_image(path)) for path, _ in load_examples()}
@@ -278,7 +298,7 @@ class DemoService:
         two in turns (`self.rounds` rounds)."""
         report = progress or (lambda fraction, text: None)
         pil_image = load_image(image)
-        text, notice = check_question(question)
+        text, notice = self.question_notices(question)
         name = check_method(method, self._available)
         value = check_budget(budget)
         overrides = self.check_overrides(tokens, layers, start_layer)
@@ -303,7 +323,7 @@ class DemoService:
         The answering pass (the full model, then every method, one after another) is the first timing round, so
         the full model answers afresh here rather than from the cache; `rounds - 1` more rounds follow."""
         pil_image = load_image(image)
-        text, notice = check_question(question)
+        text, notice = self.question_notices(question)
         value = check_budget(budget)
         start = self.check_overrides(None, None, start_layer)["start_layer"]
         groups = check_extras(extras)

@@ -264,6 +264,10 @@ def test_an_uploaded_photo_on_a_synthetic_only_model_gets_a_notice(tiny, predict
     assert "synthetic shape scenes only" in notice and "guesses" in notice
     *_, every = service.compare_all(str(photo), QUESTION, 0.6, rounds=1)  # ...and next to all methods' answers
     assert every.notices == [notice] and notice in panels.all_methods_summary(every)
+    # a question in words the model never saw (its tokenizer reads each as one unknown token): said the same way
+    assert service.compare(EXAMPLE, QUESTION, "fastv", 0.6).question_notice is None
+    asked = service.compare(EXAMPLE, "What is the capital of France?", "fastv", 0.6).question_notice
+    assert "not “capital”, “of”, “France”" in asked and "guess" in asked
 
 
 # ------------------------------------------------------------------------------------------- handlers and figures
