@@ -146,6 +146,9 @@ def build_demo(app: DemoApp) -> gr.Blocks:
         gr.on([run.click, question.submit], app.run, run_inputs, run_outputs, api_visibility="private",
               **model_queue)
         budget.release(app.rerun, run_inputs, run_outputs, api_visibility="private", **model_queue)
+        # the smallest budget the chosen method reaches, under the slider (measured by the warm-up)
+        for event in (method.change, demo.load):
+            event(app.budget_note, method, budget, api_visibility="private", queue=False)
         patch_view.change(app.redraw_patches, [view_state, patch_view], patch_plot, api_visibility="private",
                           queue=False)
         compare_all.click(app.compare_all, [image, question, budget, start_layer, extras],

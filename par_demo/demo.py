@@ -322,6 +322,15 @@ class DemoApp:
             return skip(self.N_RUN_OUTPUTS)
         return self.run(image, question, method, budget, tokens, layers, start_layer, patch_view, progress)
 
+    def budget_note(self, method: Any) -> Any:
+        """Output: the budget slider's note, the smallest budget the chosen method reached on an example at
+        start-up (none until the warm-up has measured it, or for a method that is unavailable)."""
+        reach = self.service.reach.get(method) if isinstance(method, str) else None
+        if reach is None:
+            return gr.update(info=None)
+        label = METHOD_LABELS.get(method, method)
+        return gr.update(info=f"{label} goes down to about {reach:.2f} here (on an example; lower is refused)")
+
     def redraw_patches(self, state: dict | None, patch_view: str) -> Any:
         """Output: the patch figure, redrawn in the other view from the last result (no model call)."""
         if not state:

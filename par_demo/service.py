@@ -187,6 +187,9 @@ class DemoService:
         self._available = {name: reason and reason.replace(f"{ROOT}/", "")
                            for name, reason in predictor.available_methods().items()}
         self._example_prints: set[str] | None = None
+        # The smallest budget each method reached on the first example (the warm-up's measure): what the page says
+        # under its budget slider, whose scale starts lower than most methods can go
+        self.reach: dict[str, float] = {}
 
     @classmethod
     def from_model(cls, spec: str | None = None, quant: str = "none", options: dict | None = None,
@@ -412,7 +415,20 @@ class DemoService:
                     self._run(image, question, method=name, budget=0.5)
                 except UserError:  # e.g. a budget this model's method cannot reach: nothing to warm
                     pass
+                self.reach[name] = self.lowest_budget(image, question, name)
         return time.perf_counter() - started
+
+    def lowest_budget(self, image: Image.Image, question: str, name: str) -> float:
+        """The smallest budget `name` reaches on this query: its cheapest setting's cost, which a budget below it
+        is refused with (planning only, nothing generated). 0.01 when even that budget is within reach."""
+        try:
+            self._run(image, question, method=name, budget=0.01)
+        except BudgetOutOfReach as exc:
+            try:
+                return float(exc.reach)
+            except ValueError:  # "n/a": no setting could be costed
+                return 1.0
+        return 0.01
 
 
 def sweep_point(full: Prediction, pruned: Prediction) -> dict:

@@ -121,12 +121,19 @@ def test_stats_carry_rounds_spread_and_the_speedup_of_medians(service):
     assert set(stats["timing"]["prefill_s"]) == {"median", "low", "high"} and stats["timing"]["rounds"] == ROUNDS
 
 
-def test_warm_up_runs_the_full_model_twice_and_every_available_method_once(service):
+def test_warm_up_runs_the_full_model_twice_and_every_available_method_once_then_finds_its_lowest_budget(
+        service, app):
     service.predictor.calls.clear()
     service.warm_up()
     available = [name for _, name in METHOD_CHOICES if not service.available_methods().get(name)]
-    assert service.predictor.calls == ["full", "full", *available]
+    # each method at 0.5, then planned at 0.01, which it refuses naming the smallest budget it can reach
+    assert service.predictor.calls == ["full", "full", *[name for name in available for _ in range(2)]]
     assert service.rounds == ROUNDS  # rounds given when the service was built are kept
+    assert set(service.reach) == set(available) and all(0.01 <= r < 1 for r in service.reach.values())
+    assert service.reach["fastv"] > service.reach["random"]  # FastV's layers before K see every token
+    note = app.budget_note("fastv")["info"]
+    assert note.startswith(f"FastV goes down to about {service.reach['fastv']:.2f} here")
+    assert app.budget_note("par")["info"] is None  # unavailable (no router for the tiny model): nothing measured
 
 
 def test_warm_up_chooses_the_rounds_from_the_full_models_speed(service, monkeypatch):
