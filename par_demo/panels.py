@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     from par_demo.predict import Prediction
     from par_demo.service import AllMethods
 
-UNSTEADY_NOTE = ("⚠ unsteady: its timing rounds differ by more than 3×, so the machine's load changed while it was "
-                 "timed and the median says little. Run again for a steadier figure.")
+UNSTEADY_NOTE = ("⚠ unsteady: its timing rounds differ by more than 3× and disagree on whether it was faster at all, "
+                 "so the machine's load changed while it was timed. Run again for a steadier figure.")
 NOISE_NOTE = ("⚠ noise: this speed-up is above what the saved FLOPs allow by more than its measured spread, so the "
               "machine was busy while it was timed; it is not a result. Run again for a fair figure.")
 THUMBNAIL_SIDE = 160  # px: the all-methods grid's patch views stay small enough for two columns on a phone

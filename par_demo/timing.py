@@ -68,10 +68,11 @@ class Timing:
 
     @property
     def unsteady(self) -> bool:
-        """The rounds' prefill speed-ups differ by more than UNSTEADY times: the machine's load changed while they
-        ran (a quiet 2-core CPU keeps them within about 1.2x), so the median says little."""
+        """The rounds' prefill speed-ups differ by more than UNSTEADY times and disagree on whether the setting was
+        faster at all (some rounds below 1x, some above): the machine's load changed while they ran (a quiet 2-core
+        CPU keeps them within about 1.2x), and neither "faster" nor "slower" can be said."""
         s = self.prefill_speedup
-        return s is not None and s.low > 0 and s.high / s.low > UNSTEADY
+        return s is not None and 0 < s.low < 1 < s.high and s.high / s.low > UNSTEADY
 
 
 def time_interleaved(run: Callable[[dict], Sample], settings: Sequence[dict], rounds: int,

@@ -109,7 +109,8 @@ def test_rounds_that_disagree_more_than_three_times_are_marked_unsteady(predicto
     busy = Timing(5, Spread(0.2, 0.02, 2.0), Spread(0.3, 0.03, 3.0), Spread(0.37, 0.07, 11.1),
                   Spread(0.4, 0.1, 9.0), 2.0)  # a machine whose load came and went: 0.07x to 11x
     steady = dataclasses.replace(busy, prefill_speedup=Spread(1.9, 1.7, 2.1))
-    assert busy.unsteady and not busy.noise and not steady.unsteady
+    wide = dataclasses.replace(busy, prefill_speedup=Spread(1.6, 1.2, 4.8))  # every round faster: it was, by how much
+    assert busy.unsteady and not busy.noise and not steady.unsteady and not wide.unsteady
     text = panels.timing_markdown(dataclasses.replace(pruned, timing=busy))
     assert "⚠ 0.37× (0.07–11.10): unsteady" in text and text.endswith(panels.UNSTEADY_NOTE)
     assert panels.UNSTEADY_NOTE not in panels.timing_markdown(dataclasses.replace(pruned, timing=steady))
