@@ -415,19 +415,24 @@ class DemoService:
                     self._run(image, question, method=name, budget=0.5)
                 except UserError:  # e.g. a budget this model's method cannot reach: nothing to warm
                     pass
-                self.reach[name] = self.lowest_budget(image, question, name)
+                lowest = self.lowest_budget(image, question, name)
+                if lowest is not None:
+                    self.reach[name] = lowest
         return time.perf_counter() - started
 
-    def lowest_budget(self, image: Image.Image, question: str, name: str) -> float:
+    def lowest_budget(self, image: Image.Image, question: str, name: str) -> float | None:
         """The smallest budget `name` reaches on this query: its cheapest setting's cost, which a budget below it
-        is refused with (planning only, nothing generated). 0.01 when even that budget is within reach."""
+        is refused with (planning only, nothing generated). 0.01 when even that budget is within reach; None when
+        the method refuses the query for another reason."""
         try:
             self._run(image, question, method=name, budget=0.01)
         except BudgetOutOfReach as exc:
             try:
                 return float(exc.reach)
             except ValueError:  # "n/a": no setting could be costed
-                return 1.0
+                return None
+        except UserError:
+            return None
         return 0.01
 
 
