@@ -37,24 +37,35 @@ def available() -> bool:
 
 
 class Packed(nn.Module):
-    """Holds a oneDNN-packed copy of `self.weight` (flattened to 2-D) that follows the weight: an in-place update
-    (`load_state_dict`, a merged adapter) re-packs it on the next call, and a weight that is no longer fp32 on the
-    CPU (the model was cast or moved) gets no packed copy at all: the stock call runs then."""
+    """Holds a oneDNN-packed copy of `self.weight` (flattened to 2-D) that follows the weight: an update in place
+    (`load_state_dict`, `w += d`, and `w.data += d`, which is how PEFT merges an adapter and which no version counter
+    sees) re-packs it on the next call, and a weight that is no longer fp32 on the CPU (the model was cast or moved)
+    has its packed copy dropped: the stock call runs then. Copied or pickled, a layer leaves its packed copy behind
+    (oneDNN's layout has no storage to copy) and packs again when it is next called."""
 
     weight: nn.Parameter
+    PROBES = 8  # weights compared on every call: a merged low-rank update changes all of them
 
     def pack(self) -> None:
+        weight = self.weight.detach()
         with torch.no_grad():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().flatten(1), None)
-        self.packed_from = (self.weight._version, self.weight.data_ptr())
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.flatten(1), None)
+        # a few weights, read through a view of the same storage (an update in place shows in it), and their values
+        probe = weight.reshape(-1)[:: max(1, weight.numel() // self.PROBES)]
+        self.packed_from = (self.weight._version, self.weight.data_ptr(), probe, probe.clone())
 
     def current_packed(self) -> torch.Tensor | None:
         weight = self.weight
         if weight.dtype != torch.float32 or weight.device.type != "cpu":
+            self.packed = self.packed_from = None  # a cast or a move: the fp32 copy would only hold memory
             return None
-        if (weight._version, weight.data_ptr()) != self.packed_from:
+        known = self.packed_from
+        if known is None or (weight._version, weight.data_ptr()) != known[:2] or not torch.equal(known[2], known[3]):
             self.pack()
         return self.packed
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "packed": None, "packed_from": None}
 
 
 class PackedLinear(Packed):
@@ -68,6 +79,8 @@ class PackedLinear(Packed):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return F.linear(x, self.weight, self.bias)
+        if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):  # the packed product is fp32 only
             return F.linear(x, self.weight, self.bias)
         size = self.in_features * self.out_features
         if size < LARGE_WEIGHT and x.numel() * self.out_features < LARGE_PRODUCT:
@@ -94,10 +107,11 @@ class PackedPatchConv(Packed):
         self.pack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        whole = tuple(x.shape[2:]) == self.kernel_size
-        packed = self.current_packed() if whole else None
+        whole = tuple(x.shape[2:]) == self.kernel_size and x.dtype == torch.float32
+        packed = self.current_packed() if whole and not torch.is_autocast_enabled("cpu") else None
         if packed is None or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
-            return self.stock[0](x)
+            # this layer's own Parameters, which a load with `assign=True` may have replaced since
+            return self.stock[0]._conv_forward(x, self.weight, self.bias)
         out = torch.ops.mkldnn._linear_pointwise(x.flatten(1), packed, self.bias, "none", [], "")
         return out.view(x.shape[0], -1, *([1] * (x.dim() - 2)))
 

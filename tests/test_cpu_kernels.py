@@ -66,6 +66,30 @@ def test_packed_layers_follow_their_weights_after_an_update_a_load_or_a_cast():
         assert packed[1](windows.bfloat16()).dtype == torch.bfloat16
 
 
+def test_packed_layers_follow_a_merge_through_data_an_assigned_load_autocast_and_a_copy():
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(768, 768), nn.Conv3d(3, 32, kernel_size=(2, 14, 14), stride=(2, 14, 14)))
+    x, windows = torch.randn(50, 768), torch.randn(50, 3, 2, 14, 14)
+    packed = nn.Sequential(PackedLinear(model[0]), PackedPatchConv(model[1]))
+    with torch.no_grad():
+        packed[0](x)  # packed once
+        model[0].weight.data += 0.5  # how PEFT merges an adapter: no version counter sees it
+        assert torch.allclose(packed[0](x), F.linear(x, model[0].weight, model[0].bias), rtol=1e-4, atol=1e-4)
+        fresh = {k: torch.randn_like(v) for k, v in packed.state_dict().items()}
+        packed.load_state_dict(fresh, assign=True)  # new Parameters: the conv must not keep reading the old one
+        image = torch.randn(1, 3, 4, 28, 42)  # not a whole window: the stock convolution, on the new weight
+        assert torch.allclose(packed[1](image), F.conv3d(image, fresh["1.weight"], fresh["1.bias"], stride=(2, 14, 14)),
+                              rtol=1e-4, atol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert packed[0](x).dtype == torch.bfloat16  # as the stock layer under autocast
+        with pytest.raises(RuntimeError, match="same dtype"):  # bf16 activations: the stock layer's own message
+            packed[0](x.bfloat16())
+        twin = copy.deepcopy(packed)  # oneDNN's layout has no storage to copy: the copy packs again when called
+        assert torch.allclose(twin[0](x), packed[0](x), rtol=1e-5, atol=1e-5)
+
+
 def test_with_gradients_the_stock_linear_runs_and_backpropagates():
     torch.manual_seed(0)
     linear = nn.Linear(12, 6)
