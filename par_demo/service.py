@@ -16,6 +16,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -103,17 +104,28 @@ def on_gpu(fn: Callable | None = None, *, duration: int = 60) -> Callable:
     return decorate(fn) if fn is not None else decorate
 
 
-# On ZeroGPU these run in the GPU worker; they return only CPU data (answer text, numbers, lists).
-@on_gpu
-def _predict_on_device(predictor: Predictor, image: Image.Image, question: str, kwargs: dict) -> Prediction:
-    return predictor.predict(image, question, **kwargs)
+# On ZeroGPU these run in a GPU worker forked from this process, and their arguments reach it pickled: the model
+# must not be one of them (it would be copied through shared memory on every call, away from the weights ZeroGPU
+# placed). They take the key of a predictor in this registry, which the worker inherits from the fork, and return
+# only CPU data (answer text, numbers, lists).
+_PREDICTORS: weakref.WeakValueDictionary[int, Predictor] = weakref.WeakValueDictionary()
+
+
+def register(predictor: Predictor) -> int:
+    _PREDICTORS[id(predictor)] = predictor
+    return id(predictor)
 
 
 @on_gpu
-def _measure_on_device(predictor: Predictor, image: Image.Image, question: str, predictions: list, settings: list,
+def _predict_on_device(key: int, image: Image.Image, question: str, kwargs: dict) -> Prediction:
+    return _PREDICTORS[key].predict(image, question, **kwargs)
+
+
+@on_gpu
+def _measure_on_device(key: int, image: Image.Image, question: str, predictions: list, settings: list,
                        rounds: int, max_new_tokens: int, answers_are_a_round: bool = False) -> list:
-    return predictor.measure(image, question, predictions, settings, rounds, max_new_tokens,
-                             answers_are_a_round=answers_are_a_round)
+    return _PREDICTORS[key].measure(image, question, predictions, settings, rounds, max_new_tokens,
+                                    answers_are_a_round=answers_are_a_round)
 
 
 def answer_agreement(reference: str, answer: str) -> float:
@@ -191,6 +203,15 @@ class DemoService:
         # under its budget slider, whose scale starts lower than most methods can go
         self.reach: dict[str, float] = {}
 
+    @property
+    def predictor(self) -> Predictor:
+        return self._predictor
+
+    @predictor.setter
+    def predictor(self, predictor: Predictor) -> None:
+        self._predictor = predictor
+        self._key = register(predictor)  # what the GPU-side functions are given instead of the model
+
     @classmethod
     def from_model(cls, spec: str | None = None, quant: str = "none", options: dict | None = None,
                    **kwargs: Any) -> DemoService:
@@ -231,11 +252,11 @@ class DemoService:
     def _run(self, image: Image.Image, question: str, **kwargs: Any) -> Prediction:
         kwargs.setdefault("max_new_tokens", self.max_new_tokens)
         kwargs.setdefault("budget_unit", self.budget_unit)
-        return self.model_thread.call(_predict_on_device, self.predictor, image, question, kwargs)
+        return self.model_thread.call(_predict_on_device, self._key, image, question, kwargs)
 
     def _measure(self, image: Image.Image, question: str, predictions: list, settings: list,
                  rounds: int, answers_are_a_round: bool = False) -> list[Prediction]:
-        return self.model_thread.call(_measure_on_device, self.predictor, image, question, predictions, settings,
+        return self.model_thread.call(_measure_on_device, self._key, image, question, predictions, settings,
                                       rounds, self.max_new_tokens, answers_are_a_round)
 
     def model_view(self, image: Image.Image, fingerprint: str | None = None) -> Image.Image:

@@ -500,3 +500,15 @@ def test_compare_all_draws_each_method_on_its_own_grid_for_another_family(tmp_pa
     for data in thumbnails:
         width, height = Image.open(io.BytesIO(base64.b64decode(data))).size
         assert height > width  # tall like the image the model saw
+
+
+def test_the_gpu_side_functions_are_given_a_key_not_the_model(service, monkeypatch):
+    # on ZeroGPU their arguments are pickled to a forked worker: the model must stay where the worker inherits it
+    given = []
+    real_call = service.model_thread.call
+    monkeypatch.setattr(service.model_thread, "call",
+                        lambda fn, *args, **kw: given.append((fn, args)) or real_call(fn, *args, **kw))
+    service.compare(EXAMPLE, QUESTION, "random", 0.5)
+    on_device = [args for fn, args in given if fn in (s._predict_on_device, s._measure_on_device)]
+    assert on_device and all(isinstance(args[0], int) for args in on_device)
+    assert not any(isinstance(a, (Predictor, CountingPredictor)) for args in on_device for a in args)
