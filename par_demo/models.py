@@ -72,11 +72,21 @@ def default_device() -> str:
 
 
 def check_device(device) -> str:
-    """A device name torch knows (cpu, cuda, cuda:1, mps, ...), or one UserError line."""
+    """A device this machine has (cpu, cuda, cuda:1, mps), or one UserError line."""
     try:
-        torch.device(device)
+        parsed = torch.device(device)
     except (RuntimeError, TypeError):
         raise UserError(f"unknown device {device!r}; use cpu, cuda, cuda:N, ...") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"device {device!r}: this machine has no CUDA GPU that torch can use; use cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise UserError(f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {device!r}: MPS is not available on this machine; use cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device {device!r}: a model runs on cpu, cuda or mps here")
     return str(device)
 
 

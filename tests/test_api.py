@@ -182,6 +182,11 @@ def test_bad_input_is_one_user_error_line(scene, call, message):
 def test_load_refuses_an_unknown_device_and_wrap_a_llava_model_without_its_processor(tiny):
     with pytest.raises(par_demo.UserError, match="unknown device 'tpu'"):
         par_demo.load("random:llava-tiny", device="tpu")
+    with pytest.raises(par_demo.UserError, match="'meta': a model runs on cpu, cuda or mps"):
+        par_demo.load("random:llava-tiny", device="meta")
+    if not torch.cuda.is_available():  # a device torch knows but this machine lacks: one line, not an AssertionError
+        with pytest.raises(par_demo.UserError, match="no CUDA GPU"):
+            par_demo.load("random:llava-tiny", device="cuda:1")
     parts = SimpleNamespace(image_processor=tiny.processor.image_processor, tokenizer=tiny.processor.tokenizer)
     with pytest.raises(par_demo.UserError, match="takes its LlavaProcessor"):
         par_demo.wrap(tiny.model, parts)
