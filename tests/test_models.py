@@ -70,3 +70,19 @@ def test_bad_model_specs_are_refused(spec, message):
 def test_unknown_quantization_is_refused():
     with pytest.raises(UserError, match="quantization"):
         load_model("random:llava-tiny", quant="3bit", device="cpu")
+
+
+def test_a_folder_with_truncated_or_mismatched_weights_is_one_clear_line(tiny_folder, tmp_path):
+    import shutil
+
+    truncated = shutil.copytree(tiny_folder, tmp_path / "truncated")
+    with open(truncated / "model.safetensors", "r+b") as weights:
+        weights.truncate(100)  # a download cut short
+    with pytest.raises(UserError, match="cannot load model .* from its local folder") as refused:
+        load_model(str(truncated), device="cpu")
+    assert "\n" not in str(refused.value)
+    other = shutil.copytree(tiny_folder, tmp_path / "other")
+    config = (other / "config.json").read_text()
+    (other / "config.json").write_text(config.replace('"intermediate_size": ', '"intermediate_size": 1', 1))
+    with pytest.raises(UserError, match="cannot load model"):  # weights of another shape than the config says
+        load_model(str(other), device="cpu")
