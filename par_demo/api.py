@@ -181,6 +181,7 @@ def load(name_or_path: str = DEFAULT_MODEL, quant: str | None = None, device: st
     """
     options = {k: v for k, v in dict(min_pixels=min_pixels, max_pixels=max_pixels, max_tiles=max_tiles).items()
                if v is not None}
+    _check_router(router)  # before gigabytes of weights are loaded
     return _pruner(load_model(name_or_path, quant or "none", device, dtype, options=options), router)
 
 
@@ -217,8 +218,10 @@ def wrap(model: PreTrainedModel, processor: Any, router: str | os.PathLike | Non
                         f"{type(processor).__name__}")
     quant = quantization(model)
     name = getattr(model, "name_or_path", "") or getattr(config, "_name_or_path", "") or config.model_type
-    loaded = LoadedModel(for_inference(model, quant), family.adopt_processor(processor, config), str(name), quant,
-                         family)
+    adopted = family.adopt_processor(processor, config)
+    _check_router(router)
+    # only now, every input accepted, is the caller's model changed (eval mode, packed CPU layers)
+    loaded = LoadedModel(for_inference(model, quant), adopted, str(name), quant, family)
     return _pruner(loaded, router)
 
 
@@ -235,11 +238,14 @@ def quantization(model: PreTrainedModel) -> str:
     return str(read("quant_method") or "quantized")
 
 
+def _check_router(router: str | os.PathLike | None) -> None:
+    if router is not None and not (Path(router) / CONFIG_FILE).is_file():
+        raise UserError(f"'{router}' is not a router folder (no {CONFIG_FILE} in it)")
+
+
 def _pruner(loaded: LoadedModel, router: str | os.PathLike | None) -> Pruner:
     predictor = Predictor(loaded)
     if router is not None:
-        if not (Path(router) / CONFIG_FILE).is_file():
-            raise UserError(f"'{router}' is not a router folder (no {CONFIG_FILE} in it)")
         predictor.router_path = Path(router)
     return Pruner(predictor)
 

@@ -194,6 +194,17 @@ def test_load_refuses_an_unknown_device_and_wrap_a_llava_model_without_its_proce
         par_demo.wrap(tiny.model.model, tiny.processor)
 
 
+def test_wrap_refusing_its_input_leaves_the_callers_model_as_it_was(tmp_path):
+    from par_demo.models import load_model
+
+    model = load_model("random:llava-tiny", device="cpu").model
+    model.train()
+    layers = [type(m) for m in model.modules()]
+    with pytest.raises(par_demo.UserError, match="is not a router folder"):
+        par_demo.wrap(model, load_model("random:llava-tiny", device="cpu").processor, router=tmp_path / "nowhere")
+    assert model.training and [type(m) for m in model.modules()] == layers  # no eval mode, no packed layers
+
+
 def test_rounds_time_the_method_against_the_full_model(scene):
     pruner = par_demo.load("random:llava-tiny", device="cpu")
     untimed = pruner.generate(scene, "what color?", method="fastv", budget=0.5)
