@@ -28,6 +28,7 @@ from par_demo.errors import UserError  # noqa: E402
 from par_demo.inputs import EXTRA_CHOICES  # noqa: E402
 from par_demo.arguments import IMAGE_OPTIONS  # noqa: E402
 from par_demo.methods.base import BUDGET_UNITS  # noqa: E402
+from par_demo.models import QUANT_CHOICES  # noqa: E402
 from par_demo.service import DEFAULT_START_LAYER, DemoService, zerogpu_enabled  # noqa: E402
 
 TITLE = "PAR: Pruning All-Rounder — visual-token and layer pruning, live"
@@ -196,11 +197,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=TITLE)
     parser.add_argument("--model", default=os.environ.get("PAR_MODEL") or None,
                         help="model path or Hugging Face id (default: the embedded ShapesVQA model; env PAR_MODEL)")
-    parser.add_argument("--quant", default=os.environ.get("PAR_QUANT", "none"), choices=["none", "8bit", "4bit"],
+    parser.add_argument("--quant", default=os.environ.get("PAR_QUANT", "none"), choices=QUANT_CHOICES,
                         help="bitsandbytes quantisation for large models (env PAR_QUANT)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="address to listen on (0.0.0.0 to serve the network)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    # environment values are given as strings: argparse converts them as it does the flags', with one error line
+    parser.add_argument("--port", type=int, default=os.environ.get("GRADIO_SERVER_PORT", "7860"))
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
     parser.add_argument("--budget-unit", default=os.environ.get("PAR_BUDGET_UNIT") or default_budget_unit(),
                         choices=BUDGET_UNITS,
@@ -209,14 +211,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "where no GPU is attached at start-up to time; env PAR_BUDGET_UNIT)")
     for name, what in (("min", "smallest"), ("max", "largest")):
         env = f"PAR_{name.upper()}_PIXELS"
-        parser.add_argument(f"--{name}-pixels", type=int, default=int(os.environ[env]) if os.environ.get(env) else None,
+        parser.add_argument(f"--{name}-pixels", type=int, default=os.environ.get(env) or None,
                             help=f"dynamic-resolution models (Qwen2.5-VL): {what} image area in pixels; one visual "
                                  f"token per 28 x 28 px, so fewer pixels answer faster (env {env})")
-    parser.add_argument("--max-tiles", type=int,
-                        default=int(os.environ["PAR_MAX_TILES"]) if os.environ.get("PAR_MAX_TILES") else None,
+    parser.add_argument("--max-tiles", type=int, default=os.environ.get("PAR_MAX_TILES") or None,
                         help="tiled models (SmolVLM, InternVL3): at most this many tiles per image besides the "
                              "global view; fewer tiles answer faster (env PAR_MAX_TILES)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # argparse checks the choices of flags, not of defaults: the environment's values are checked here
+    for option, env, choices in (("quant", "PAR_QUANT", QUANT_CHOICES),
+                                 ("budget_unit", "PAR_BUDGET_UNIT", BUDGET_UNITS)):
+        if getattr(args, option) not in choices:
+            parser.error(f"{env}={getattr(args, option)!r}: choose one of {', '.join(choices)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -226,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own HTTP calls are not news
     started = time.perf_counter()
     try:  # the model is loaded at start-up, outside any request (ZeroGPU requires this)
-        options = {k: getattr(args, k) for k in IMAGE_OPTIONS if getattr(args, k)}
+        options = {k: getattr(args, k) for k in IMAGE_OPTIONS if getattr(args, k) is not None}
         service = DemoService.from_model(args.model, quant=args.quant, options=options, budget_unit=args.budget_unit)
     except UserError as exc:
         raise SystemExit(f"error: {exc}") from None

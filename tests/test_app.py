@@ -512,3 +512,18 @@ def test_the_gpu_side_functions_are_given_a_key_not_the_model(service, monkeypat
     on_device = [args for fn, args in given if fn in (s._predict_on_device, s._measure_on_device)]
     assert on_device and all(isinstance(args[0], int) for args in on_device)
     assert not any(isinstance(a, (Predictor, CountingPredictor)) for args in on_device for a in args)
+
+
+@pytest.mark.parametrize("env, value, message", [
+    ("PAR_MAX_TILES", "1e6", "argument --max-tiles: invalid int value"),
+    ("PAR_MIN_PIXELS", "abc", "argument --min-pixels: invalid int value"),
+    ("PAR_BUDGET_UNIT", "Time", "PAR_BUDGET_UNIT='Time': choose one of flops, time"),
+    ("PAR_QUANT", "3bit", "PAR_QUANT='3bit': choose one of none, 4bit, 8bit"),
+])
+def test_app_options_from_the_environment_are_checked_as_the_flags_are(monkeypatch, capsys, env, value, message):
+    import app as app_module
+
+    monkeypatch.setenv(env, value)
+    with pytest.raises(SystemExit) as stopped:  # before any model is loaded, in one line
+        app_module.parse_args([])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
