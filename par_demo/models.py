@@ -129,8 +129,10 @@ def build_random_model(preset_name: str, dtype: torch.dtype = torch.float32, see
     config, processor = family.build_random(preset_name)
     # counted only when it could matter: every load on a CPU (the tests' many tiny models) skips the meta build
     where = device if device != "cpu" and parameter_count(family, config) > DRAW_ON_CPU_UP_TO else "cpu"
-    torch.manual_seed(seed)
-    with _default_dtype(dtype), torch.device(where):
+    # the caller's random state is left as it was: only the draw is seeded
+    forked = [torch.device(where)] if torch.device(where).type == "cuda" else []  # the CPU's is always forked
+    with torch.random.fork_rng(devices=forked), _default_dtype(dtype), torch.device(where):
+        torch.manual_seed(seed)
         model = family.model_class()(config)
     tokenizer = processor.tokenizer
     model.generation_config.eos_token_id = tokenizer.eos_token_id

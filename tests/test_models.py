@@ -86,3 +86,11 @@ def test_a_folder_with_truncated_or_mismatched_weights_is_one_clear_line(tiny_fo
     (other / "config.json").write_text(config.replace('"intermediate_size": ', '"intermediate_size": 1', 1))
     with pytest.raises(UserError, match="cannot load model"):  # weights of another shape than the config says
         load_model(str(other), device="cpu")
+
+
+def test_loading_a_preset_leaves_the_callers_random_state_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    load_model("random:llava-tiny", device="cpu")  # its weights are drawn from their own seed
+    assert torch.equal(torch.rand(3), expected)
