@@ -150,7 +150,8 @@ def model_card_markdown(card: ModelCard) -> str:
     if card.question_types:
         kinds = " · ".join(f"{kind.replace('_', ' ')} (“{example}”)" for kind, example in card.question_types)
         lines.append(f"**It answers {len(card.question_types)} kinds of question** about such scenes: {kinds}. "
-                     "Click an example to try one; on a photo of your own its answers are guesses.")
+                     "Click an example (the table under the answers) to try one; on a photo of your own its answers "
+                     "are guesses.")
     return "  \n".join(lines)
 
 
