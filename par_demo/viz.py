@@ -35,6 +35,8 @@ def _base_layout(fig: go.Figure, title: str, height: int) -> go.Figure:
         font=FONT,
         plot_bgcolor="white",
         paper_bgcolor="white",
+        # a short toolbar (download, reset): the full one covered the plot's label on a phone; dragging still zooms
+        modebar=dict(remove=["zoom", "pan", "select", "lasso", "zoomin", "zoomout", "autoscale"]),
     )
     return fig
 
