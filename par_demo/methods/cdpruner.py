@@ -9,10 +9,13 @@ with the fast greedy MAP algorithm for DPPs (Chen et al., NeurIPS 2018): each st
 remaining "gain" (the part of its kernel vector not explained by the chosen ones) and updates every gain with one
 new kernel row. Only the rows of chosen tokens are made, never the whole n x n kernel.
 
-Relevance, as in the paper: mean cosine between a visual token and the instruction's tokens, min-max normalised to
-(0, 1]. The paper takes both from CLIP's aligned image and text embeddings (LLaVA); models without such a text tower
-use the language model's own input space, and so does par-demo for every family: visual tokens after the connector
-against the input embeddings of the text that follows the image (the question and the template's closing words).
+Relevance, as the paper defines it: mean cosine between a visual token and the instruction's tokens, min-max
+normalised to (0, 1]. The paper takes both from CLIP's aligned image and text embeddings (LLaVA); models without such
+a text tower use the language model's own input space, and so does par-demo for every family: visual tokens after the
+connector against the input embeddings of the text that follows the image (the question and the template's closing
+words). The authors' LLaVA code negates the CLIP similarity before normalising, an effect of CLIP's space they
+observed (their issues #14 and #19); in the language model's space it is not known to hold, so the similarity here
+is taken as it is, and the CDPruner figures in these docs are of this variant, not a reproduction of that code.
 
 Cost (counted in the budget): relevance 2 n m D (m text tokens), one kernel row per chosen token 2 n D, and the greedy
 updates n T (T - 1).

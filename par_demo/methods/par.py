@@ -4,8 +4,8 @@ For a budget b (fraction of the full prefill FLOPs, router included):
   1. the router scores every visual token and every layer, conditioned on b;
   2. the number of layers L comes from the router's Pareto table (measured at training time: for each budget,
      the (tokens, layers) split with the lowest KL to the full model), else from the default rule
-     L = N * min(1, 0.5 + 0.6 b), which passes through the paper's operating points (b 0.62 -> 28/32 layers,
-     b 0.47 -> 25/32). With a time budget the split is the most accurate one the measurement scored whose
+     L = N * min(1, 0.5 + 0.6 b), which runs close to the paper's operating points (b 0.62 -> 28/32 layers as
+     there; b 0.56 -> 27, the paper 28; b 0.47 -> 25, the paper 24). With a time budget the split is the most accurate one the measurement scored whose
      predicted time fits, and the router runs at the FLOPs budget that split was scored at (`time_row`);
   3. the L - |protected| best-scored routable layers run (protected first/last layers always run), and as many
      top-scored visual tokens are kept as the budget then allows. When every token fits, more layers are tried;
@@ -310,7 +310,8 @@ class Par(Method):
         return self.n_layers - len(self.config.routable())
 
     def target_layers(self, budget: float) -> int:
-        """Layers kept at a budget: the Pareto table's choice at the nearest measured budget below, else the rule."""
+        """Layers kept at a budget: the Pareto table's choice at the nearest measured budget below (below its lowest
+        budget, the lowest's), else, without a table, the rule."""
         below = [row for row in self.pareto if row["budget"] <= budget + 1e-9]
         if below:
             layers = below[-1]["layers"]

@@ -12,8 +12,9 @@ class RandomTokens(TokenMethod):
 
     def __init__(self, context, seed: int = 0):
         super().__init__(context)
-        # One generator per method instance: a run of many queries is reproducible from its seed,
-        # while each query still gets its own random subset.
+        # One generator per method instance: each query gets its own random subset, and a run of many queries is
+        # reproducible from its seed as long as nothing else plans with this instance in between (the cost model's
+        # timing of a method's own work and the app's warm-up do: they draw from the same stream).
         self.generator = torch.Generator().manual_seed(seed)
 
     def make_plan(self, query, setting):
