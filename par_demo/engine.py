@@ -268,7 +268,10 @@ class Engine:
         """Softmax attention of a few (last) queries over all keys, averaged over heads and rows -> (n_keys,)."""
         groups = q_rows.shape[1] // k.shape[1]
         k = k.repeat_interleave(groups, dim=1)
-        weights = torch.softmax((q_rows.float() @ k.float().transpose(-1, -2)) * scale, dim=-1)  # (1, H, r, n)
+        logits = (q_rows.float() @ k.float().transpose(-1, -2)) * scale  # (1, H, r, n)
+        r, n = logits.shape[-2:]
+        future = torch.ones(r, n, dtype=torch.bool, device=logits.device).triu(n - r + 1)  # as the layer's causal mask
+        weights = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
         return weights.mean(dim=(0, 1, 2))
 
     def rope(self, h: torch.Tensor, positions: torch.Tensor):

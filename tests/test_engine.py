@@ -114,3 +114,16 @@ def test_a_generation_reports_its_planners_share_of_the_prefill(tiny, inputs):
     slow = engine.generate(inputs, slow_planner, max_new_tokens=1)
     assert 0.02 <= slow.plan_s < slow.prefill_s
     assert engine.generate(inputs, None, max_new_tokens=1).plan_s < 0.02
+
+
+def test_attention_rows_of_several_last_queries_never_look_at_keys_after_them():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 10, 8)  # the last 3 of 10 queries; grouped key heads
+    rows = Engine._attention_rows(q, k, 0.35)
+    keys = k.repeat_interleave(2, dim=1)
+    expected = torch.zeros(10)
+    for i in range(3):  # query 7 + i sees keys 0 .. 7 + i, as in the layer
+        seen = 8 + i
+        logits = (q[0, :, i, None] @ keys[0, :, :seen].transpose(-1, -2))[:, 0] * 0.35  # (heads, seen)
+        expected[:seen] += torch.softmax(logits, -1).mean(0) / 3
+    assert torch.allclose(rows, expected, atol=1e-6) and rows[9] > 0 and abs(float(rows.sum()) - 1) < 1e-5
