@@ -247,6 +247,8 @@ def _from_pretrained(spec: str, quant: str, device: str, dtype: torch.dtype, opt
         raise UserError(f"cannot load model '{spec}' from its {where}: {_first_line(exc)}") from None
     family = family_for_model_type(config.model_type)  # an unsupported architecture stops here, in one line
     family.check_options(dict(options or {}))
+    with torch.device("meta"):  # an unsupported variant (a decoder with q/k norms, ...) too, before any weight is read
+        family.check_supported(family.model_class()(config))
     kwargs = dict(dtype=dtype, local_files_only=offline, trust_remote_code=False)
     qconfig = quantization_config(quant, dtype, family.unquantized_modules())
     if qconfig is not None:
@@ -262,7 +264,6 @@ def _from_pretrained(spec: str, quant: str, device: str, dtype: torch.dtype, opt
         raise UserError(f"cannot load model '{spec}' from its {where}: {_first_line(exc)}") from None
     if qconfig is None:
         model = model.to(device)
-    family.check_supported(model)
     # bitsandbytes' 8-bit matmul logs on every call that it casts fp32 inputs to fp16: expected, not news.
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     return LoadedModel(for_inference(model, quant), processor, spec, quant, family, dict(options or {}))

@@ -94,3 +94,21 @@ def test_loading_a_preset_leaves_the_callers_random_state_alone():
     torch.manual_seed(123)
     load_model("random:llava-tiny", device="cpu")  # its weights are drawn from their own seed
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_an_unsupported_decoder_variant_is_refused_from_its_config_before_any_weight_is_read(tmp_path):
+    """InternVL with a Qwen3 decoder (q/k norms the engine's layer loop does not run): the folder holds only a
+    config.json, so the refusal cannot come from loading weights or a processor."""
+    from transformers import Qwen3Config
+
+    from par_demo.families import preset_families
+
+    config, _ = preset_families()["internvl3-tiny"].build_random("internvl3-tiny")
+    text = config.text_config
+    config.text_config = Qwen3Config(
+        vocab_size=text.vocab_size, hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+        num_hidden_layers=text.num_hidden_layers, num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=text.num_key_value_heads, head_dim=text.hidden_size // text.num_attention_heads)
+    config.save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="unsupported decoder layer Qwen3DecoderLayer"):
+        load_model(str(tmp_path), device="cpu")
