@@ -475,3 +475,10 @@ def test_a_dpp_router_keeps_a_diverse_set_of_its_best_tokens_and_pays_for_choosi
     assert par.extra_flops(query, Setting(kept, frozenset(), 0)) == \
         par.router.flops(query.layout, query.n_text) + dpp_flops(144, kept, 128)
 
+
+
+def test_par_prior_refuses_fewer_layers_than_it_runs_with_its_attention_row(par_predictor, scene):
+    # its router's K is 2: layer 1, which the router may skip, runs for FastV's row, so 2 layers would run 3
+    with pytest.raises(UserError, match="par-prior keeps at least 3 layers"):
+        par_predictor.predict(scene, QUESTION, "par-prior", 1.0, layers=2, max_new_tokens=1)
+    assert len(par_predictor.predict(scene, QUESTION, "par-prior", 1.0, layers=3, max_new_tokens=1).kept_layers) == 3

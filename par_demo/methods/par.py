@@ -418,8 +418,8 @@ class Par(Method):
         n_tokens = query.n_visual if tokens is None else check_count(tokens, 0, query.n_visual, "tokens kept")
         n_layers = self.n_layers if layers is None else check_count(layers, 1, self.n_layers, "layers kept")
         if n_layers < self.min_layers():
-            raise UserError(f"par keeps at least its {self.min_layers()} protected layers "
-                            f"{self.config.protected()}; got --layers {n_layers}")
+            raise UserError(f"{self.name} keeps at least {self.min_layers()} layers (protected: "
+                            f"{self.config.protected()}); got {n_layers} layers")
         _, layer_logits = self.route(query, self._budget)
         return Setting(n_tokens, self.skip_for(layer_logits, n_layers, start_layer), start_layer)
 

@@ -55,6 +55,10 @@ class ParPrior(Par):
     def route(self, query, budget):
         return torch.zeros(query.n_visual), self.context.method("layerdrop").layer_scores().float()
 
+    def min_layers(self) -> int:
+        # layer K-1 runs too (FastV's row is read there): one layer more when the router could have skipped it
+        return super().min_layers() + (self.start_layer() - 1 in self.config.routable())
+
     def skip_for(self, layer_logits, kept_layers, start_layer=0):
         # FastV's scores are read at layer K-1: it must run, so it is never a candidate for skipping
         routable = [i for i in self.config.routable() if i != start_layer - 1]
