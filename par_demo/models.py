@@ -257,13 +257,13 @@ def _from_pretrained(spec: str, quant: str, device: str, dtype: torch.dtype, opt
     try:
         processor = family.load_processor(spec, local_files_only=offline)
         model = family.model_class().from_pretrained(spec, **kwargs)
+        if qconfig is None:
+            model = model.to(device)  # where a model too large for the GPU runs out of memory
     except torch.OutOfMemoryError:
         raise UserError(f"model '{spec}' does not fit in {device}'s memory; try --quant 4bit or a smaller model") \
             from None
     except Exception as exc:  # a truncated safetensors file, weights of another shape, a missing file: one line
         raise UserError(f"cannot load model '{spec}' from its {where}: {_first_line(exc)}") from None
-    if qconfig is None:
-        model = model.to(device)
     # bitsandbytes' 8-bit matmul logs on every call that it casts fp32 inputs to fp16: expected, not news.
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     return LoadedModel(for_inference(model, quant), processor, spec, quant, family, dict(options or {}))
