@@ -153,17 +153,16 @@ def read_queries(data=None, images=None, questions_per_image: int = 2, seed: int
 def readable(queries: list[QuerySpec]) -> list[QuerySpec]:
     """The queries whose image file can be read (checked from its header), so that one broken file among thousands
     of photos cannot stop a run hours in when it is drawn; the others are left out, said in one line."""
-    refused = {}
-    for image in dict.fromkeys(q.image for q in queries):
+    images, refused = dict.fromkeys(q.image for q in queries), {}
+    for image in images:
         try:
             check_file(image, f"'{Path(image).name}'")
         except UserError as exc:
             refused[image] = str(exc)
     if not refused:
         return queries
-    kept = [q for q in queries if q.image not in refused]
-    if not kept:
-        raise UserError(f"none of the {len(refused)} images can be read; the first: {next(iter(refused.values()))}")
-    print(f"left out {len(refused)} of {len(refused) + len(dict.fromkeys(q.image for q in kept))} images that cannot "
-          f"be read; the first: {next(iter(refused.values()))}", file=sys.stderr)
-    return kept
+    first = next(iter(refused.values()))
+    if len(refused) == len(images):
+        raise UserError(f"none of the {len(images)} images can be read; the first: {first}")
+    print(f"left out {len(refused)} of {len(images)} images that cannot be read; the first: {first}", file=sys.stderr)
+    return [q for q in queries if q.image not in refused]
