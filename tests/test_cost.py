@@ -158,20 +158,33 @@ def test_embedded_time_profile_script_splits_the_prefill_of_other_grids(tmp_path
 
 def test_a_cached_fit_far_off_todays_machine_is_measured_again(monkeypatch, tmp_path, random_models):
     """A calibration taken while the machine was busy (ten times too slow), or at another speed of the machine (1.6x
-    slower), is not trusted for as long as the cache lives: a fresh full prefill is timed against it when read."""
+    slower), is not trusted for as long as the cache lives: a fresh full prefill is timed against it when read, and a
+    fit more than `STALE` off is measured again and replaces the cached one; a fit within it is kept."""
     from par_demo.disk_cache import cache_path, read_json, write_json
 
     monkeypatch.setenv("PAR_DEMO_CACHE", str(tmp_path))
     tiny = Predictor(random_models("llava-tiny"))
     fitted, _ = cost.load_or_calibrate(tiny)
+
+    def scaled(factor):
+        return dataclasses.replace(fitted, fixed_s=factor * fitted.fixed_s, per_layer_s=factor * fitted.per_layer_s,
+                                   per_row_s=factor * fitted.per_row_s, per_row2_s=factor * fitted.per_row2_s)
+
+    # The timing itself, where the margins are far beyond a loaded machine's noise.
     assert 0.5 < cost.cache_drift(tiny, fitted) < 2.0  # a fresh fit predicts today's full prefill
+    assert cost.cache_drift(tiny, scaled(10.0)) < 1 / cost.STALE
+    # The decision, with today's full prefill pinned to the fresh fit's: a 1.6x margin is inside the noise of a CI
+    # machine running the test suite on both cores (one run timed the refit 1.44x slower than the first fit).
+    monkeypatch.setattr(cost, "cache_drift", lambda predictor, c, rounds=3: fitted.full() / c.full())
     for slower in (10.0, 1.6):
-        busy = dataclasses.replace(fitted, fixed_s=slower * fitted.fixed_s, per_layer_s=slower * fitted.per_layer_s,
-                                   per_row_s=slower * fitted.per_row_s, per_row2_s=slower * fitted.per_row2_s)
+        busy = scaled(slower)
         write_json(cache_path(cost.CACHE_KIND, fitted.key), busy.to_dict())
         messages = []
         again, cached = cost.load_or_calibrate(tiny, progress=messages.append)
-        assert not cached and again.full() < busy.full() / 1.25
+        assert not cached and again != busy
         assert any("measuring it again" in m for m in messages)
-    kept = cost.PrefillCost.from_dict(read_json(cache_path(cost.CACHE_KIND, fitted.key)))
-    assert kept == again  # the new fit replaced the stale one in the cache
+        kept = cost.PrefillCost.from_dict(read_json(cache_path(cost.CACHE_KIND, fitted.key)))
+        assert kept == again  # the new fit replaced the stale one in the cache
+    near = scaled(1.1)
+    write_json(cache_path(cost.CACHE_KIND, fitted.key), near.to_dict())
+    assert cost.load_or_calibrate(tiny) == (near, True)
