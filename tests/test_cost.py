@@ -171,7 +171,7 @@ def test_a_cached_fit_far_off_todays_machine_is_measured_again(monkeypatch, tmp_
                                    per_row_s=factor * fitted.per_row_s, per_row2_s=factor * fitted.per_row2_s)
 
     # The timing itself, where the margins are far beyond a loaded machine's noise.
-    assert 1 / 3 < cost.cache_drift(tiny, fitted) < 3  # a fresh fit predicts today's full prefill, within the load's noise
+    assert 1 / 3 < cost.cache_drift(tiny, fitted) < 3  # a fresh fit predicts today's full prefill, within the noise
     assert cost.cache_drift(tiny, scaled(10.0)) < 1 / cost.STALE
     # The decision, with today's full prefill pinned to the fresh fit's: a 1.6x margin is inside the noise of a CI
     # machine running the test suite on both cores (one run timed the refit 1.44x slower than the first fit).
