@@ -30,8 +30,8 @@ from par_demo.shapes import is_correct, load_jsonl
 class EvalRow:
     method: str
     budget: float
-    accuracy: float = 0.0
-    flops_ratio: float = 0.0  # mean over samples
+    accuracy: float | None = 0.0  # None where the setting was not evaluated (`note`)
+    flops_ratio: float | None = 0.0  # mean over samples
     n: int = 0
     budget_unit: str = "flops"
     time_ratio: float | None = None  # time budgets: predicted prefill time / the full model's, mean over samples
@@ -82,7 +82,7 @@ def evaluate(predictor: Predictor, samples: list[dict], pairs: list[tuple[str, f
     rows = []
     for pair in pairs:
         if pair in notes:
-            rows.append(EvalRow(method=pair[0], budget=pair[1], accuracy=float("nan"), flops_ratio=float("nan"),
+            rows.append(EvalRow(method=pair[0], budget=pair[1], accuracy=None, flops_ratio=None,
                                 note=notes[pair]))
             continue
         n = sum(count[pair].values())
@@ -126,7 +126,7 @@ def run(args) -> int:
                     progress=sys.stderr.isatty(), budget_unit=args.budget_unit)
     if args.json:
         for row in rows:
-            print(json.dumps(asdict(row)))
+            print(json.dumps(asdict(row), allow_nan=False))  # strict JSON: a reader in any language parses it
     else:
         print(format_table(rows))
     return 0

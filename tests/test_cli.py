@@ -142,3 +142,4 @@ def test_eval_with_a_fixed_token_count_runs_the_full_reference_and_notes_the_met
     assert rows["full"]["n"] == 3 and rows["full"]["flops_ratio"] == 1.0  # the reference runs unpruned
     assert rows["fastv"]["n"] == 3 and rows["random"]["flops_ratio"] < 1.0
     assert "layerdrop does not prune tokens" in rows["layerdrop"]["note"]
+    assert rows["layerdrop"]["accuracy"] is None and rows["layerdrop"]["flops_ratio"] is None  # JSON null, not NaN
