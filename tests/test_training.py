@@ -166,6 +166,13 @@ def test_train_router_from_photos_only_stops_in_time_and_resumes(tmp_path, scene
     assert summary["steps"] == 2 and not summary["stopped_early"]
     assert "the saved router keeps its shape: width 16 (not 32)" in captured.err
     assert torch.load(out / "train_state.pt")["optimizer"]["param_groups"][0]["lr"] == 5e-4
+    # a run stopped after router.json was written and before the optimizer state: the count goes on from router.json
+    state = torch.load(out / "train_state.pt")
+    torch.save({**state, "step": 1}, out / "train_state.pt")
+    assert main(resumed) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 2
+    history = [row["step"] for row in json.loads((out / "router.json").read_text())["training"]["history"]]
+    assert history == sorted(set(history))  # no step trained twice
     assert main(["train-router", "--images", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     # a new run into a folder that holds a finished router (no training state): said, and the router replaced
     (out / "train_state.pt").unlink()

@@ -243,7 +243,9 @@ def train_router(predictor, queries, out: Path, train: TrainConfig, args, progre
         optimizer.load_state_dict(state["optimizer"])
         for group in optimizer.param_groups:  # the moments go on; the rates are this run's flags
             group["lr"], group["weight_decay"] = train.lr, train.weight_decay
-        step, flows_done = int(state["step"]), int(state.get("flows", 0))
+        # router.json is written after the weights and before this state, so a run stopped between the two left the
+        # state a checkpoint behind: the step count, flows and history go on from router.json, the weights' own.
+        step, flows_done = int(saved.get("steps", state["step"])), int(saved.get("flows", state.get("flows", 0)))
         history = saved.get("history", [])
     elif saved:  # a shipped router keeps no optimizer state: its step count, flows and history go on
         step, flows_done, history = int(saved.get("steps", 0)), int(saved.get("flows", 0)), saved.get("history", [])
