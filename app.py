@@ -29,7 +29,8 @@ from par_demo.inputs import EXTRA_CHOICES  # noqa: E402
 from par_demo.arguments import IMAGE_OPTIONS  # noqa: E402
 from par_demo.methods.base import BUDGET_UNITS  # noqa: E402
 from par_demo.models import QUANT_CHOICES  # noqa: E402
-from par_demo.service import DEFAULT_START_LAYER, DemoService, zerogpu_enabled  # noqa: E402
+from par_demo.service import DEFAULT_START_LAYER, DemoService  # noqa: E402
+from par_demo.zerogpu import zerogpu_enabled  # noqa: E402
 
 TITLE = "PAR: Pruning All-Rounder — visual-token and layer pruning, live"
 BUDGET_MEANS = {"flops": "the fraction of the full model's prefill FLOPs",

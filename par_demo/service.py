@@ -10,13 +10,10 @@ latency this module reports is measured in the request that reports it (`par_dem
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
-import os
 import re
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,6 +32,7 @@ from par_demo.methods import REGISTRY
 from par_demo.methods.base import check_unit
 from par_demo.model_card import ModelCard
 from par_demo.model_thread import ModelThread
+from par_demo.zerogpu import measure_on_device, predict_on_device, register, zerogpu_enabled
 
 if TYPE_CHECKING:  # the engine is imported lazily: building a service for tests needs no model code
     from par_demo.predict import Prediction, Predictor
@@ -85,47 +83,6 @@ class LRUCache:
 
     def __len__(self) -> int:
         return len(self._items)
-
-
-def zerogpu_enabled() -> bool:
-    return bool(os.environ.get("SPACES_ZERO_GPU")) and importlib.util.find_spec("spaces") is not None
-
-
-def on_gpu(fn: Callable | None = None, *, duration: int = 60) -> Callable:
-    """`spaces.GPU` on a Hugging Face ZeroGPU Space; a no-op everywhere else (no `spaces` package or env)."""
-
-    def decorate(func: Callable) -> Callable:
-        if not zerogpu_enabled():
-            return func
-        import spaces  # only present on Spaces
-
-        return spaces.GPU(duration=duration)(func)
-
-    return decorate(fn) if fn is not None else decorate
-
-
-# On ZeroGPU these run in a GPU worker forked from this process, and their arguments reach it pickled: the model
-# must not be one of them (it would be copied through shared memory on every call, away from the weights ZeroGPU
-# placed). They take the key of a predictor in this registry, which the worker inherits from the fork, and return
-# only CPU data (answer text, numbers, lists).
-_PREDICTORS: weakref.WeakValueDictionary[int, Predictor] = weakref.WeakValueDictionary()
-
-
-def register(predictor: Predictor) -> int:
-    _PREDICTORS[id(predictor)] = predictor
-    return id(predictor)
-
-
-@on_gpu
-def _predict_on_device(key: int, image: Image.Image, question: str, kwargs: dict) -> Prediction:
-    return _PREDICTORS[key].predict(image, question, **kwargs)
-
-
-@on_gpu
-def _measure_on_device(key: int, image: Image.Image, question: str, predictions: list, settings: list,
-                       rounds: int, max_new_tokens: int, answers_are_a_round: bool = False) -> list:
-    return _PREDICTORS[key].measure(image, question, predictions, settings, rounds, max_new_tokens,
-                                    answers_are_a_round=answers_are_a_round)
 
 
 def answer_agreement(reference: str, answer: str) -> float:
@@ -252,11 +209,11 @@ class DemoService:
     def _run(self, image: Image.Image, question: str, **kwargs: Any) -> Prediction:
         kwargs.setdefault("max_new_tokens", self.max_new_tokens)
         kwargs.setdefault("budget_unit", self.budget_unit)
-        return self.model_thread.call(_predict_on_device, self._key, image, question, kwargs)
+        return self.model_thread.call(predict_on_device, self._key, image, question, kwargs)
 
     def _measure(self, image: Image.Image, question: str, predictions: list, settings: list,
                  rounds: int, answers_are_a_round: bool = False) -> list[Prediction]:
-        return self.model_thread.call(_measure_on_device, self._key, image, question, predictions, settings,
+        return self.model_thread.call(measure_on_device, self._key, image, question, predictions, settings,
                                       rounds, self.max_new_tokens, answers_are_a_round)
 
     def model_view(self, image: Image.Image, fingerprint: str | None = None) -> Image.Image:

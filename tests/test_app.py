@@ -17,6 +17,7 @@ import pytest
 from par_demo import demo as d
 from par_demo import panels, viz
 from par_demo import service as s
+from par_demo import zerogpu
 from par_demo.errors import UserError
 from par_demo.inputs import EXTRA_GROUPS, METHOD_CHOICES
 from par_demo.predict import Predictor
@@ -444,7 +445,7 @@ def test_on_gpu_is_a_no_op_without_spaces(monkeypatch):
     def f(x):
         return x + 1
 
-    assert s.on_gpu(f) is f and s.on_gpu(duration=5)(f) is f
+    assert zerogpu.on_gpu(f) is f and zerogpu.on_gpu(duration=5)(f) is f
 
 
 def test_dim_dropped_darkens_exactly_the_dropped_patches():
@@ -509,7 +510,7 @@ def test_the_gpu_side_functions_are_given_a_key_not_the_model(service, monkeypat
     monkeypatch.setattr(service.model_thread, "call",
                         lambda fn, *args, **kw: given.append((fn, args)) or real_call(fn, *args, **kw))
     service.compare(EXAMPLE, QUESTION, "random", 0.5)
-    on_device = [args for fn, args in given if fn in (s._predict_on_device, s._measure_on_device)]
+    on_device = [args for fn, args in given if fn in (zerogpu.predict_on_device, zerogpu.measure_on_device)]
     assert on_device and all(isinstance(args[0], int) for args in on_device)
     assert not any(isinstance(a, (Predictor, CountingPredictor)) for args in on_device for a in args)
 
