@@ -83,7 +83,7 @@ def evaluate(predictor: Predictor, samples: list[dict], pairs: list[tuple[str, f
     for pair in pairs:
         if pair in notes:
             rows.append(EvalRow(method=pair[0], budget=pair[1], accuracy=None, flops_ratio=None,
-                                note=notes[pair]))
+                                budget_unit=budget_unit, note=notes[pair]))
             continue
         n = sum(count[pair].values())
         rows.append(EvalRow(

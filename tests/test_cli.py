@@ -143,3 +143,19 @@ def test_eval_with_a_fixed_token_count_runs_the_full_reference_and_notes_the_met
     assert rows["fastv"]["n"] == 3 and rows["random"]["flops_ratio"] < 1.0
     assert "layerdrop does not prune tokens" in rows["layerdrop"]["note"]
     assert rows["layerdrop"]["accuracy"] is None and rows["layerdrop"]["flops_ratio"] is None  # JSON null, not NaN
+
+
+def test_eval_rows_not_evaluated_say_the_budget_unit_they_were_refused_in(tmp_path):
+    from PIL import Image
+
+    from par_demo.errors import UserError
+    from par_demo.evaluate import evaluate
+
+    class Refusing:
+        def predict(self, *args, **kwargs):
+            raise UserError("budget 0.1 is below what fastv can reach on this model")
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    sample = {"image": str(tmp_path / "a.png"), "question": "What color?", "answer": "red"}
+    (row,) = evaluate(Refusing(), [sample], [("fastv", 0.1)], budget_unit="time")
+    assert row.budget_unit == "time" and row.accuracy is None and "below what fastv can reach" in row.note
