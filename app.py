@@ -13,10 +13,15 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Iterator
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default: no telemetry calls
+# gradio reads the port from the environment as a number while it is imported, and a bad value raised a traceback
+# from inside gradio: it is refused here first, in one line, as a bad --port is.
+if not os.environ.get("GRADIO_SERVER_PORT", "7860").strip().isdigit():
+    sys.exit(f"app.py: error: GRADIO_SERVER_PORT={os.environ['GRADIO_SERVER_PORT']!r}: give a port number")
 
 import gradio as gr  # noqa: E402
 

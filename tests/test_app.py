@@ -7,6 +7,7 @@ public API through a real server is in test_app_api.py.
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
 
@@ -513,6 +514,18 @@ def test_the_gpu_side_functions_are_given_a_key_not_the_model(service, monkeypat
     on_device = [args for fn, args in given if fn in (zerogpu.predict_on_device, zerogpu.measure_on_device)]
     assert on_device and all(isinstance(args[0], int) for args in on_device)
     assert not any(isinstance(a, (Predictor, CountingPredictor)) for args in on_device for a in args)
+
+
+def test_a_bad_gradio_port_in_the_environment_is_one_line_not_a_traceback_from_gradio():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "GRADIO_SERVER_PORT": "abc"}
+    done = subprocess.run([sys.executable, "app.py"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == "app.py: error: GRADIO_SERVER_PORT='abc': give a port number"
 
 
 @pytest.mark.parametrize("env, value, message", [
