@@ -43,3 +43,23 @@ def write_json(path: Path, data: dict) -> None:
         tmp.replace(path)
     except OSError:
         pass
+
+
+def weights_digest(model, samples: int = 64) -> str:
+    """A short hash of a model's weights, for keys of measurements made on them. Each tensor gives its name, shape,
+    dtype and `samples` values spread over it: enough to tell a fine-tuned model from its base, including one whose
+    LM head stayed frozen (LoRA on the attention layers), at a few reads per tensor however large the model."""
+    import torch
+
+    digest = hashlib.sha1()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not torch.is_tensor(tensor):
+                continue
+            flat = tensor.detach().reshape(-1)
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            if flat.numel():
+                picks = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+                digest.update(flat[picks].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 from PIL import Image
 
+from par_demo.disk_cache import weights_digest
 from par_demo.engine import Engine, Generation
 from par_demo.errors import UserError
 from par_demo.families import Layout
@@ -28,7 +29,6 @@ from par_demo.images import load_image
 from par_demo.methods import METHODS, Method, method_class
 from par_demo.methods.base import check_budget, check_unit
 from par_demo.models import LoadedModel, clip_question, encode_query
-from par_demo.router import fingerprint
 from par_demo.timing import DEFAULT_ROUNDS, FULL, Sample, Timing, summarize, time_interleaved
 
 __all__ = ["METHODS", "Prediction", "Predictor"]
@@ -131,10 +131,9 @@ class Predictor:
 
     @property
     def cache_key(self) -> str:
-        """Names this model's weights, so a cached measurement (layer drop's block influence) is not reused
-        after the model at the same path is retrained."""
-        weights = fingerprint(self.loaded)["weights"]
-        return f"{self.loaded.name}-{self.loaded.quant}-{weights}"
+        """Names this model's weights, so a cached measurement (layer drop's block influence, the cost model) is not
+        reused after the model at the same path is retrained."""
+        return f"{self.loaded.name}-{self.loaded.quant}-{weights_digest(self.loaded.model)}"
 
     def method(self, name: str) -> Method:
         cls = method_class(name)

@@ -101,6 +101,12 @@ def test_layerdrop_calibration_is_not_reused_after_the_model_is_retrained():
     with torch.no_grad():
         again.loaded.model.lm_head.weight.mul_(1.5)  # same name and architecture, other weights
     assert first.cache_key != again.cache_key
+    tuned = Predictor(load_model("random:llava-tiny", device="cpu"))
+    with torch.no_grad():  # fine-tuned with its LM head frozen (LoRA on the attention layers, merged)
+        for name, weight in tuned.loaded.model.named_parameters():
+            if "self_attn" in name:
+                weight.add_(1e-3 * torch.randn_like(weight))
+    assert first.cache_key != tuned.cache_key
 
 
 @pytest.fixture(scope="module")
