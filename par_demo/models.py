@@ -91,9 +91,10 @@ def check_device(device) -> str:
 
 
 def default_dtype(device: str) -> torch.dtype:
-    # bf16 on GPUs that support it; fp32 on CPU, where bf16 matmuls are slow on most machines.
+    # bf16 on GPUs that have it in hardware (Ampere and later; torch also says yes for a T4, which only emulates
+    # it, slowly), fp16 on the others; fp32 on CPU, where bf16 matmuls are slow on most machines.
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.float32
 
 

@@ -150,7 +150,7 @@ def mixed_precision(precision: str, device: str | None) -> str:
     """Accelerate's mixed_precision for the router: autocast only on a GPU (on CPU it would only slow it down)."""
     on_gpu = device != "cpu" and torch.cuda.is_available()  # no --device: the GPU when there is one
     if precision == "auto":
-        return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
+        return "bf16" if on_gpu and torch.cuda.is_bf16_supported(including_emulation=False) else "no"
     return "no" if precision == "fp32" or not on_gpu else precision
 
 
