@@ -23,6 +23,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default
 if not os.environ.get("GRADIO_SERVER_PORT", "7860").strip().isdigit():
     sys.exit(f"app.py: error: GRADIO_SERVER_PORT={os.environ['GRADIO_SERVER_PORT']!r}: give a port number")
 
+from par_demo.zerogpu import zerogpu_enabled  # noqa: E402  (imports no torch)
+
+if zerogpu_enabled():  # ZeroGPU patches CUDA when `spaces` is imported, so before anything else can touch it
+    import spaces  # noqa: F401, E402
+
 import gradio as gr  # noqa: E402
 
 from par_demo import panels  # noqa: E402
@@ -35,7 +40,6 @@ from par_demo.arguments import IMAGE_OPTIONS  # noqa: E402
 from par_demo.methods.base import BUDGET_UNITS  # noqa: E402
 from par_demo.models import QUANT_CHOICES  # noqa: E402
 from par_demo.service import DEFAULT_START_LAYER, DemoService  # noqa: E402
-from par_demo.zerogpu import zerogpu_enabled  # noqa: E402
 
 TITLE = "PAR: Pruning All-Rounder — visual-token and layer pruning, live"
 BUDGET_MEANS = {"flops": "the fraction of the full model's prefill FLOPs",

@@ -541,3 +541,20 @@ def test_app_options_from_the_environment_are_checked_as_the_flags_are(monkeypat
     with pytest.raises(SystemExit) as stopped:  # before any model is loaded, in one line
         app_module.parse_args([])
     assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_on_zerogpu_the_app_imports_spaces_before_torch(tmp_path):
+    """ZeroGPU's `spaces` patches CUDA when imported and refuses to once CUDA is up: it must come first."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "spaces.py").write_text(
+        "import sys\nprint('torch before spaces' if 'torch' in sys.modules else 'spaces first')\n"
+        "def GPU(duration=60):\n    return lambda func: func\n")
+    env = {**os.environ, "SPACES_ZERO_GPU": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])}
+    done = subprocess.run([sys.executable, "-c", "import app"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "spaces first"
