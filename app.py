@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
         service = DemoService.from_model(args.model, quant=args.quant, options=options, budget_unit=args.budget_unit)
     except UserError as exc:
         raise SystemExit(f"error: {exc}") from None
-    print(f"model {service.model_name} loaded in {time.perf_counter() - started:.1f} s", flush=True)
+    print(f"model {service.model_name} loaded in {time.perf_counter() - started:.1f} s on "
+          f"{service.predictor.loaded.placement()}", flush=True)
     demo = build_demo(DemoApp(service))
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True,
                 **launch_options())

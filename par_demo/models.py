@@ -54,6 +54,19 @@ class LoadedModel:
     def config(self):
         return self.model.config
 
+    def placement(self) -> str:
+        """Where and how it runs, for a start-up log line: the device (the GPU's name, torch's CUDA build; a GPU
+        Space whose driver does not fit that build runs on the CPU, and this line is where that shows), dtype and
+        quantization."""
+        device = self.device
+        if device.type == "cuda":
+            gpu = torch.cuda.get_device_name(device)
+            where = f"{device} ({gpu}; torch {torch.__version__}, CUDA {torch.version.cuda})"
+        else:
+            where = f"{device} ({torch.get_num_threads()} threads; torch {torch.__version__})"
+        quant = "" if self.quant == "none" else f", {self.quant} decoder"
+        return f"{where}, {str(self.model.dtype).removeprefix('torch.')}{quant}"
+
     @property
     def n_layers(self) -> int:
         return self.config.text_config.num_hidden_layers

@@ -124,3 +124,10 @@ def test_a_gpu_that_only_emulates_bf16_gets_fp16_weights_and_an_fp32_router(monk
     assert default_dtype("cuda") == torch.float16 and mixed_precision("auto", "cuda") == "no"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere on
     assert default_dtype("cuda") == torch.bfloat16 and mixed_precision("auto", "cuda") == "bf16"
+
+
+def test_the_start_up_line_says_where_the_model_runs():
+    from par_demo.models import load_model
+
+    line = load_model("random:llava-tiny", device="cpu").placement()
+    assert line == f"cpu ({torch.get_num_threads()} threads; torch {torch.__version__}), float32"
