@@ -13,10 +13,12 @@ def first_line(exc: BaseException) -> str:
 
 class BudgetOutOfReach(UserError):
     """A budget below the cheapest setting a method has on this model: `eval` reports it and goes on. `reach` is
-    the smallest budget that method can meet (a fraction of the full prefill's FLOPs, or of its time here)."""
+    the smallest budget that method can meet (a fraction of the full prefill's FLOPs, or of its time here), None
+    where no setting could be costed."""
 
-    def __init__(self, method: str, budget: float, reach: str, unit: str = "flops"):
+    def __init__(self, method: str, budget: float, reach: float | None, unit: str = "flops"):
         what = "FLOPs" if unit == "flops" else "time on this machine, as its measured cost model predicts it"
-        self.reach = reach
+        self.reach = None if reach is None else float(reach)
+        cost = "n/a" if reach is None else f"{reach:.2f}"
         super().__init__(f"budget {budget:g} is below what {method} can reach on this model "
-                         f"(its cheapest setting costs {reach} of the full prefill {what})")
+                         f"(its cheapest setting costs {cost} of the full prefill {what})")

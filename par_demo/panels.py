@@ -111,7 +111,7 @@ def sweep_table(points: Sequence[dict], started: float, n_budgets: int, method: 
     rows = []
     for p in points:
         if "skipped" in p:
-            reach = f"its cheapest setting costs {p['reach']}" if p.get("reach") else _escape(p["skipped"])
+            reach = f"its cheapest setting costs {p['reach']:.2f}" if p.get("reach") else _escape(p["skipped"])
             rows.append(f"| {p['budget']:.1f} | – | – | – | – | not reachable: {reach} |")
             continue
         t: Timing = p["timing"]

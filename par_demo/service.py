@@ -405,10 +405,7 @@ class DemoService:
         try:
             self._run(image, question, method=name, budget=0.01)
         except BudgetOutOfReach as exc:
-            try:
-                return float(exc.reach)
-            except ValueError:  # "n/a": no setting could be costed
-                return None
+            return exc.reach  # None: no setting could be costed
         except UserError:
             return None
         return 0.01

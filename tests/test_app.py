@@ -350,7 +350,8 @@ def test_sweep_handler_streams(app):
 
 def test_a_sweep_budget_out_of_reach_says_what_the_method_can_reach_and_is_counted_apart():
     from par_demo.errors import BudgetOutOfReach
-    refused = BudgetOutOfReach("fastv", 0.1, "0.27", unit="time")
+    refused = BudgetOutOfReach("fastv", 0.1, 0.2734, unit="time")
+    assert refused.reach == 0.2734 and "its cheapest setting costs 0.27 of the full prefill time" in str(refused)
     point = {"budget": 0.1, "skipped": str(refused), "reach": refused.reach, "full_answer": "red"}
     table = panels.sweep_table([point], time.perf_counter(), 10, "FastV")
     assert table.startswith("**FastV**") and "1/10 budgets (1 out of reach)" in table

@@ -51,6 +51,8 @@ def check_unit(unit: str) -> str:
 
 
 def check_budget(budget: float) -> float:
+    if isinstance(budget, bool):  # float(True) is 1.0: a flag passed where a number belongs
+        raise UserError(f"budget must be a number in (0, 1], got {budget!r}")
     try:
         value = float(budget)
     except (TypeError, ValueError):
@@ -146,8 +148,7 @@ class Method:
             if found is not None:
                 return candidates[found]
             cheapest = min([*costs.values()] + ([] if cheapest is None else [cheapest]), default=None)
-        reach = f"{cheapest / full:.2f}" if cheapest is not None else "n/a"
-        raise BudgetOutOfReach(self.name, budget, reach, unit)
+        raise BudgetOutOfReach(self.name, budget, None if cheapest is None else cheapest / full, unit)
 
     # Candidates after the first cost less and less (fewer tokens, nothing else changing): the search bisects
     # instead of costing every candidate, a few hundred Python calls saved on every query (`tests/test_methods.py`

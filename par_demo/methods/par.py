@@ -412,7 +412,7 @@ class Par(Method):
         cheapest = self.setting_cost(query, Setting(0 if self.route_tokens else n_v,
                                                     self.skip_for(layer_logits, floor_layers, self.min_start_layer),
                                                     self.min_start_layer), unit)
-        raise BudgetOutOfReach(self.name, budget, f"{cheapest / full:.2f}", unit)
+        raise BudgetOutOfReach(self.name, budget, cheapest / full, unit)
 
     def fixed(self, query, tokens, layers, start_layer):
         n_tokens = query.n_visual if tokens is None else check_count(tokens, 0, query.n_visual, "tokens kept")
