@@ -32,8 +32,8 @@ from par_demo.errors import UserError
 from par_demo.families import family_of
 from par_demo.images import load_image
 from par_demo.methods import METHODS, REGISTRY, method_class
-from par_demo.methods.base import check_budget, check_unit
-from par_demo.models import DEFAULT_MODEL, LoadedModel, for_inference, load_model
+from par_demo.methods.base import check_budget, check_count, check_unit
+from par_demo.models import DEFAULT_MODEL, LoadedModel, clean_question, clip_question, for_inference, load_model
 from par_demo.predict import Prediction, Predictor
 from par_demo.router import CONFIG_FILE
 
@@ -84,20 +84,23 @@ class Pruner:
                            reasons[name] is None, reasons[name]) for name in METHODS]
 
     def generate(self, image: ImageLike | Sequence[ImageLike], question: str | Sequence[str], method: str = "par",
-                 budget: float = 0.5, tokens: int | None = None, layers: int | None = None, start_layer: int = 2,
-                 max_new_tokens: int = 16, rounds: int = 0,
+                 budget: float | None = None, tokens: int | None = None, layers: int | None = None,
+                 start_layer: int = 2, max_new_tokens: int = 16, rounds: int = 0,
                  budget_unit: str = "flops") -> Prediction | list[Prediction]:
         """Answer a question about an image with `method` at `budget`.
 
         Args:
             image: a path or a PIL image; or a list of them.
             question: the question; or a list (one per image, or several about one image).
-            method: one of `par_demo.METHODS` (`"full"` is the unpruned model).
+            method: one of `par_demo.METHODS` (`"full"` is the unpruned model). PAR needs a router trained for
+                the model (`Pruner.methods()` says which methods can run here).
             budget: the fraction of the full model's prefill FLOPs the method may spend, in (0, 1]; each method
-                takes the largest setting that fits.
-            tokens: visual tokens to keep, instead of the budget (PAR's fixed versions, FastV, ...).
-            layers: decoder layers to run, instead of the budget.
-            start_layer: the layer from which dropped visual tokens leave the sequence (attention methods).
+                takes the largest setting that fits. Default: 0.5, and 1.0 for `"full"` (its only setting).
+            tokens: visual tokens to keep, instead of the budget (PAR's fixed versions, FastV, ...); the budget is
+                then not used.
+            layers: decoder layers to run, instead of the budget (with `tokens`, or alone: every visual token kept).
+            start_layer: the layer from which dropped visual tokens leave the sequence (attention methods; FastV
+                reads layer K-1's attention, so it starts at 1 when given 0).
             max_new_tokens: the most tokens to generate.
             rounds: 0 times the one run that answers; N > 0 also runs the method and the full model in turns for N
                 rounds and reports medians and the measured speed-up (`result.timing`), as `predict` does.
@@ -114,14 +117,16 @@ class Pruner:
             UserError: bad input (unknown method, budget outside (0, 1], unreadable image, empty question), a
                 method that is unavailable for this model, or a budget below what the method can reach.
         """
-        value = check_budget(budget)
         name = method_class(method).name  # an unknown name fails here, before any model call
+        value = check_budget((1.0 if name == "full" else 0.5) if budget is None else budget)
         options = dict(tokens=tokens, layers=layers, start_layer=start_layer, max_new_tokens=max_new_tokens,
                        rounds=rounds, budget_unit=check_unit(budget_unit))
         if not (_is_many(image) or _is_many(question)):
             return self.predictor.predict(load_image(image), question, name, value, **options)
         pairs = _pairs(image, question)
         loaded = {id(i): load_image(i) for i, _ in pairs}  # every image read (and refused) before the first run
+        for _, text in pairs:  # and every question: a bad last one must not cost the answers before it
+            clean_question(clip_question(text)[0], self.predictor.loaded.processor)
         return [self.predictor.predict(loaded[id(i)], q, name, value, **options)
                 for i, q in tqdm(pairs, desc=f"{name} @ {value:g}", disable=len(pairs) < 2)]
 
@@ -143,9 +148,10 @@ class Pruner:
         asked = [methods] if isinstance(methods, str) else FIELD_METHODS if methods is None else methods
         names = list(dict.fromkeys(method_class(m).name for m in asked))  # in the order given, each once
         if "full" in names or not names:
-            raise UserError("compare takes the pruning methods to set against the full model (which always runs), "
-                            f"e.g. {', '.join(FIELD_METHODS)}")
+            raise UserError("compare takes the pruning methods to set against the full model, which always runs "
+                            f"as the reference{': leave full out' if names else ''} (e.g. {', '.join(FIELD_METHODS)})")
         value, unit = check_budget(budget), check_unit(budget_unit)
+        check_count(start_layer, 0, self.predictor.engine.n_layers, "pruning start layer")  # not once per method
         if not isinstance(rounds, int) or not 1 <= rounds <= 100:
             raise UserError(f"rounds must be a whole number from 1 to 100, got {rounds!r}")
         pil_image = load_image(image)

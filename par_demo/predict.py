@@ -46,6 +46,10 @@ class Answered(NamedTuple):
 
 @dataclass
 class Prediction:
+    """One answered query and everything about how it was pruned: what `Pruner.generate` returns, and (as
+    `to_dict()`) what `predict --json` prints. Its fields are explained in the documentation's Python API page,
+    under "What a result holds"."""
+
     answer: str
     method: str
     budget: float

@@ -159,11 +159,28 @@ def test_lists_pair_up_or_broadcast_and_mismatched_lists_are_refused(scene):
         pruner.generate([scene, scene], ["a?", "b?", "c?"], method="fastv")
     with pytest.raises(par_demo.UserError, match="empty list"):
         pruner.generate([], "a?", method="fastv")
+    calls = []
+    real = pruner.predictor.predict
+    pruner.predictor.predict = lambda *args, **kwargs: calls.append(args) or real(*args, **kwargs)
+    with pytest.raises(par_demo.UserError, match="the question is empty"):
+        pruner.generate(scene, ["what color?", " <image> "], method="fastv")
+    with pytest.raises(par_demo.UserError, match="the question must be text"):
+        pruner.generate([scene, other], ["what color?", None], method="fastv")
+    assert calls == []  # refused before the first answer, not after it
+
+
+def test_the_full_model_runs_without_a_budget_and_compare_checks_its_start_layer_once(scene):
+    pruner = par_demo.load("random:llava-tiny", device="cpu")
+    full = pruner.generate(scene, "what color?", method="full", max_new_tokens=1)
+    assert full.budget == 1.0 and full.flops_ratio == 1.0
+    assert pruner.generate(scene, "what color?", method="fastv", max_new_tokens=1).budget == 0.5
+    with pytest.raises(par_demo.UserError, match=r"pruning start layer must be an integer in \[0, 8\], got 99"):
+        pruner.compare(scene, "what color?", ["fastv", "random"], start_layer=99)
 
 
 @pytest.mark.parametrize("call, message", [
     (dict(budget=1.5), "budget must be in"),
-    (dict(budget=None), "budget must be a number"),
+    (dict(budget=True), "budget must be a number"),
     (dict(method="nope"), "unknown method"),
     (dict(image=123), "an image is a file path, bytes or a PIL image"),
     (dict(image=["missing.png"]), "not found"),
@@ -229,5 +246,5 @@ def test_compare_answers_with_every_method_of_the_field_and_times_them_together(
     # start layer 0, which FastV cannot use: it starts at 1, and no method's refusal would stop the others
     early = pruner.compare(scene, "what color is it?", methods=["fastv", "random", "visionzip"], start_layer=0, rounds=1)
     assert list(early.results) == ["fastv", "random", "visionzip"] and early.results["fastv"].start_layer == 1
-    with pytest.raises(par_demo.UserError, match=r"the full model \(which always runs\)"):
+    with pytest.raises(par_demo.UserError, match="the full model, which always runs as the reference: leave full out"):
         pruner.compare(scene, "what color is it?", methods=["full", "fastv"])
