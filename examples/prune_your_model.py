@@ -7,6 +7,7 @@ Each answer is timed against the full model in turns (`rounds`), so the speed-up
 """
 
 import argparse
+import sys
 
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -26,9 +27,15 @@ processor = AutoProcessor.from_pretrained(args.model)
 pruner = par_demo.wrap(model, processor)
 
 print(f"{'budget':>6}  {'FLOPs':>5}  {'tokens':>7}  {'layers':>6}  {'prefill x':>9}  answer")
-for budget in (float(b) for b in args.budgets.split(",")):
-    method = "full" if budget >= 1 else "par"
-    result = pruner.generate(args.image, args.question, method=method, budget=budget, rounds=args.rounds)
-    speedup = result.timing.prefill_speedup.median if result.timing.prefill_speedup else 1.0
-    print(f"{budget:>6.2f}  {result.flops_ratio:>5.2f}  {len(result.kept_visual_tokens):>3}/{result.n_visual_tokens:<3}"
-          f"  {len(result.kept_layers):>2}/{result.n_layers:<3}  {speedup:>8.2f}x  {result.text}")
+try:
+    for budget in (float(b) for b in args.budgets.split(",")):
+        method = "full" if budget >= 1 else "par"
+        result = pruner.generate(args.image, args.question, method=method, budget=budget, rounds=args.rounds)
+        # with --rounds 0 nothing is timed against the full model, so there is no speed-up to show
+        measured = result.timing is not None and result.timing.prefill_speedup is not None
+        speedup = f"{result.timing.prefill_speedup.median:>8.2f}x" if measured else f"{'-':>9}"
+        tokens = f"{len(result.kept_visual_tokens):>3}/{result.n_visual_tokens:<3}"
+        layers = f"{len(result.kept_layers):>2}/{result.n_layers:<3}"
+        print(f"{budget:>6.2f}  {result.flops_ratio:>5.2f}  {tokens}  {layers}  {speedup}  {result.text}")
+except (par_demo.UserError, ValueError) as exc:  # a bad --budgets, --rounds, image or question: one line
+    sys.exit(f"error: {exc}")

@@ -13,10 +13,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_example(name: str, *args: str) -> str:
+def run_example(name: str, *args: str, refused: bool = False) -> str:
+    """The script's output; with `refused`, the one error line it must end with instead (no traceback)."""
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, str(ROOT / "examples" / name), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
+    if refused:
+        assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        return done.stderr.strip().splitlines()[-1]
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -39,6 +43,27 @@ def test_compare_folder_writes_a_csv_row_per_image_and_method(tmp_path):
     assert [row["method"] for row in rows[:3]] == ["full", "par", "fastv"] and len(rows) == 3 * len(images)
     assert all(float(row["flops_ratio"]) <= 0.3 for row in rows if row["method"] != "full")
     assert any(row["agrees"] == "True" for row in rows if row["method"] == "par")
+
+
+def test_compare_folder_notes_an_unreadable_image_and_refuses_bad_arguments_in_one_line(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.png").write_bytes((ROOT / "assets" / "examples" / "shapes_count.png").read_bytes())
+    (folder / "b.png").write_text("not an image")
+    out = tmp_path / "results.csv"
+    common = ["--question", "How many objects are there?", "--out", str(out), "--rounds", "1"]
+    run_example("compare_folder.py", str(folder), *common, "--methods", "fastv")
+    rows = {(row["image"], row["method"]): row for row in csv.DictReader(out.open())}
+    assert set(rows) == {("a.png", "full"), ("a.png", "fastv"), ("b.png", "")} and rows[("b.png", "")]["skipped"]
+    assert "leave full out" in run_example("compare_folder.py", str(folder), *common, "--methods", "fastv,full",
+                                           refused=True)
+    assert "is not a folder" in run_example("compare_folder.py", str(tmp_path / "missing"), *common, refused=True)
+
+
+def test_prune_your_model_without_timed_rounds_shows_no_speed_up():
+    out = run_example("prune_your_model.py", "--budgets", "0.5", "--rounds", "0")
+    assert out.splitlines()[1].split()[4] == "-"
+    assert run_example("prune_your_model.py", "--budgets", "0.5", "--rounds", "-1", refused=True).startswith("error:")
 
 
 def test_train_router_from_photos_writes_a_router_that_par_then_uses(tmp_path, scene):
