@@ -112,10 +112,13 @@ def default_dtype(device: str) -> torch.dtype:
 
 
 def parse_dtype(name: str | None, device: str) -> torch.dtype:
-    if name is None or name == "auto":
+    if name is None or str(name).lower() == "auto":
         return default_dtype(device)
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
+    if isinstance(name, torch.dtype) and name in table.values():  # the library may be given torch.bfloat16 itself
+        return name
+    name = str(name).lower()  # "BF16" as "bf16", as method names are read
     if name not in table:
         raise UserError(f"unknown dtype '{name}'; choose one of: auto, fp32, bf16, fp16")
     return table[name]

@@ -131,3 +131,13 @@ def test_the_start_up_line_says_where_the_model_runs():
 
     line = load_model("random:llava-tiny", device="cpu").placement()
     assert line == f"cpu ({torch.get_num_threads()} threads; torch {torch.__version__}), float32"
+
+
+def test_a_dtype_is_read_in_any_case_or_as_a_torch_dtype_and_others_are_one_line():
+    from par_demo.errors import UserError
+    from par_demo.models import parse_dtype
+
+    assert parse_dtype("BF16", "cpu") == parse_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+    assert parse_dtype("Auto", "cpu") == parse_dtype(None, "cpu") == torch.float32
+    with pytest.raises(UserError, match="unknown dtype 'torch.int8'; choose one of: auto, fp32, bf16, fp16"):
+        parse_dtype(torch.int8, "cpu")
