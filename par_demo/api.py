@@ -169,7 +169,7 @@ class Pruner:
         return state
 
 
-def load(name_or_path: str = DEFAULT_MODEL, quant: str | None = None, device: str | None = None,
+def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, quant: str | None = None, device: str | None = None,
          dtype: str | None = None, router: str | os.PathLike | None = None, *, min_pixels: int | None = None,
          max_pixels: int | None = None, max_tiles: int | None = None) -> Pruner:
     """Load a model as the CLI does (`--model`, `--quant`, `--device`, `--dtype`, the image options) and wrap it.

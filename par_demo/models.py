@@ -187,9 +187,13 @@ def quantization_config(quant: str, compute_dtype: torch.dtype, keep: list[str])
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_spec(spec: str) -> str:
-    """Check a model spec's form before anything is loaded; returns it unchanged."""
-    if not isinstance(spec, str) or not spec.strip():
+def resolve_spec(spec: str | os.PathLike) -> str:
+    """Check a model spec's form before anything is loaded; returns it as text."""
+    if isinstance(spec, os.PathLike):  # a pathlib.Path from the library
+        spec = os.fspath(spec)
+    if spec is not None and not isinstance(spec, str):
+        raise UserError(f"the model must be a name, hub id or folder path, got {spec!r}")
+    if spec is None or not spec.strip():
         raise UserError("no model given")
     spec = spec.strip()
     if spec.startswith("random:"):

@@ -248,3 +248,14 @@ def test_compare_answers_with_every_method_of_the_field_and_times_them_together(
     assert list(early.results) == ["fastv", "random", "visionzip"] and early.results["fastv"].start_layer == 1
     with pytest.raises(par_demo.UserError, match="the full model, which always runs as the reference: leave full out"):
         pruner.compare(scene, "what color is it?", methods=["full", "fastv"])
+
+
+def test_load_takes_a_pathlib_path_and_refuses_a_number_in_one_line(scene):
+    from pathlib import Path
+
+    from par_demo.models import DEFAULT_MODEL
+
+    pruner = par_demo.load(Path(DEFAULT_MODEL))
+    assert pruner.family == "llava" and pruner.predictor.loaded.name == DEFAULT_MODEL
+    with pytest.raises(par_demo.UserError, match="the model must be a name, hub id or folder path, got 123"):
+        par_demo.load(123)
