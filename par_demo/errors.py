@@ -18,7 +18,11 @@ class BudgetOutOfReach(UserError):
 
     def __init__(self, method: str, budget: float, reach: float | None, unit: str = "flops"):
         what = "FLOPs" if unit == "flops" else "time on this machine, as its measured cost model predicts it"
+        self.method, self.budget, self.unit = method, budget, unit
         self.reach = None if reach is None else float(reach)
         cost = "n/a" if reach is None else f"{reach:.2f}"
         super().__init__(f"budget {budget:g} is below what {method} can reach on this model "
                          f"(its cheapest setting costs {cost} of the full prefill {what})")
+
+    def __reduce__(self):  # pickled whole (a ZeroGPU worker hands it back to the app's process)
+        return type(self), (self.method, self.budget, self.reach, self.unit)

@@ -32,7 +32,7 @@ from par_demo.methods import REGISTRY
 from par_demo.methods.base import check_unit
 from par_demo.model_card import ModelCard
 from par_demo.model_thread import ModelThread
-from par_demo.zerogpu import measure_on_device, predict_on_device, register, zerogpu_enabled
+from par_demo.zerogpu import answer_or_raise, measure_on_device, predict_on_device, register, zerogpu_enabled
 
 if TYPE_CHECKING:  # the engine is imported lazily: building a service for tests needs no model code
     from par_demo.predict import Prediction, Predictor
@@ -209,12 +209,12 @@ class DemoService:
     def _run(self, image: Image.Image, question: str, **kwargs: Any) -> Prediction:
         kwargs.setdefault("max_new_tokens", self.max_new_tokens)
         kwargs.setdefault("budget_unit", self.budget_unit)
-        return self.model_thread.call(predict_on_device, self._key, image, question, kwargs)
+        return answer_or_raise(self.model_thread.call(predict_on_device, self._key, image, question, kwargs))
 
     def _measure(self, image: Image.Image, question: str, predictions: list, settings: list,
                  rounds: int, answers_are_a_round: bool = False) -> list[Prediction]:
-        return self.model_thread.call(measure_on_device, self._key, image, question, predictions, settings,
-                                      rounds, self.max_new_tokens, answers_are_a_round)
+        return answer_or_raise(self.model_thread.call(measure_on_device, self._key, image, question, predictions,
+                                                      settings, rounds, self.max_new_tokens, answers_are_a_round))
 
     def model_view(self, image: Image.Image, fingerprint: str | None = None) -> Image.Image:
         key = (fingerprint or image_fingerprint(image), self.model_name)

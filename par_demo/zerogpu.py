@@ -11,6 +11,8 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from par_demo.errors import UserError
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -46,13 +48,29 @@ def register(predictor: Predictor) -> int:
     return id(predictor)
 
 
+# A ZeroGPU worker hands an exception back to the app only as a generic "ZeroGPU worker error" unless it is a
+# gr.Error, so a refusal (a budget out of reach, which the sweep and "Compare all" note and go on from) travels back
+# as a value, and `answer_or_raise` raises it again on the app's side.
 @on_gpu
-def predict_on_device(key: int, image: Image.Image, question: str, kwargs: dict) -> Prediction:
-    return _PREDICTORS[key].predict(image, question, **kwargs)
+def predict_on_device(key: int, image: Image.Image, question: str, kwargs: dict) -> Prediction | UserError:
+    try:
+        return _PREDICTORS[key].predict(image, question, **kwargs)
+    except UserError as exc:
+        return exc
 
 
 @on_gpu
 def measure_on_device(key: int, image: Image.Image, question: str, predictions: list, settings: list,
-                      rounds: int, max_new_tokens: int, answers_are_a_round: bool = False) -> list:
-    return _PREDICTORS[key].measure(image, question, predictions, settings, rounds, max_new_tokens,
-                                    answers_are_a_round=answers_are_a_round)
+                      rounds: int, max_new_tokens: int, answers_are_a_round: bool = False) -> list | UserError:
+    try:
+        return _PREDICTORS[key].measure(image, question, predictions, settings, rounds, max_new_tokens,
+                                        answers_are_a_round=answers_are_a_round)
+    except UserError as exc:
+        return exc
+
+
+def answer_or_raise(result):
+    """What a GPU-side call returned, or the refusal it returned, raised."""
+    if isinstance(result, UserError):
+        raise result
+    return result

@@ -529,6 +529,24 @@ def test_a_bad_gradio_port_in_the_environment_is_one_line_not_a_traceback_from_g
     assert done.stderr.strip() == "app.py: error: GRADIO_SERVER_PORT='abc': give a port number"
 
 
+def test_a_refusal_on_the_gpu_side_comes_back_whole_as_a_value(service):
+    """A ZeroGPU worker returns a raised exception to the app only as a generic "ZeroGPU worker error"."""
+    import pickle
+
+    from par_demo.errors import BudgetOutOfReach
+    from par_demo.images import load_image
+
+    kwargs = {"method": "fastv", "budget": 0.01, "max_new_tokens": 1}
+    refused = zerogpu.predict_on_device(service._key, load_image(EXAMPLE), QUESTION, kwargs)
+    assert isinstance(refused, BudgetOutOfReach)
+    again = pickle.loads(pickle.dumps(refused))  # as the worker sends it back
+    assert type(again) is BudgetOutOfReach and str(again) == str(refused) and again.reach == refused.reach
+    with pytest.raises(BudgetOutOfReach):
+        zerogpu.answer_or_raise(again)
+    with pytest.raises(BudgetOutOfReach):  # and the service raises it on its side, as the sweep expects
+        service._run(load_image(EXAMPLE), QUESTION, **kwargs)
+
+
 @pytest.mark.parametrize("env, value, message", [
     ("PAR_MAX_TILES", "1e6", "argument --max-tiles: invalid int value"),
     ("PAR_MIN_PIXELS", "abc", "argument --min-pixels: invalid int value"),
