@@ -184,7 +184,11 @@ def test_the_warm_up_times_the_split_grid_first_then_each_methods_own_work(tiny,
     from par_demo import cost
 
     monkeypatch.setenv("PAR_DEMO_CACHE", str(tmp_path))
-    monkeypatch.setattr(par_demo.models, "load_model", lambda spec, **options: tiny)
+    # Only "any" is the tiny model: a module that imports `load_model` by name while this patch holds (the CLI's
+    # arguments, imported on first use) keeps the stand-in for the rest of the session, so it must load the others.
+    real_load_model = par_demo.models.load_model
+    monkeypatch.setattr(par_demo.models, "load_model",
+                        lambda spec, *args, **kw: tiny if spec == "any" else real_load_model(spec, *args, **kw))
     timed = []
     monkeypatch.setattr(cost, "method_overhead",
                         lambda predictor, fitted, name, *a, **k: 0.0 if name == "full" else timed.append(name) or 1e-4)
