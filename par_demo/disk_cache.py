@@ -46,20 +46,21 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def weights_digest(model, samples: int = 64) -> str:
-    """A short hash of a model's weights, for keys of measurements made on them. Each tensor gives its name, shape,
-    dtype and `samples` values spread over it: enough to tell a fine-tuned model from its base, including one whose
-    LM head stayed frozen (LoRA on the attention layers), at a few reads per tensor however large the model."""
+    """A short hash of a model's weights, for keys of measurements made on them. Each parameter gives its name,
+    shape, dtype and `samples` values spread evenly over it, a few reads per tensor however large the model: it
+    tells a fine-tune that moved whole matrices (full, or LoRA merged into the attention layers with the LM head
+    frozen) from its base, not one that changed a few rows only. Parameters, not the state dict with its buffers
+    (bitsandbytes' quantization state among them)."""
     import torch
 
     digest = hashlib.sha1()
     with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if not torch.is_tensor(tensor):
-                continue
+        for name, tensor in model.named_parameters():
             flat = tensor.detach().reshape(-1)
+            n = flat.numel()
             digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-            if flat.numel():
-                picks = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+            if n:
+                k = min(samples, n)  # integer positions: the same on every device, however long the tensor
+                picks = torch.arange(k, device=flat.device) * (n - 1) // max(k - 1, 1)
                 digest.update(flat[picks].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
-

@@ -115,6 +115,9 @@ class Predictor:
         self.flops = FlopsModel.from_config(loaded.config)
         self.methods: dict[str, Method] = {}
         self._time_budget = None  # `par_demo.cost.TimeBudget`, made when a time budget first asks for it
+        # The weights as loaded, named before any forward: on a CPU bitsandbytes repacks its 4-bit weights on their
+        # first forward, and a key taken after it would miss every cached measurement.
+        self._weights = weights_digest(loaded.model)
 
     def time_budget(self, recalibrate: bool = False, methods: bool = True):
         """The measured prefill cost model of this model as loaded (calibrated, or read from the cache, once).
@@ -135,9 +138,9 @@ class Predictor:
 
     @property
     def cache_key(self) -> str:
-        """Names this model's weights, so a cached measurement (layer drop's block influence, the cost model) is not
-        reused after the model at the same path is retrained."""
-        return f"{self.loaded.name}-{self.loaded.quant}-{weights_digest(self.loaded.model)}"
+        """Names this model's weights as loaded, so a cached measurement (layer drop's block influence, the cost
+        model) is not reused after the model at the same path is retrained."""
+        return f"{self.loaded.name}-{self.loaded.quant}-{self._weights}"
 
     def method(self, name: str) -> Method:
         cls = method_class(name)

@@ -96,17 +96,30 @@ def test_layerdrop_calibration_is_not_reused_after_the_model_is_retrained():
     from par_demo.predict import Predictor
 
     first = Predictor(load_model("random:llava-tiny", device="cpu"))
-    again = Predictor(load_model("random:llava-tiny", device="cpu"))
-    assert first.cache_key == again.cache_key  # same weights: the cached block influence is valid
+    again = load_model("random:llava-tiny", device="cpu")
+    assert first.cache_key == Predictor(again).cache_key  # same weights: the cached block influence is valid
     with torch.no_grad():
-        again.loaded.model.lm_head.weight.mul_(1.5)  # same name and architecture, other weights
-    assert first.cache_key != again.cache_key
-    tuned = Predictor(load_model("random:llava-tiny", device="cpu"))
+        again.model.lm_head.weight.mul_(1.5)  # same name and architecture, other weights
+    assert first.cache_key != Predictor(again).cache_key
+    tuned = load_model("random:llava-tiny", device="cpu")
     with torch.no_grad():  # fine-tuned with its LM head frozen (LoRA on the attention layers, merged)
-        for name, weight in tuned.loaded.model.named_parameters():
+        for name, weight in tuned.model.named_parameters():
             if "self_attn" in name:
                 weight.add_(1e-3 * torch.randn_like(weight))
-    assert first.cache_key != tuned.cache_key
+    assert first.cache_key != Predictor(tuned).cache_key
+
+
+def test_a_4bit_models_cache_key_holds_after_its_first_forward(scene):
+    """bitsandbytes repacks its 4-bit weights on a CPU's first forward: the cost model cached at one start must be
+    found at the next, whatever ran first."""
+    from par_demo.models import load_model
+    from par_demo.predict import Predictor
+
+    predictor = Predictor(load_model("random:llava-tiny", device="cpu", quant="4bit"))
+    before = predictor.cache_key
+    predictor.predict(scene, "what color?", "full", 1.0, max_new_tokens=1)
+    assert predictor.cache_key == before == Predictor(load_model("random:llava-tiny", device="cpu",
+                                                                 quant="4bit")).cache_key
 
 
 @pytest.fixture(scope="module")
