@@ -104,10 +104,11 @@ def check_device(device) -> str:
 
 
 def default_dtype(device: str) -> torch.dtype:
-    # bf16 on GPUs that have it in hardware (Ampere and later; torch also says yes for a T4, which only emulates
-    # it, slowly), fp16 on the others; fp32 on CPU, where bf16 matmuls are slow on most machines.
+    # bf16 on GPUs: in hardware from Ampere on, emulated (slower) on a T4, where it is still the default because
+    # Qwen2-based decoders are reported to overflow in fp16 (`--dtype fp16` is the faster choice there for LLaVA);
+    # fp32 on CPU, where bf16 matmuls are slow on most machines.
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
 
 
