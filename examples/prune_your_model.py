@@ -22,9 +22,12 @@ parser.add_argument("--budgets", default="1.0,0.5,0.25", help="fractions of the 
 parser.add_argument("--rounds", type=int, default=3, help="timed rounds, each method in turns with the full model")
 args = parser.parse_args()
 
-model = AutoModelForImageTextToText.from_pretrained(args.model)  # any dtype, device or bitsandbytes config
-processor = AutoProcessor.from_pretrained(args.model)
-pruner = par_demo.wrap(model, processor)
+try:
+    model = AutoModelForImageTextToText.from_pretrained(args.model)  # any dtype, device or bitsandbytes config
+    processor = AutoProcessor.from_pretrained(args.model)
+    pruner = par_demo.wrap(model, processor)
+except (OSError, ValueError, par_demo.UserError) as exc:  # not found, not a vision-language model, ...
+    sys.exit(f"error: {str(exc).splitlines()[0]}")
 
 print(f"{'budget':>6}  {'FLOPs':>5}  {'tokens':>7}  {'layers':>6}  {'prefill x':>9}  answer")
 try:

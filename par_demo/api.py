@@ -106,7 +106,8 @@ class Pruner:
                 rounds and reports medians and the measured speed-up (`result.timing`), as `predict` does.
             budget_unit: "flops" (papers' unit) or "time": the budget is then a fraction of the full prefill's time
                 on this machine as the measured cost model predicts it (`calibrate`: measured on first use, about
-                13 s for the embedded model on 2 cores, then cached); `result.time_ratio` is the prediction for the setting chosen.
+                13 s for the embedded model on 2 cores, then cached); `result.time_ratio` is the prediction for the
+                setting chosen.
 
         Returns:
             A `Prediction` (`text`, `flops_ratio`, `kept_visual_tokens`, `kept_layers`, `views_encoded`,
