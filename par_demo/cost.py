@@ -307,7 +307,7 @@ def load_or_calibrate(predictor, recalibrate: bool = False, progress: Callable[[
             if 1 / STALE <= off <= STALE:
                 return cost, True
             if progress:
-                progress(f"the cached cost model is {off:.1f}x off this machine's full prefill now: measuring it again")
+                progress(f"the cached cost model is {off:.2f}x off this machine's full prefill now: measuring it again")
     cost = calibrate(predictor, progress=progress, methods=methods)
     write_json(path, cost.to_dict())
     return cost, False

@@ -258,6 +258,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     if args.n <= 0:
         raise UserError("--n must be positive")
+    if args.seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {args.seed}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"{args.out} is a file: give the folder to write data.jsonl and images/ into")
     path = make_dataset(args.out, args.n, args.seed)
     print(f"wrote {args.n} samples to {path}")
     return 0

@@ -89,6 +89,16 @@ def run(args) -> int:
                         f"{tc.layer_drop_shallow})")
     if tc.b_questions % len(QUESTION_TYPES):
         raise UserError(f"--b-questions must be a multiple of {len(QUESTION_TYPES)}")
+    counts = {name: getattr(tc, name) for name in ("a_batch", "b_batch", "b_questions", "eval_every", "eval_per_type",
+                                                   "final_per_type", "threads")}
+    small = [f"--{name.replace('_', '-')} {value}" for name, value in counts.items() if value < 1]
+    small += [f"--{name.replace('_', '-')} {getattr(tc, name)}" for name in ("seed", "a_steps", "b_steps", "warmup")
+              if getattr(tc, name) < 0]
+    if small:
+        raise UserError(f"{', '.join(small)}: the batches, questions, threads and eval counts must be at least 1, "
+                        "the seed and step counts at least 0")
+    if tc.pool_size <= 512 + tc.a_batch:  # stage A measures on the pool's last 512 scenes, draws from the rest
+        raise UserError(f"--pool-size must be more than 512 + --a-batch ({512 + tc.a_batch}), got {tc.pool_size}")
     torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
     work = Path(args.work or f"runs/train-base-seed{tc.seed}")

@@ -86,6 +86,8 @@ def check_args(args, train: TrainConfig) -> None:
         raise UserError("budgets must satisfy 0 < --budget-low <= --budget-high <= 1")
     if train.max_new_tokens < 1 or train.save_every < 1 or train.val < 0 or train.max_minutes < 0:
         raise UserError("--max-new-tokens and --save-every must be >= 1, --val and --max-minutes >= 0")
+    if train.seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {train.seed}")
     if args.questions_per_image < 1:
         raise UserError("--questions-per-image must be >= 1")
     if args.start_layer < 0:
@@ -109,12 +111,14 @@ def run(args) -> int:
 
     train = train_config_from_args(args)
     check_args(args, train)
-    queries = read_queries(args.data, args.images, args.questions_per_image, train.seed)
-    if args.limit:
-        queries = queries[:args.limit]
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; a router is saved as a folder")
+    if args.resume and not (out / CONFIG_FILE).is_file():  # a misspelt folder must not start a new run quietly
+        raise UserError(f"--resume: {out} holds no router to continue; leave out --resume to train a new one there")
+    queries = read_queries(args.data, args.images, args.questions_per_image, train.seed)
+    if args.limit:
+        queries = queries[:args.limit]
     if not args.resume and (out / STATE_FILE).is_file():
         raise UserError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
     if not args.resume and (out / CONFIG_FILE).is_file():

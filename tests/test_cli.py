@@ -159,3 +159,40 @@ def test_eval_rows_not_evaluated_say_the_budget_unit_they_were_refused_in(tmp_pa
     sample = {"image": str(tmp_path / "a.png"), "question": "What color?", "answer": "red"}
     (row,) = evaluate(Refusing(), [sample], [("fastv", 0.1)], budget_unit="time")
     assert row.budget_unit == "time" and row.accuracy is None and "below what fastv can reach" in row.note
+
+
+def test_a_reader_that_leaves_early_ends_the_command_without_a_traceback(tmp_path):
+    """`python -m par_demo ... --json | head`: head closes the pipe after its lines."""
+    import shlex
+    import subprocess
+
+    script = ("import sys\nfrom par_demo import cli, shapes\n"
+              "shapes.run = lambda args: [print('{\"row\": %d}' % i) for i in range(200000)] and 0\n"
+              "sys.exit(cli.main(['make-shapes', 'unused']))\n")
+    done = subprocess.run(f"{sys.executable} -c {shlex.quote(script)} | head -n 1", shell=True, capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert done.stdout == '{"row": 0}\n' and "Traceback" not in done.stderr and "Error" not in done.stderr
+
+
+@pytest.mark.parametrize("command, message", [
+    (["make-shapes", "{tmp}/data.jsonl", "--n", "6"], "is a file: give the folder"),
+    (["make-shapes", "{tmp}/new", "--seed", "-1"], "--seed must be 0 or more"),
+    (["train-base", "--out", "{tmp}/m", "--pool-size", "20"], "--pool-size must be more than 512 + --a-batch (576)"),
+    (["train-base", "--out", "{tmp}/m", "--threads", "0"], "--threads 0: the batches"),
+    (["train-base", "--out", "{tmp}/m", "--a-steps", "-1"], "--a-steps -1: the batches"),
+    (["train-router", "--model", "random:llava-tiny", "--data", "{tmp}/data.jsonl", "--out", "{tmp}/nothing",
+      "--resume"], "--resume: {tmp}/nothing holds no router to continue"),
+    (["train-router", "--model", "random:llava-tiny", "--data", "{tmp}/data.jsonl", "--out", "{tmp}/r", "--seed",
+      "-2"], "--seed must be 0 or more"),
+])
+def test_command_line_mistakes_are_one_error_line(tmp_path, capsys, command, message):
+    (tmp_path / "data.jsonl").write_text('{"image": "a.png", "question": "what color?"}\n')
+    assert main([part.format(tmp=tmp_path) for part in command]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message.format(tmp=tmp_path) in err and "\n" not in err, err
+
+
+def test_lmms_task_given_a_folder_writes_the_task_file_into_it(tmp_path, capsys):
+    assert main(["make-shapes", str(tmp_path / "d"), "--n", "6"]) == 0
+    assert main(["lmms-task", str(tmp_path / "d" / "data.jsonl"), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "shapesvqa.yaml").is_file()

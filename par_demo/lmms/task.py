@@ -29,6 +29,8 @@ def write_task(data, out=None, name: str = "shapesvqa") -> Path:
     if not name.replace("_", "").replace("-", "").isalnum():
         raise UserError(f"task name must be letters, digits, '_' or '-', got {name!r}")
     out = Path(out) if out else data.parent / f"{name}.yaml"
+    if out.is_dir():  # a folder given for --out: the task file goes in it, named after the task
+        out = out / f"{name}.yaml"
     if not out.parent.is_dir():
         raise UserError(f"folder {out.parent} does not exist")
     # JSON strings are valid YAML scalars: any path is quoted correctly.
