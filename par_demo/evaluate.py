@@ -13,6 +13,7 @@ import json
 import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -121,6 +122,10 @@ def run(args) -> int:
         samples = samples[: args.limit]
     if not samples:
         raise UserError(f"{args.data} holds no samples")
+    missing = [s["image"] for s in samples if not Path(s["image"]).is_file()]
+    if missing:  # before the model loads, not partway through the run, losing what was done
+        raise UserError(f"{len(missing)} of the {len(samples)} images in {args.data} are missing; the first: "
+                        f"{missing[0]}")
     predictor = predictor_from_args(args)
     rows = evaluate(predictor, samples, pairs, args.tokens, args.layers, args.max_new_tokens,
                     progress=sys.stderr.isatty(), budget_unit=args.budget_unit)
@@ -129,6 +134,8 @@ def run(args) -> int:
             print(json.dumps(asdict(row), allow_nan=False))  # strict JSON: a reader in any language parses it
     else:
         print(format_table(rows))
+    if all(row.note for row in rows):  # a script must not read success from a run that evaluated nothing
+        raise UserError("no setting could be evaluated (each row says why)")
     return 0
 
 

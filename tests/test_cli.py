@@ -196,3 +196,15 @@ def test_lmms_task_given_a_folder_writes_the_task_file_into_it(tmp_path, capsys)
     assert main(["make-shapes", str(tmp_path / "d"), "--n", "6"]) == 0
     assert main(["lmms-task", str(tmp_path / "d" / "data.jsonl"), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "shapesvqa.yaml").is_file()
+
+
+def test_eval_refuses_missing_images_before_it_runs_and_a_run_that_evaluated_nothing_is_an_error(tmp_path, capsys):
+    assert main(["make-shapes", str(tmp_path / "d"), "--n", "3", "--seed", "4"]) == 0
+    data = tmp_path / "d" / "data.jsonl"
+    common = ["eval", "--model", "random:llava-tiny", "--data", str(data), "--max-new-tokens", "1"]
+    assert main(common + ["--methods", "layerdrop", "--tokens", "9"]) == 2  # layer drop takes no token count
+    out, err = capsys.readouterr()
+    assert "not evaluated" in out and err.strip() == "error: no setting could be evaluated (each row says why)"
+    (tmp_path / "d" / "images" / "000002.png").unlink()
+    assert main(common + ["--methods", "fastv"]) == 2
+    assert "1 of the 3 images in" in capsys.readouterr().err
