@@ -25,7 +25,9 @@ def add_arguments(parser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--recalibrate", action="store_true", help="measure again even if a cached fit exists")
     parser.add_argument("--no-check", action="store_true", help="skip timing the check splits")
-    parser.add_argument("--rounds", type=int, default=3, help="runs of each split, in turns (medians are used)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="runs of each check split (between the calibration grid's points), in turns, medians "
+                             "used; the grid's own splits are timed 3 times each, as the app's calibration does")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 

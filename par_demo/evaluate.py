@@ -39,6 +39,8 @@ class EvalRow:
     by_type: dict[str, float] = field(default_factory=dict)
     n_by_type: dict[str, int] = field(default_factory=dict)
     note: str | None = None  # why a setting was not evaluated (e.g. a budget the method cannot reach)
+    tokens: int | None = None  # fixed counts (`--tokens`, `--layers`) the method ran with instead of the budget
+    layers: int | None = None
 
 
 def settings(methods: list[str], budgets: list[float]) -> list[tuple[str, float]]:
@@ -80,18 +82,22 @@ def evaluate(predictor: Predictor, samples: list[dict], pairs: list[tuple[str, f
             ratios[pair] += p.flops_ratio
             time_ratios[pair] += p.time_ratio or 0.0
     bar.close()
+
+    def fixed(pair) -> dict:  # the counts a pruning method ran with; the full model is the reference
+        return {} if pair[0] == "full" else {"tokens": tokens, "layers": layers}
+
     rows = []
     for pair in pairs:
         if pair in notes:
             rows.append(EvalRow(method=pair[0], budget=pair[1], accuracy=None, flops_ratio=None,
-                                budget_unit=budget_unit, note=notes[pair]))
+                                budget_unit=budget_unit, note=notes[pair], **fixed(pair)))
             continue
         n = sum(count[pair].values())
         rows.append(EvalRow(
             method=pair[0], budget=pair[1], accuracy=sum(correct[pair].values()) / n, flops_ratio=ratios[pair] / n,
             n=n, by_type={k: correct[pair][k] / count[pair][k] for k in sorted(count[pair])},
             n_by_type=dict(sorted(count[pair].items())), budget_unit=budget_unit,
-            time_ratio=time_ratios[pair] / n if budget_unit == "time" else None,
+            time_ratio=time_ratios[pair] / n if budget_unit == "time" else None, **fixed(pair),
         ))
     return rows
 
@@ -113,7 +119,9 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     methods = parse_list(args.methods, "methods")
     budgets = [check_budget(b) for b in parse_list(args.budgets, "budgets", float)]
-    pairs = settings(methods, budgets)
+    # fixed counts take the place of the budgets: one row per method, not the same run once per budget
+    fixed = args.tokens is not None or args.layers is not None
+    pairs = settings(methods, budgets[:1] if fixed else budgets)
     check_max_new_tokens(args.max_new_tokens)  # what every row would refuse: one error, not a note on each
     samples = load_jsonl(args.data)
     if args.limit is not None:
@@ -147,14 +155,18 @@ def format_table(rows: list[EvalRow]) -> str:
             + "".join(f"{t[:13]:>15}" for t in types))
     lines = [head, "-" * len(head)]
     for r in rows:
+        budget = "fixed" if r.tokens is not None or r.layers is not None else f"{r.budget:.2f}"
         if r.note:
-            lines.append(f"{r.method:<11}{r.budget:>7.2f}  not evaluated: {r.note}")
+            lines.append(f"{r.method:<11}{budget:>7}  not evaluated: {r.note}")
             continue
         cells = "".join(f"{_accuracy_cell(r, t):>15}" for t in types)
         predicted = f"{r.time_ratio:>7.2f}" if timed else ""
-        lines.append(f"{r.method:<11}{r.budget:>7.2f}{r.flops_ratio:>7.2f}{predicted}{r.n:>6}{r.accuracy:>7.1%}"
-                     + cells)
+        lines.append(f"{r.method:<11}{budget:>7}{r.flops_ratio:>7.2f}{predicted}{r.n:>6}{r.accuracy:>7.1%}" + cells)
     lines.append("per type: accuracy (number of samples of that type)")
+    counts = next(((r.tokens, r.layers) for r in rows if r.tokens is not None or r.layers is not None), None)
+    if counts:
+        lines.append(f"fixed: {counts[0] if counts[0] is not None else 'all'} visual tokens, "
+                     f"{counts[1] if counts[1] is not None else 'all'} layers, in place of a budget")
     return "\n".join(lines)
 
 

@@ -38,6 +38,8 @@ def load_image(source) -> Image.Image:
             raise UserError(f"an image is a file path, bytes or a PIL image, got {type(source).__name__}")
         path = Path(os.fspath(source))
         name = f"'{path.name}'"
+        if path.is_dir():
+            raise UserError(f"{path} is a folder: give one image file")
         if not path.is_file():
             raise UserError(f"image {path} not found")
         if path.stat().st_size > MAX_FILE_BYTES:

@@ -203,6 +203,8 @@ def load_jsonl(path, require: tuple[str, ...] = ("image", "question", "answer"))
     `require` names the string fields every line must have (router training reads no answers).
     """
     path = Path(path)
+    if path.is_dir():  # a make-shapes output folder, say
+        raise UserError(f"{path} is a folder: give the data file in it (make-shapes writes data.jsonl)")
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
     rows = []

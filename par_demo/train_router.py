@@ -32,7 +32,8 @@ def add_arguments(parser) -> None:
     source.add_argument("--data", help="JSONL with image + question per line (answers are not read)")
     source.add_argument("--images", help="folder of photos (JPEG/PNG/WebP, searched recursively): questions come "
                                          "from the built-in bank, answers from the model itself")
-    parser.add_argument("--out", required=True, help="output folder (router.safetensors + router.json)")
+    parser.add_argument("--out", required=True, help="output folder: router.safetensors + router.json, and "
+                                                       "train_state.pt (the optimizer's state, for --resume)")
     parser.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N queries")
     parser.add_argument("--questions-per-image", type=int, default=2, help="with --images")

@@ -138,7 +138,10 @@ def test_eval_with_a_fixed_token_count_runs_the_full_reference_and_notes_the_met
     capsys.readouterr()
     assert main(["eval", "--model", "random:llava-tiny", "--data", str(tmp_path / "d" / "data.jsonl"), "--tokens", "9",
                  "--max-new-tokens", "1", "--json"]) == 0  # the default methods: full, fastv, random, layerdrop
-    rows = {r["method"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    rows = {r["method"]: r for r in listed}
+    assert len(listed) == 4  # one row per method: the count takes the place of the budgets (0.25, 0.5 by default)
+    assert rows["fastv"]["tokens"] == 9 and rows["full"]["tokens"] is None
     assert rows["full"]["n"] == 3 and rows["full"]["flops_ratio"] == 1.0  # the reference runs unpruned
     assert rows["fastv"]["n"] == 3 and rows["random"]["flops_ratio"] < 1.0
     assert "layerdrop does not prune tokens" in rows["layerdrop"]["note"]
@@ -177,6 +180,8 @@ def test_a_reader_that_leaves_early_ends_the_command_without_a_traceback(tmp_pat
 @pytest.mark.parametrize("command, message", [
     (["make-shapes", "{tmp}/data.jsonl", "--n", "6"], "is a file: give the folder"),
     (["make-shapes", "{tmp}/new", "--seed", "-1"], "--seed must be 0 or more"),
+    (["predict", "--model", "random:llava-tiny", "--image", "{tmp}", "--question", "q?"], "is a folder: give one image"),
+    (["eval", "--model", "random:llava-tiny", "--data", "{tmp}"], "is a folder: give the data file in it"),
     (["train-base", "--out", "{tmp}/m", "--pool-size", "20"], "--pool-size must be more than 512 + --a-batch (576)"),
     (["train-base", "--out", "{tmp}/m", "--threads", "0"], "--threads 0: the batches"),
     (["train-base", "--out", "{tmp}/m", "--a-steps", "-1"], "--a-steps -1: the batches"),
