@@ -97,8 +97,8 @@ def run(args) -> int:
     if small:
         raise UserError(f"{', '.join(small)}: the batches, questions, threads and eval counts must be at least 1, "
                         "the seed and step counts at least 0")
-    if tc.pool_size <= 512 + tc.a_batch:  # stage A measures on the pool's last 512 scenes, draws from the rest
-        raise UserError(f"--pool-size must be more than 512 + --a-batch ({512 + tc.a_batch}), got {tc.pool_size}")
+    if tc.pool_size < 512 + tc.a_batch:  # stage A measures on the pool's last 512 scenes, draws from the rest
+        raise UserError(f"--pool-size must be at least 512 + --a-batch ({512 + tc.a_batch}), got {tc.pool_size}")
     torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
     work = Path(args.work or f"runs/train-base-seed{tc.seed}")

@@ -182,7 +182,7 @@ def test_a_reader_that_leaves_early_ends_the_command_without_a_traceback(tmp_pat
     (["make-shapes", "{tmp}/new", "--seed", "-1"], "--seed must be 0 or more"),
     (["predict", "--model", "random:llava-tiny", "--image", "{tmp}", "--question", "q?"], "is a folder: give one image"),
     (["eval", "--model", "random:llava-tiny", "--data", "{tmp}"], "is a folder: give the data file in it"),
-    (["train-base", "--out", "{tmp}/m", "--pool-size", "20"], "--pool-size must be more than 512 + --a-batch (576)"),
+    (["train-base", "--out", "{tmp}/m", "--pool-size", "20"], "--pool-size must be at least 512 + --a-batch (576)"),
     (["train-base", "--out", "{tmp}/m", "--threads", "0"], "--threads 0: the batches"),
     (["train-base", "--out", "{tmp}/m", "--a-steps", "-1"], "--a-steps -1: the batches"),
     (["train-router", "--model", "random:llava-tiny", "--data", "{tmp}/data.jsonl", "--out", "{tmp}/nothing",
