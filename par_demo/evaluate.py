@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from par_demo.bench import parse_list
 from par_demo.errors import UserError
-from par_demo.images import load_image
+from par_demo.images import check_file, load_image
 from par_demo.methods import method_class
 from par_demo.methods.base import check_budget
 from par_demo.arguments import add_budget_unit_argument, add_model_arguments, predictor_from_args
@@ -130,10 +130,15 @@ def run(args) -> int:
         samples = samples[: args.limit]
     if not samples:
         raise UserError(f"{args.data} holds no samples")
-    missing = [s["image"] for s in samples if not Path(s["image"]).is_file()]
-    if missing:  # before the model loads, not partway through the run, losing what was done
-        raise UserError(f"{len(missing)} of the {len(samples)} images in {args.data} are missing; the first: "
-                        f"{missing[0]}")
+    unreadable = []  # checked from their headers before the model loads, not partway through the run, losing it
+    for sample in samples:
+        try:
+            check_file(sample["image"], f"'{Path(sample['image']).name}'")
+        except UserError as exc:
+            unreadable.append(str(exc))
+    if unreadable:
+        raise UserError(f"{len(unreadable)} of the {len(samples)} images in {args.data} cannot be read; the first: "
+                        f"{unreadable[0]}")
     predictor = predictor_from_args(args)
     rows = evaluate(predictor, samples, pairs, args.tokens, args.layers, args.max_new_tokens,
                     progress=sys.stderr.isatty(), budget_unit=args.budget_unit)
